@@ -1,0 +1,256 @@
+"""Typed configuration: dataclasses filled from YAML, strictly.
+
+A config file has the sections ``model`` and ``tracking`` (see ``configs/*.yaml``). Unknown
+keys, wrong types and impossible values raise :class:`~lorat.errors.ConfigError` naming the key.
+Sizes are given in pixels as an int (square) or ``[W, H]``, the official ``(W, H)`` order.
+
+Overrides use dotted keys with YAML values, e.g. ``tracking.window_penalty=0.5``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from lorat.errors import ConfigError
+
+__all__ = [
+    "BackboneConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "TrackingConfig",
+    "Config",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+    "swiglu_hidden_size",
+]
+
+Size = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """DINOv2 ViT shape. Defaults are ViT-B/14."""
+
+    embed_dim: int = 768  # token width C
+    depth: int = 12  # number of transformer blocks
+    num_heads: int = 12  # attention heads; embed_dim must be divisible by it
+    mlp_ratio: float = 4.0  # FFN hidden = embed_dim * mlp_ratio (before the SwiGLU rule)
+    ffn: Literal["mlp", "swiglu"] = "mlp"  # "swiglu" for ViT-g (DINOv2 hidden-size rule)
+    patch_size: int = 14  # DINOv2 patch size; also the stride of every token grid
+    drop_path: float = 0.0  # uniform stochastic-depth rate (training only); L 0.1, g 0.4
+    layer_scale_init: float = 1e-5  # LayerScale init (irrelevant once weights are loaded)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters on q, k, v, proj and the two FFN linears of every block."""
+
+    r: int = 64  # rank
+    alpha: float = 64.0  # scaling s = alpha / r (alpha / sqrt(r) with rslora)
+    dropout: float = 0.0  # dropout on the adapter input (official: 0)
+    rslora: bool = False  # rank-stabilised scaling
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that decides the network's tensors."""
+
+    variant: str = "custom"  # display name, e.g. "B-224"; used in messages
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    template_size: Size = (112, 112)  # template crop (W, H) in px, multiple of patch_size
+    search_size: Size = (224, 224)  # search crop (W, H) in px, multiple of patch_size
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    @property
+    def template_grid(self) -> Size:
+        """Template token grid (Hz, Wz), rows first."""
+        p = self.backbone.patch_size
+        return self.template_size[1] // p, self.template_size[0] // p
+
+    @property
+    def search_grid(self) -> Size:
+        """Search token grid (Hx, Wx), rows first; also the response-map size."""
+        p = self.backbone.patch_size
+        return self.search_size[1] // p, self.search_size[0] // p
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Inference constants of the official tracking loop (LORAT_SPEC section 4)."""
+
+    template_area_factor: float = 2.0  # template crop context factor
+    search_area_factor: float = 4.0  # search crop context factor (5.0 for the 378 variants)
+    min_object_size: float = 10.0  # the box is enlarged to at least this (px) before cropping
+    window_penalty: float = 0.45  # weight of the symmetric Hann window on the score map
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole config file."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def swiglu_hidden_size(embed_dim: int, mlp_ratio: float) -> int:
+    """DINOv2's SwiGLU hidden width: 2/3 of ``embed_dim * mlp_ratio``, rounded up to 8.
+
+    ViT-g: 1536 * 4 -> int(6144 * 2 / 3) = 4096 -> 4096.
+    """
+    hidden = int(int(embed_dim * mlp_ratio) * 2 / 3)
+    return (hidden + 7) // 8 * 8
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert one YAML value against a dataclass field type."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if tp is Size or (origin is tuple and typing.get_args(tp) == (int, int)):
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value, value]
+        if (
+            not isinstance(value, (list, tuple))
+            or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        ):
+            raise ConfigError(f"{where}: expected an int or [W, H] of ints, got {value!r}")
+        return (int(value[0]), int(value[1]))
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: expected one of {list(choices)}, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], where)
+    raise TypeError(f"unsupported config field type {tp!r} at {where}")  # a bug, not user input
+
+
+def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s} (allowed here: {', '.join(names)})"
+        )
+    kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    m, b = cfg.model, cfg.model.backbone
+    for name, value in [("embed_dim", b.embed_dim), ("depth", b.depth), ("num_heads", b.num_heads),
+                        ("patch_size", b.patch_size)]:
+        if value <= 0:
+            raise ConfigError(f"model.backbone.{name} must be positive, got {value}")
+    if b.embed_dim % b.num_heads:
+        raise ConfigError(
+            f"model.backbone.embed_dim ({b.embed_dim}) must be divisible by num_heads ({b.num_heads})"
+        )
+    if b.mlp_ratio <= 0 or not 0 <= b.drop_path < 1:
+        raise ConfigError("model.backbone.mlp_ratio must be > 0 and drop_path in [0, 1)")
+    for name, size in [("template_size", m.template_size), ("search_size", m.search_size)]:
+        if min(size) <= 0 or size[0] % b.patch_size or size[1] % b.patch_size:
+            raise ConfigError(
+                f"model.{name} {list(size)} must be positive multiples of patch_size {b.patch_size}"
+            )
+    if m.template_grid[0] > m.search_grid[0] or m.template_grid[1] > m.search_grid[1]:
+        raise ConfigError(
+            "model.template_size must not exceed search_size: the template takes the top-left "
+            "sub-grid of the search position embedding"
+        )
+    if m.lora.r <= 0 or not 0 <= m.lora.dropout < 1:
+        raise ConfigError("model.lora.r must be positive and dropout in [0, 1)")
+    t = cfg.tracking
+    if t.template_area_factor <= 0 or t.search_area_factor <= 0:
+        raise ConfigError("tracking area factors must be positive")
+    if t.min_object_size < 0 or not 0 <= t.window_penalty <= 1:
+        raise ConfigError("tracking.min_object_size must be >= 0 and window_penalty in [0, 1]")
+
+
+def config_from_dict(data: Mapping[str, Any] | None, where: str = "") -> Config:
+    """Build a validated :class:`Config` from a plain mapping (e.g. parsed YAML)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or 'config'}: top level must be a mapping")
+    try:
+        cfg = _build(Config, data, "")
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}" if where else str(err)) from None
+    _validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain, JSON-serialisable form of a config (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+    """Read a YAML config strictly, apply ``key=value`` overrides, validate.
+
+    Raises:
+        ConfigError: missing file, YAML syntax error, unknown key, wrong type or bad value.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    for item in overrides:
+        _apply_override(data, item)
+    return config_from_dict(data, where=str(path))

@@ -1,0 +1,40 @@
+"""Exceptions raised for bad user input, and the CLI wrapper that turns them into messages.
+
+Every error a user can cause (a missing file, a wrong checkpoint, a bad config key) is raised
+as a :class:`LoratError` subclass with a message that names the offending file or key. The
+command-line entry points print that message and exit with status 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+__all__ = ["LoratError", "ConfigError", "WeightsError", "run_cli"]
+
+
+class LoratError(Exception):
+    """Base class of errors caused by user input; the message is meant for the user."""
+
+
+class ConfigError(LoratError, ValueError):
+    """A config file or override is malformed: unknown key, wrong type, impossible value."""
+
+
+class WeightsError(LoratError, ValueError):
+    """A weight file is missing, unreadable, of an unknown format, or does not fit the model."""
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
+    """Run ``main(argv)``; print :class:`LoratError` messages (no traceback) and return 2.
+
+    Ctrl-C returns 130, the shell convention. Any other exception propagates: that is a bug.
+    """
+    try:
+        return int(main(argv) or 0)
+    except LoratError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,78 @@
+"""``python -m lorat.info CONFIG [--weights FILE] [--backbone-weights FILE]``: JSON model summary.
+
+Prints parameter counts (training build with LoRA: total, trainable, frozen; merged inference
+model), token counts and grids, and, when weights are given, which files were loaded and as
+what. Counting builds the model on the meta device, so even ViT-g costs no memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from lorat.checkpoint import build_lorat, load_model, load_state_for_info
+from lorat.config import Config, load_config
+from lorat.errors import LoratError, run_cli
+
+__all__ = ["main", "summarize"]
+
+
+def summarize(config: Config) -> dict[str, Any]:
+    """Parameter and token counts of a config, computed without allocating weights."""
+    cfg = config.model
+    train = build_lorat(cfg, device="meta")
+    plain = build_lorat(cfg, lora=False, device="meta")
+    total = sum(p.numel() for p in train.parameters())
+    trainable = sum(p.numel() for p in train.parameters() if p.requires_grad)
+    hz, wz = cfg.template_grid
+    hx, wx = cfg.search_grid
+    return {
+        "variant": cfg.variant,
+        "backbone": {"embed_dim": cfg.backbone.embed_dim, "depth": cfg.backbone.depth,
+                     "num_heads": cfg.backbone.num_heads, "ffn": cfg.backbone.ffn},
+        "parameters": {"total": total, "trainable": trainable, "frozen": total - trainable,
+                       "inference": sum(p.numel() for p in plain.parameters())},
+        "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha},
+        "tokens": {"template": hz * wz, "search": hx * wx, "total": hz * wz + hx * wx,
+                   "template_grid": [hz, wz], "search_grid": [hx, wx]},
+        "crops_px": {"template": list(cfg.template_size), "search": list(cfg.search_size)},
+        "tracking": {"template_area_factor": config.tracking.template_area_factor,
+                     "search_area_factor": config.tracking.search_area_factor},
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lorat.info", description=__doc__.split("\n")[0])
+    parser.add_argument("config", nargs="?", help="model config YAML (optional with a single-file --weights)")
+    parser.add_argument("--weights", help="LoRAT weights: our single file, merged or official checkpoint")
+    parser.add_argument("--backbone-weights", help="DINOv2 file (for official trainable-only checkpoints)")
+    args = parser.parse_args(argv)
+    if args.config is None and args.weights is None:
+        parser.error("give a CONFIG, or --weights with one of our single files")
+
+    config = load_config(args.config) if args.config else None
+    files = []
+    if args.weights:
+        model, config = load_model(args.weights, config, args.backbone_weights)
+        for role, path in (("weights", args.weights), ("backbone_weights", args.backbone_weights)):
+            if path:
+                fmt, n = load_state_for_info(path)
+                files.append({"role": role, "path": str(path), "format": fmt, "tensors": n})
+        loaded_params = sum(p.numel() for p in model.parameters())
+    elif args.backbone_weights:
+        raise LoratError("--backbone-weights needs --weights (the LoRAT checkpoint)")
+    assert config is not None
+    summary = summarize(config)
+    if files:
+        summary["loaded"] = {"files": files, "parameters": loaded_params,
+                             "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
