@@ -12,8 +12,6 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 from lorat.checkpoint import build_lorat, load_model, load_state_for_info
 from lorat.config import Config, load_config
 from lorat.errors import LoratError, run_cli
