@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import pickle
 import re
 import struct
@@ -53,6 +54,7 @@ __all__ = [
     "load_official_trainable",
     "load_model",
     "save_model",
+    "default_weights",
     "official_to_peft_keys",
     "peft_to_official_keys",
 ]
@@ -60,6 +62,9 @@ __all__ = [
 CONFIG_KEY = "lorat.config"
 FORMAT_KEY = "lorat.format"
 FORMAT_VERSION = "1"
+
+# The bundled demo model (weights/README.md); LORAT_WEIGHTS overrides it.
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "lorat_demo.safetensors"
 
 # Which DINOv2 release file belongs to which embedding width.
 DINOV2_FILES = {384: "dinov2_vits14_pretrain.pth", 768: "dinov2_vitb14_pretrain.pth",
@@ -390,6 +395,21 @@ def load_model(
         param.requires_grad_(False)
     model.eval()
     return model.to(device=device, dtype=dtype), config
+
+
+def default_weights() -> Path:
+    """The weights used when none are given: ``$LORAT_WEIGHTS`` or the bundled demo model.
+
+    Raises:
+        WeightsError: neither exists.
+    """
+    env = os.environ.get("LORAT_WEIGHTS")
+    path = Path(env) if env else DEFAULT_WEIGHTS
+    if not path.is_file():
+        where = "LORAT_WEIGHTS" if env else "the bundled demo model"
+        raise WeightsError(f"no --weights given and {where} {path} is missing; pass --weights FILE "
+                           f"(see weights/README.md)")
+    return path
 
 
 def save_model(model: LoRAT, config: Config, path: str | Path, dtype: torch.dtype | None = None) -> Path:

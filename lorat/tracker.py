@@ -1,0 +1,380 @@
+"""The tracking loop: the official LoRAT inference pipeline, batched and on the model's device.
+
+Two layers (like SAM's ``predict`` / ``predict_torch``):
+
+* :func:`init_state` / :func:`track_step` are stateless and batched over independent sequences:
+  a :class:`TrackState` holds, per sequence, the cached template, template mask, frame-0 mean
+  and last box. The evaluator advances many sequences per forward pass with them.
+* :class:`Tracker` is the friendly object: ``init(frame, box)``, then ``track(frame)`` per frame,
+  for one target or several in the same video (one batched forward per frame, optionally with
+  ``lap`` assignment so look-alike targets keep their identities).
+
+Per frame (LORAT_SPEC section 4): search crop around the cached box (enlarged to
+``min_object_size``, factor 4 or 5, padded with frame 0's mean), one forward pass with the cached
+template and mask, ``sigmoid`` scores with a symmetric Hann window (weight 0.45), argmax, the
+unpenalised score reported, the box mapped back with the *realised* crop parameters and clipped
+to the frame; the cached box is replaced only by a valid clipped box. The template is never
+updated. Crops and post-processing run in torch on the model's device; on a GPU only the final
+box and score are copied to the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lorat.assignment import assign_peaks, score_peaks
+from lorat.boxes import clip_xyxy, is_valid_xyxy, rasterize, xywh_to_xyxy, xyxy_to_xywh
+from lorat.checkpoint import load_model
+from lorat.config import Config, ModelConfig, TrackingConfig, load_config
+from lorat.crop import box_from_crop, box_to_crop, crop_frames, geometry_dtype, nominal_crop_params, normalize_crops
+from lorat.errors import LoratError
+from lorat.model import LoRAT
+
+__all__ = ["TrackState", "StepResult", "TrackResult", "Tracker", "init_state", "track_step",
+           "to_frame_tensor", "template_mask", "hann_window", "resolve_device", "resolve_dtype"]
+
+Frame = np.ndarray | torch.Tensor
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def to_frame_tensor(frame: Frame, device: torch.device) -> torch.Tensor:
+    """A frame as a (3, H, W) float32 tensor in [0, 255] on ``device``.
+
+    Accepts HWC uint8 RGB numpy arrays or tensors, or CHW uint8 tensors, on any device.
+    """
+    if isinstance(frame, np.ndarray):
+        if frame.ndim != 3 or frame.shape[2] != 3:
+            raise LoratError(f"expected an HxWx3 RGB frame, got an array of shape {frame.shape}")
+        tensor = torch.from_numpy(np.ascontiguousarray(frame))
+        if device.type == "cuda":
+            tensor = tensor.pin_memory().to(device, non_blocking=True)
+        else:
+            tensor = tensor.to(device)
+        return tensor.permute(2, 0, 1).float()
+    if isinstance(frame, torch.Tensor):
+        if frame.ndim != 3 or 3 not in (frame.shape[0], frame.shape[2]):
+            raise LoratError(f"expected an HxWx3 or 3xHxW frame tensor, got shape {tuple(frame.shape)}")
+        tensor = frame.to(device)
+        if tensor.shape[0] != 3:  # HWC
+            tensor = tensor.permute(2, 0, 1)
+        return tensor.float()
+    raise LoratError(f"expected a numpy array or torch tensor frame, got {type(frame).__name__}")
+
+
+def hann_window(grid: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """(H, W) float32 outer product of *symmetric* Hann windows (zeros on the border)."""
+    h = torch.hann_window(grid[0], periodic=False, dtype=torch.float64, device=device)
+    w = torch.hann_window(grid[1], periodic=False, dtype=torch.float64, device=device)
+    return torch.outer(h, w).float()
+
+
+def template_mask(box_in_crop: torch.Tensor, template_size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
+    """Template foreground mask (LORAT_SPEC section 1.5).
+
+    Args:
+        box_in_crop: (N, 4) xyxy target boxes in template-crop pixels.
+        template_size: template crop (W, H) px.
+        grid: template token grid (Hz, Wz).
+
+    Returns:
+        (N, Hz, Wz) int64, 1 on every cell that the box overlaps by more than ~1e-4 of a stride.
+    """
+    hz, wz = grid
+    stride = torch.tensor([template_size[0] / wz, template_size[1] / hz] * 2, dtype=box_in_crop.dtype,
+                          device=box_in_crop.device)
+    cells = rasterize(box_in_crop / stride)
+    limit = torch.tensor([wz, hz, wz, hz], device=cells.device)
+    cells = torch.minimum(cells.clamp(min=0), limit)
+    rows = torch.arange(hz, device=cells.device)
+    cols = torch.arange(wz, device=cells.device)
+    in_rows = (rows[None] >= cells[:, 1:2]) & (rows[None] < cells[:, 3:4])
+    in_cols = (cols[None] >= cells[:, 0:1]) & (cols[None] < cells[:, 2:3])
+    return (in_rows[:, :, None] & in_cols[:, None, :]).to(torch.int64)
+
+
+# ----------------------------------------------------------------------------- stateless core
+
+
+@dataclass
+class TrackState:
+    """Per-sequence tracking state, batched along the first axis (N sequences).
+
+    Attributes:
+        template: (N, 3, Ht, Wt) float32 normalised template crops (never updated).
+        mask: (N, Hz, Wz) int64 template foreground masks.
+        background: (N, 3) float32 frame-0 channel means in [0, 255] (search-crop padding).
+        box: (N, 4) xyxy cached boxes in frame px (float64; float32 on MPS).
+    """
+
+    template: torch.Tensor
+    mask: torch.Tensor
+    background: torch.Tensor
+    box: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.box.shape[0]
+
+    def select(self, index: Sequence[int] | torch.Tensor) -> TrackState:
+        """The sub-batch of the given sequences."""
+        idx = torch.as_tensor(index, dtype=torch.int64, device=self.box.device)
+        return TrackState(self.template[idx], self.mask[idx], self.background[idx], self.box[idx])
+
+    @staticmethod
+    def cat(states: Sequence[TrackState]) -> TrackState:
+        """Concatenate states of several sequences into one batch."""
+        return TrackState(*(torch.cat([getattr(s, f) for s in states])
+                            for f in ("template", "mask", "background", "box")))
+
+
+@dataclass
+class StepResult:
+    """Output of :func:`track_step` for N sequences (tensors on the model's device).
+
+    Attributes:
+        state: updated state.
+        box: (N, 4) xyxy frame boxes, clipped to the frame (possibly degenerate).
+        score: (N,) float32 unpenalised confidence in [0, 1].
+    """
+
+    state: TrackState
+    box: torch.Tensor
+    score: torch.Tensor
+
+
+def init_state(frames: Sequence[torch.Tensor], boxes: torch.Tensor, model_cfg: ModelConfig,
+               track_cfg: TrackingConfig) -> TrackState:
+    """Start N sequences: template crops, masks and cached boxes.
+
+    Args:
+        frames: N (3, H, W) float32 [0, 255] first frames on the model's device (see
+            :func:`to_frame_tensor`); the same frame may appear several times (several targets).
+        boxes: (N, 4) xyxy first-frame boxes, valid and inside their frames.
+    """
+    device = frames[0].device
+    boxes = boxes.to(device=device, dtype=geometry_dtype(device))
+    background = torch.stack([f.mean(dim=(1, 2)) for f in frames])
+    scale, translation = nominal_crop_params(boxes, track_cfg.template_area_factor, model_cfg.template_size)
+    crops, scale, translation = crop_frames(frames, scale, translation, model_cfg.template_size, background)
+    mask = template_mask(box_to_crop(boxes, scale, translation), model_cfg.template_size, model_cfg.template_grid)
+    return TrackState(normalize_crops(crops), mask, background, boxes)
+
+
+def search_crops(state: TrackState, frames: Sequence[torch.Tensor], model_cfg: ModelConfig,
+                 track_cfg: TrackingConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalised search crops around the cached boxes, with the realised crop parameters."""
+    scale, translation = nominal_crop_params(state.box, track_cfg.search_area_factor, model_cfg.search_size,
+                                             track_cfg.min_object_size)
+    crops, scale, translation = crop_frames(frames, scale, translation, model_cfg.search_size, state.background)
+    return normalize_crops(crops), scale, translation
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None or dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def track_step(model: LoRAT, state: TrackState, frames: Sequence[torch.Tensor], track_cfg: TrackingConfig,
+               autocast_dtype: torch.dtype | None = None, assign: bool = False, top_k: int = 5,
+               overlap_iou: float = 0.5) -> StepResult:
+    """Advance N sequences by one frame each (stateless; one forward pass).
+
+    Args:
+        model: merged LoRAT in eval mode.
+        state: the sequences' state (from :func:`init_state` or a previous step).
+        frames: N (3, H, W) float32 [0, 255] current frames on the model's device.
+        track_cfg: tracking constants.
+        autocast_dtype: ``torch.float16`` / ``torch.bfloat16`` for mixed precision, else float32.
+        assign: the N sequences are targets in one video: keep them on different objects
+            (:mod:`lorat.assignment`). Off for independent sequences.
+    """
+    cfg = model.cfg
+    device = state.box.device
+    x, scale, translation = search_crops(state, frames, cfg, track_cfg)
+    with torch.inference_mode(), _autocast(device, autocast_dtype):
+        out = model(state.template, x.to(state.template.dtype), state.mask)
+    prob = out["score_map"].float().sigmoid()  # (N, H, W)
+    window = hann_window(prob.shape[1:], device)
+    penalised = (1 - track_cfg.window_penalty) * prob + track_cfg.window_penalty * window
+    size = torch.tensor(cfg.search_size * 2, dtype=scale.dtype, device=device)
+    boxes = out["boxes"].flatten(1, 2).to(scale.dtype) * size  # (N, H*W, 4) crop px
+    n = len(state)
+    if assign and n > 1:
+        values, index = score_peaks(penalised, top_k)
+        peak_boxes = boxes.gather(1, index[..., None].expand(-1, -1, 4))
+        frame_boxes = box_from_crop(peak_boxes.reshape(-1, 4), scale.repeat_interleave(index.shape[1], 0),
+                                    translation.repeat_interleave(index.shape[1], 0)).view(n, -1, 4)
+        choice = torch.as_tensor(assign_peaks(frame_boxes, values, overlap_iou), device=device)
+        best = index.gather(1, choice[:, None])[:, 0]
+    else:
+        best = penalised.flatten(1).argmax(dim=1)
+    rows = torch.arange(n, device=device)
+    score = prob.flatten(1)[rows, best]
+    box = box_from_crop(boxes[rows, best], scale, translation)
+    sizes = torch.tensor([[f.shape[-1], f.shape[-2]] for f in frames], dtype=box.dtype, device=device)
+    box = clip_xyxy(box, sizes[:, 0], sizes[:, 1])
+    keep = is_valid_xyxy(box)
+    new_state = replace(state, box=torch.where(keep[:, None], box, state.box))
+    return StepResult(new_state, box, score)
+
+
+# ----------------------------------------------------------------------------- the Tracker
+
+
+@dataclass(frozen=True)
+class TrackResult:
+    """One target in one frame.
+
+    Attributes:
+        box: (x, y, w, h) in frame pixels (float; w or h may be 0 if the target left the frame).
+        score: unpenalised confidence in [0, 1]; 1.0 on the first frame.
+    """
+
+    box: tuple[float, float, float, float]
+    score: float
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"``/None -> CUDA if present, then MPS, else CPU; otherwise as given (checked)."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LoratError("--device cuda requested but CUDA is not available on this machine")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype: ``"auto"`` -> float16 on CUDA (official inference), float32 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return None if dtype == torch.float32 else dtype
+    if dtype in (None, "auto"):
+        return torch.float16 if device.type == "cuda" else None
+    table = {"float32": None, "fp32": None, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise LoratError(f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16")
+    if table[dtype] == torch.float16 and device.type == "cpu":
+        raise LoratError("float16 autocast is not supported on the CPU; use float32 or bfloat16")
+    return table[dtype]
+
+
+class Tracker:
+    """Track one or several targets through a video with a LoRAT model.
+
+    Frames are HWC uint8 **RGB** numpy arrays (or HWC/CHW uint8 tensors on any device). Boxes at
+    this API are **xywh** in pixels; inside, boxes are continuous xyxy. Typical use::
+
+        tracker = Tracker.from_pretrained("weights/lorat_b224.safetensors")
+        tracker.init(first_frame, (x, y, w, h))
+        for frame in frames:
+            result = tracker.track(frame)   # TrackResult(box=(x, y, w, h), score=...)
+
+    Args:
+        model: merged LoRAT (see :func:`lorat.load_model`); the tracker runs on its device.
+        config: the model's config (its ``tracking`` section sets the loop constants).
+        dtype: autocast dtype (``None``/float32, float16, bfloat16).
+        assignment: keep several targets on different objects (default: on when there are
+            two or more targets); ignored for one target.
+    """
+
+    def __init__(self, model: LoRAT, config: Config, dtype: torch.dtype | None = None,
+                 assignment: bool = True, top_k: int = 5, overlap_iou: float = 0.5):
+        self.model = model.eval()
+        self.config = config
+        self.dtype = dtype
+        self.assignment = assignment
+        self.top_k = top_k
+        self.overlap_iou = overlap_iou
+        self.state: TrackState | None = None
+
+    @classmethod
+    def from_pretrained(cls, weights: str | Path, config: str | Path | Config | None = None,
+                        backbone_weights: str | Path | None = None, device: str | torch.device = "auto",
+                        dtype: str | torch.dtype | None = "auto", **kwargs) -> Tracker:
+        """Load weights (see :func:`lorat.load_model`) onto ``device`` and wrap them."""
+        dev = resolve_device(device)
+        cfg = load_config(config) if isinstance(config, (str, Path)) else config
+        model, cfg = load_model(weights, cfg, backbone_weights, device=dev)
+        return cls(model, cfg, dtype=resolve_dtype(dtype, dev), **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def num_targets(self) -> int:
+        return 0 if self.state is None else len(self.state)
+
+    def reset(self) -> None:
+        """Forget all targets."""
+        self.state = None
+
+    def init(self, frame: Frame, box: Sequence[float] | Sequence[Sequence[float]] | np.ndarray) -> list[TrackResult]:
+        """Start tracking on ``frame``.
+
+        Args:
+            frame: the first frame (HWC uint8 RGB).
+            box: one (x, y, w, h) box or a list of them (several targets); pixels.
+
+        Returns:
+            The initial results (the given boxes, clipped to the frame, score 1.0).
+
+        Raises:
+            LoratError: a box with zero/negative size, non-finite, or outside the frame.
+        """
+        image = to_frame_tensor(frame, self.device)
+        h, w = image.shape[-2:]
+        boxes = np.asarray(box, dtype=np.float64).reshape(-1, 4)
+        if boxes.size == 0:
+            raise LoratError("no init box given")
+        xyxy = xywh_to_xyxy(torch.from_numpy(boxes))
+        for i, (b, raw) in enumerate(zip(xyxy, boxes, strict=True)):
+            label = f"init box {i + 1} ({', '.join(f'{v:g}' for v in raw)})"
+            if not torch.isfinite(b).all() or raw[2] <= 0 or raw[3] <= 0:
+                raise LoratError(f"{label} must have a positive width and height")
+            if not is_valid_xyxy(clip_xyxy(b, w, h)):
+                raise LoratError(f"{label} lies outside the {w}x{h} frame")
+        xyxy = clip_xyxy(xyxy, w, h)
+        self.state = init_state([image] * len(xyxy), xyxy, self.model.cfg, self.config.tracking)
+        return [TrackResult(tuple(float(v) for v in xyxy_to_xywh(b)), 1.0) for b in xyxy]
+
+    def track_all(self, frame: Frame) -> list[TrackResult]:
+        """Advance every target by one frame; one batched forward pass."""
+        if self.state is None:
+            raise LoratError("call init(frame, box) before track(frame)")
+        image = to_frame_tensor(frame, self.device)
+        step = track_step(self.model, self.state, [image] * len(self.state), self.config.tracking,
+                          self.dtype, assign=self.assignment, top_k=self.top_k, overlap_iou=self.overlap_iou)
+        self.state = step.state
+        boxes = xyxy_to_xywh(step.box).cpu().numpy()  # the only device -> host copy
+        scores = step.score.cpu().numpy()
+        return [TrackResult(tuple(float(v) for v in b), float(s)) for b, s in zip(boxes, scores, strict=True)]
+
+    def track(self, frame: Frame) -> TrackResult:
+        """Advance a single target by one frame (use :meth:`track_all` for several)."""
+        if self.num_targets > 1:
+            raise LoratError("several targets are being tracked: use track_all(frame)")
+        return self.track_all(frame)[0]
+
+    def track_video(self, frames: Iterable[Frame], box: Sequence[float]) -> Iterator[TrackResult]:
+        """Stream results for one target: the first frame initialises, each later frame is tracked."""
+        iterator = iter(frames)
+        first = next(iterator, None)
+        if first is None:
+            return
+        yield self.init(first, box)[0]
+        for frame in iterator:
+            yield self.track(frame)

@@ -1,0 +1,180 @@
+"""Frame sources, video writing and drawing, shared by the CLI and the app.
+
+Sources stream one frame at a time (a video is never held in memory): a video file, a folder of
+images (sorted by name), a webcam index (``"0"``) or a stream URL (``rtsp://...``). Frames come
+out as HWC uint8 **RGB** arrays; an unreadable image in a folder comes out as ``None`` so the
+caller can report it and keep going.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from lorat.errors import LoratError
+
+__all__ = ["FrameSource", "open_source", "VideoWriter", "draw_targets", "IMAGE_EXTENSIONS", "has_display"]
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+_COLOURS = [(0, 200, 0), (255, 128, 0), (0, 128, 255), (255, 0, 255), (0, 220, 220), (128, 0, 255)]
+
+
+def has_display() -> bool:
+    """Whether OpenCV windows can open (an X/Wayland display on Linux; assumed elsewhere)."""
+    if sys.platform.startswith("linux"):
+        return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    return True
+
+
+@dataclass
+class FrameSource:
+    """An opened source. Iterate it for ``(index, frame_or_None)``; call :meth:`close` after.
+
+    Attributes:
+        name: the source as given.
+        width, height: frame size in px.
+        fps: frames per second (30 when the source does not say).
+        frame_count: number of frames if known (files, folders), else None (streams).
+        warnings: messages about unreadable or missing frames, appended while iterating.
+    """
+
+    name: str
+    width: int
+    height: int
+    fps: float
+    frame_count: int | None
+    _capture: cv2.VideoCapture | None = None
+    _files: Sequence[Path] = ()
+    _first: np.ndarray | None = None
+    warnings: list[str] | None = None
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray | None]]:
+        self.warnings = self.warnings if self.warnings is not None else []
+        if self._capture is None:
+            for i, path in enumerate(self._files):
+                image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+                if image is None:
+                    self.warnings.append(f"frame {i + 1} ({path.name}) is unreadable")
+                    yield i, None
+                    continue
+                if image.shape[:2] != (self.height, self.width):
+                    self.warnings.append(f"frame {i + 1} ({path.name}) is {image.shape[1]}x{image.shape[0]}, "
+                                         f"not {self.width}x{self.height}; resized")
+                    image = cv2.resize(image, (self.width, self.height))
+                yield i, cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+            return
+        index = 0
+        if self._first is not None:
+            yield 0, self._first
+            self._first = None
+            index = 1
+        while True:
+            ok, image = self._capture.read()
+            if not ok or image is None:
+                if self.frame_count and index < self.frame_count:
+                    self.warnings.append(f"{self.name}: stream ended at frame {index} of {self.frame_count} "
+                                         f"(truncated or corrupt video)")
+                return
+            yield index, cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+            index += 1
+
+    def close(self) -> None:
+        if self._capture is not None:
+            self._capture.release()
+
+
+def open_source(source: str | int | os.PathLike) -> FrameSource:
+    """Open a video file, image folder, webcam index or stream URL.
+
+    Raises:
+        LoratError: missing path, empty folder, or a source OpenCV cannot decode.
+    """
+    text = str(source)
+    if text.isdigit() or "://" in text:
+        capture = cv2.VideoCapture(int(text) if text.isdigit() else text)
+        return _from_capture(capture, text, live=True)
+    path = Path(text)
+    if not path.exists():
+        raise LoratError(f"source not found: {path}")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise LoratError(f"{path}: folder contains no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        first = next((img for p in files if (img := cv2.imread(str(p), cv2.IMREAD_COLOR)) is not None), None)
+        if first is None:
+            raise LoratError(f"{path}: none of the {len(files)} images can be read")
+        h, w = first.shape[:2]
+        return FrameSource(text, w, h, 30.0, len(files), _files=files)
+    capture = cv2.VideoCapture(str(path))
+    return _from_capture(capture, text, live=False)
+
+
+def _from_capture(capture: cv2.VideoCapture, name: str, live: bool) -> FrameSource:
+    if not capture.isOpened():
+        kind = "camera/stream" if live else "video"
+        raise LoratError(f"cannot open {kind} {name} (not a video OpenCV can decode, or unreachable)")
+    ok, first = capture.read()
+    if not ok or first is None:
+        capture.release()
+        raise LoratError(f"{name}: no frame could be decoded (empty or corrupt video)")
+    h, w = first.shape[:2]
+    fps = capture.get(cv2.CAP_PROP_FPS)
+    count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if not live else 0
+    return FrameSource(name, w, h, fps if 0 < fps < 1000 else 30.0, count if count > 0 else None,
+                       _capture=capture, _first=cv2.cvtColor(first, cv2.COLOR_BGR2RGB))
+
+
+class VideoWriter:
+    """Writes RGB frames to a video file (``.mp4``: mp4v, ``.avi``: MJPG), frame by frame."""
+
+    def __init__(self, path: str | os.PathLike, fps: float, size: tuple[int, int]):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fourcc = cv2.VideoWriter_fourcc(*("MJPG" if self.path.suffix.lower() == ".avi" else "mp4v"))
+        self._writer = cv2.VideoWriter(str(self.path), fourcc, fps, size)
+        if not self._writer.isOpened():
+            raise LoratError(f"cannot write video {self.path} (unsupported extension? use .mp4 or .avi)")
+        self.frames = 0
+
+    def write(self, frame_rgb: np.ndarray) -> None:
+        self._writer.write(cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2BGR))
+        self.frames += 1
+
+    def close(self) -> None:
+        self._writer.release()
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def draw_targets(frame_rgb: np.ndarray, boxes: Sequence[Sequence[float]], scores: Sequence[float],
+                 lost_threshold: float = 0.3, ids: Sequence[int] | None = None) -> np.ndarray:
+    """Draw xywh boxes with id and score on a copy of an RGB frame; lost targets get a red mark."""
+    out = frame_rgb.copy()
+    thickness = max(2, round(max(out.shape[:2]) / 400))
+    for k, (box, score) in enumerate(zip(boxes, scores, strict=True)):
+        ident = ids[k] if ids is not None else k + 1
+        colour = _COLOURS[(ident - 1) % len(_COLOURS)]
+        x, y, w, h = (float(v) for v in box)
+        lost = score < lost_threshold or w <= 0 or h <= 0
+        p1, p2 = (round(x), round(y)), (round(x + w), round(y + h))
+        cv2.rectangle(out, p1, p2, (255, 0, 0) if lost else colour, thickness, cv2.LINE_AA)
+        label = f"#{ident} {score:.2f}" + (" LOST" if lost else "")
+        (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1)
+        ty = max(p1[1], th + base + 2)
+        cv2.rectangle(out, (p1[0], ty - th - base - 2), (p1[0] + tw + 4, ty), (255, 0, 0) if lost else colour, -1)
+        cv2.putText(out, label, (p1[0] + 2, ty - base), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1,
+                    cv2.LINE_AA)
+        if lost:
+            cx, cy = round(x + w / 2), round(y + h / 2)
+            cv2.drawMarker(out, (cx, cy), (255, 0, 0), cv2.MARKER_TILTED_CROSS, 16, thickness)
+    return out
