@@ -48,3 +48,62 @@ def official_trainable(model: LoRAT, swiglu: bool = False) -> dict[str, torch.Te
     """The trainable tensors of a LoRA model under the official names."""
     sd = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     return peft_to_official_keys(sd, swiglu)
+
+
+def textured_clip(n: int = 8, size: tuple[int, int] = (320, 240), seed: int = 0) -> tuple[list, list]:
+    """RGB uint8 frames of a textured square moving over a textured background, and its xywh boxes."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    background = rng.integers(0, 255, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)[:h, :w]
+    patch = rng.integers(0, 255, (40, 52, 3), dtype=np.uint8)
+    frames, boxes = [], []
+    for i in range(n):
+        x, y = 60 + 9 * i, 70 + 5 * i
+        frame = background.copy()
+        frame[y:y + 40, x:x + 52] = patch
+        frames.append(frame)
+        boxes.append((x, y, 52, 40))
+    return frames, boxes
+
+
+def bright_spot_model(cfg: Config) -> LoRAT:
+    """A real LoRAT whose weights are set by hand so that it scores *brightness*.
+
+    Blocks are identities (LayerScale 0), the patch embedding measures the mean intensity of each
+    patch, the classification MLP turns it into a logit of about +6 on white and -4 on black
+    patches, and the regression MLP predicts a square of 1/(2f) crop widths per side, i.e. the
+    size of a square target. Any white square is therefore "the target": two white squares are
+    perfect look-alikes, which is what the identity tests need.
+    """
+    import torch.nn.functional as F
+
+    c = cfg.model.backbone.embed_dim
+    model = LoRAT(cfg.model).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        p = cfg.model.backbone.patch_size
+        model.patch_embed.proj.weight[0] = 1.0 / (3 * p * p)
+        model.patch_embed.proj.weight[1] = -1.0 / (3 * p * p)
+        model.patch_embed.proj.bias[2], model.patch_embed.proj.bias[3] = 1.0, -1.0
+        model.norm.weight.fill_(1.0)
+        for block in model.blocks:
+            block.norm1.weight.fill_(1.0)
+            block.norm2.weight.fill_(1.0)
+        cls = model.head.cls_mlp.layers
+        cls[0].weight[0, 0], cls[0].bias[0] = 1.0, 2.0
+        cls[1].weight[0, 0] = 1.0
+
+        def feature(intensity: float) -> float:  # what the head sees for a uniform patch
+            a = sum((intensity - m) / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))) / 3
+            n0 = a / ((2 * a * a + 2) / c) ** 0.5
+            return float(F.gelu(F.gelu(torch.tensor(n0 + 2.0))))
+
+        hi, lo = feature(1.0), feature(0.0)
+        alpha = 10.0 / (hi - lo)
+        cls[2].weight[0, 0], cls[2].bias[0] = alpha, 6.0 - alpha * hi
+        half = 1.0 / (2 * cfg.tracking.search_area_factor)
+        model.head.reg_mlp.layers[2].bias.fill_(float(torch.logit(torch.tensor(half))))
+    return model

@@ -1,0 +1,170 @@
+"""The tracking loop: official fixture, literal reference on other grids, batching, identities."""
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from lorat.checkpoint import build_lorat, load_model
+from lorat.config import config_from_dict
+from lorat.errors import LoratError
+from lorat.lora import merge_lora
+from lorat.tracker import Tracker, TrackState, init_state, to_frame_tensor, track_step
+
+from . import reference
+from .helpers import bright_spot_model, textured_clip, write_dinov2
+
+
+def _fixture_frames(tiny_dir):
+    paths = sorted((tiny_dir / "sequence").glob("*.png"))
+    return [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in paths]
+
+
+def test_official_fixture_sequence(tiny_dir, tiny_config, tiny_files):
+    model, cfg = load_model(tiny_files["trainable"], tiny_config, tiny_files["backbone"])
+    tracker = Tracker(model, cfg)
+    init = [float(v) for v in (tiny_dir / "init_box.txt").read_text().split(",")]
+    results = list(tracker.track_video(_fixture_frames(tiny_dir), init))
+    boxes = np.array([r.box for r in results])
+    scores = np.array([r.score for r in results])
+    np.testing.assert_allclose(boxes, np.loadtxt(tiny_dir / "expected_boxes.txt"), atol=0.05, rtol=0)
+    np.testing.assert_allclose(scores, np.loadtxt(tiny_dir / "expected_confidence.txt"), atol=1e-4, rtol=0)
+
+
+def _random_tracker_model(tmp_path, **model):
+    cfg = config_from_dict({"model": {"backbone": {"embed_dim": 32, "depth": 2, "num_heads": 2}} | model.pop("m", {}),
+                            "tracking": model.pop("t", {})})
+    net = merge_lora(build_lorat(cfg.model, write_dinov2(cfg, tmp_path / "d.pth"))).eval()
+    return net, cfg
+
+
+@pytest.mark.parametrize("spec", [
+    {"m": {"template_size": 196, "search_size": 378}, "t": {"search_area_factor": 5.0}},       # 378 style
+    {"m": {"template_size": [112, 84], "search_size": [252, 168]}, "t": {"search_area_factor": 4.5}},
+    {"m": {"backbone": {"embed_dim": 32, "depth": 1, "num_heads": 4, "ffn": "swiglu"},
+           "template_size": 84, "search_size": 182}, "t": {"window_penalty": 0.3, "min_object_size": 30}},
+])
+def test_matches_literal_reference_on_other_grids(tmp_path, spec):
+    model, cfg = _random_tracker_model(tmp_path, **spec)
+    frames, boxes = textured_clip(8)
+    ours = list(Tracker(model, cfg).track_video(frames, boxes[0]))
+    ref_boxes, ref_scores = reference.track(model, cfg, frames, boxes[0])
+    np.testing.assert_allclose(np.array([r.box for r in ours]), ref_boxes, atol=0.05, rtol=0)
+    np.testing.assert_allclose(np.array([r.score for r in ours]), ref_scores, atol=1e-4, rtol=0)
+
+
+def test_batched_sequences_equal_single(tmp_path):
+    model, cfg = _random_tracker_model(tmp_path)
+    clips = [textured_clip(4, seed=s) for s in (1, 2)]
+    frames = [[to_frame_tensor(f, model.device) for f in clip[0]] for clip in clips]
+    first_boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (c[1][0] for c in clips)], dtype=torch.float64)
+    both = init_state([f[0] for f in frames], first_boxes, cfg.model, cfg.tracking)
+    singles = [init_state([frames[i][0]], first_boxes[i:i + 1], cfg.model, cfg.tracking) for i in range(2)]
+    for t in range(1, 4):
+        step = track_step(model, both, [frames[0][t], frames[1][t]], cfg.tracking)
+        both = step.state
+        for i in range(2):
+            one = track_step(model, singles[i], [frames[i][t]], cfg.tracking)
+            singles[i] = one.state
+            torch.testing.assert_close(one.box[0], step.box[i], atol=1e-4, rtol=0)
+            torch.testing.assert_close(one.score[0], step.score[i], atol=1e-5, rtol=0)
+    joined = TrackState.cat(singles)
+    assert len(joined) == 2 and torch.equal(joined.select([1]).box, singles[1].box)
+
+
+def _two_squares_clip():
+    """Two identical white squares; B disappears for three frames, then comes back."""
+    a, b = (300, 170, 20, 20), (326, 170, 20, 20)
+
+    def frame(with_b):
+        f = np.zeros((360, 640, 3), np.uint8)
+        for (x, y, w, h), on in ((a, True), (b, with_b)):
+            if on:
+                f[y:y + h, x:x + w] = 255
+        return f
+
+    return [frame(True)] * 3 + [frame(False)] * 3 + [frame(True)] * 6, a, b
+
+
+def _nearest(result, a, b):
+    cx = result.box[0] + result.box[2] / 2
+    return "a" if abs(cx - (a[0] + 10)) < abs(cx - (b[0] + 10)) else "b"
+
+
+def test_assignment_keeps_look_alikes_apart():
+    cfg = config_from_dict({"model": {"backbone": {"embed_dim": 8, "depth": 1, "num_heads": 2}}})
+    model = bright_spot_model(cfg)
+    frames, a, b = _two_squares_clip()
+    final = {}
+    for assignment in (False, True):
+        tracker = Tracker(model, cfg, assignment=assignment)
+        tracker.init(frames[0], [a, b])
+        for frame in frames[1:]:
+            results = tracker.track_all(frame)
+        final[assignment] = [_nearest(r, a, b) for r in results]
+    assert final[False] == ["a", "a"]  # independent tracking: B's tracker jumped to A and stayed
+    assert final[True] == ["a", "b"]  # with assignment each keeps its own object
+
+
+def test_single_target_is_unaffected_by_assignment(tmp_path):
+    model, cfg = _random_tracker_model(tmp_path)
+    frames, boxes = textured_clip(5)
+    on = [r.box for r in Tracker(model, cfg, assignment=True).track_video(frames, boxes[0])]
+    off = [r.box for r in Tracker(model, cfg, assignment=False).track_video(frames, boxes[0])]
+    assert on == off
+
+
+def test_target_leaving_the_frame():
+    cfg = config_from_dict({"model": {"backbone": {"embed_dim": 8, "depth": 1, "num_heads": 2}}})
+    tracker = Tracker(bright_spot_model(cfg), cfg)
+    frames = []
+    for i in range(30):
+        f = np.zeros((120, 160, 3), np.uint8)
+        x = 120 + 4 * i
+        if x < 160:
+            f[50:70, x:min(x + 20, 160)] = 255
+        frames.append(f)
+    results = list(tracker.track_video(frames, (120, 50, 20, 20)))
+    for r in results:  # always inside the frame, never NaN
+        x, y, w, h = r.box
+        assert np.isfinite(r.box).all() and x >= 0 and y >= 0 and x + w <= 160 + 1e-6 and y + h <= 120 + 1e-6
+    assert results[-1].score < 0.3  # nothing bright left: the score says the target is lost
+
+
+@pytest.mark.parametrize("box, message", [
+    ((10, 10, 0, 20), "positive width and height"),
+    ((10, 10, 20, -5), "positive width and height"),
+    ((700, 10, 20, 20), "outside the 320x240 frame"),
+    ((float("nan"), 10, 20, 20), "positive width and height"),
+])
+def test_bad_init_boxes(tmp_path, box, message):
+    model, cfg = _random_tracker_model(tmp_path)
+    frames, _ = textured_clip(1)
+    with pytest.raises(LoratError, match=message):
+        Tracker(model, cfg).init(frames[0], box)
+
+
+def test_frame_formats_agree(tmp_path):
+    model, cfg = _random_tracker_model(tmp_path)
+    frames, boxes = textured_clip(3)
+    expected = [r.box for r in Tracker(model, cfg).track_video(frames, boxes[0])]
+    as_chw = [torch.from_numpy(f).permute(2, 0, 1) for f in frames]
+    assert [r.box for r in Tracker(model, cfg).track_video(as_chw, boxes[0])] == expected
+    with pytest.raises(LoratError, match="HxWx3"):
+        Tracker(model, cfg).init(np.zeros((10, 10)), (1, 1, 2, 2))
+    with pytest.raises(LoratError, match="init"):
+        Tracker(model, cfg).track(frames[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
+def test_gpu_fp16_tracks_like_cpu(tiny_dir, tiny_config, tiny_files):
+    init = [float(v) for v in (tiny_dir / "init_box.txt").read_text().split(",")]
+    frames = _fixture_frames(tiny_dir)
+    cpu = [r.box for r in Tracker.from_pretrained(tiny_files["trainable"], tiny_config, tiny_files["backbone"],
+                                                  device="cpu").track_video(frames, init)]
+    for dtype in ("float32", "float16", "bfloat16"):
+        gpu = Tracker.from_pretrained(tiny_files["trainable"], tiny_config, tiny_files["backbone"], device="cuda",
+                                      dtype=dtype)
+        boxes = [r.box for r in gpu.track_video(frames, init)]
+        assert np.abs(np.array(boxes) - np.array(cpu)).max() < (0.05 if dtype == "float32" else 3.0)
