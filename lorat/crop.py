@@ -24,6 +24,7 @@ from lorat.boxes import rasterize
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "const",
     "geometry_dtype",
     "nominal_crop_params",
     "crop_frames",
@@ -34,6 +35,15 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def const(values, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+    """A small constant tensor on ``device`` without a host-device synchronisation.
+
+    ``torch.tensor(..., device="cuda")`` copies synchronously; a non-blocking copy from pageable
+    memory is staged by CUDA at once and does not wait for queued kernels.
+    """
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def geometry_dtype(device: torch.device) -> torch.dtype:
@@ -62,7 +72,7 @@ def nominal_crop_params(
     wh = (box[:, 2:] - box[:, :2]).clamp(min=min_size)
     pad = (area_factor - 1) * wh.sum(dim=1, keepdim=True) / 2
     context = wh + pad
-    out = torch.tensor(out_size, dtype=box.dtype, device=box.device)
+    out = const(out_size, box.dtype, box.device)
     scale = torch.sqrt(out.prod() / context.prod(dim=1, keepdim=True)).expand(-1, 2)
     translation = out / 2 - centre * scale
     return scale.contiguous(), translation
@@ -96,6 +106,22 @@ def _axis_indices(out_lo: torch.Tensor, in_lo: torch.Tensor, out_len: torch.Tens
     return i0 + in_lo[:, None], i1 + in_lo[:, None], w1, inside
 
 
+def _gather(frame: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
+    """Pixels of a (3, H, W) frame at (Oh, Ow) flat indices -> (3, Oh, Ow) float32.
+
+    Uses ``index_select`` on whichever memory layout the frame has (HWC views of decoded
+    frames are common), which is much faster than 2-D advanced indexing.
+    """
+    h, w = frame.shape[-2:]
+    oh, ow = flat_index.shape
+    hwc = frame.permute(1, 2, 0)
+    if hwc.is_contiguous():
+        picked = hwc.reshape(h * w, 3).index_select(0, flat_index.reshape(-1))
+        return picked.float().view(oh, ow, 3).permute(2, 0, 1)
+    picked = frame.reshape(3, h * w).index_select(1, flat_index.reshape(-1))
+    return picked.float().view(3, oh, ow)
+
+
 def crop_frames(
     frames: Sequence[torch.Tensor],
     scale: torch.Tensor,
@@ -106,7 +132,8 @@ def crop_frames(
     """Pixel-aligned crop-and-resize of N frames (frames may differ in size).
 
     Args:
-        frames: N tensors (3, H_i, W_i), float32 in [0, 255], on one device.
+        frames: N tensors (3, H_i, W_i) with values in [0, 255] (uint8 or float), on one device;
+            channel-last views (``hwc.permute(2, 0, 1)``) are fine and are not copied.
         scale, translation: (N, 2) nominal parameters (frame -> crop).
         out_size: crop (W, H).
         background: (N, 3) fill colour in [0, 255].
@@ -117,8 +144,8 @@ def crop_frames(
     device = scale.device
     n = len(frames)
     ow, oh = out_size
-    sizes = torch.tensor([[f.shape[-1], f.shape[-2]] for f in frames], dtype=scale.dtype, device=device)
-    out_max = torch.tensor([ow, oh], dtype=scale.dtype, device=device)
+    sizes = const([[f.shape[-1], f.shape[-2]] for f in frames], scale.dtype, device)
+    out_max = const([ow, oh], scale.dtype, device)
     # 1. frame rectangle -> crop, clipped to the crop, rasterised.
     lo = torch.minimum(translation.clamp(min=0), out_max)
     hi = torch.minimum((sizes * scale + translation).clamp(min=0), out_max)
@@ -139,11 +166,14 @@ def crop_frames(
     inside = in_y[:, :, None] & in_x[:, None, :] & ok[:, :, None]
     crops = []
     for i, frame in enumerate(frames):
+        # Gather the four neighbours in the frame's own dtype (uint8 frames stay small), then blend.
         h, w = frame.shape[-2:]
-        r0, r1 = frame[:, y0[i].clamp(0, h - 1)], frame[:, y1[i].clamp(0, h - 1)]  # (3, oh, w)
-        rows = r0 + wy[i][None, :, None] * (r1 - r0)
-        c0, c1 = rows[:, :, x0[i].clamp(0, w - 1)], rows[:, :, x1[i].clamp(0, w - 1)]
-        crops.append(c0 + wx[i][None, None, :] * (c1 - c0))
+        ya, yb = y0[i].clamp(0, h - 1)[:, None] * w, y1[i].clamp(0, h - 1)[:, None] * w
+        xa, xb = x0[i].clamp(0, w - 1)[None, :], x1[i].clamp(0, w - 1)[None, :]
+        fy, fx = wy[i][None, :, None], wx[i][None, None, :]
+        top = _gather(frame, ya + xa) * (1 - fx) + _gather(frame, ya + xb) * fx
+        bottom = _gather(frame, yb + xa) * (1 - fx) + _gather(frame, yb + xb) * fx
+        crops.append(top * (1 - fy) + bottom * fy)
     crop = torch.stack(crops) if n else torch.empty(0, 3, oh, ow, device=device)
     crop = torch.where(inside[:, None], crop, background.to(crop.dtype)[:, :, None, None])
     return crop, real_scale, real_translation
@@ -151,6 +181,6 @@ def crop_frames(
 
 def normalize_crops(crops: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) float in [0, 255] -> ImageNet-normalised float32 network input."""
-    mean = torch.tensor(IMAGENET_MEAN, device=crops.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=crops.device).view(1, 3, 1, 1)
+    mean = const(IMAGENET_MEAN, torch.float32, crops.device).view(1, 3, 1, 1)
+    std = const(IMAGENET_STD, torch.float32, crops.device).view(1, 3, 1, 1)
     return (crops / 255.0 - mean) / std

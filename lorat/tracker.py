@@ -32,12 +32,22 @@ from lorat.assignment import assign_peaks, score_peaks
 from lorat.boxes import clip_xyxy, is_valid_xyxy, rasterize, xywh_to_xyxy, xyxy_to_xywh
 from lorat.checkpoint import load_model
 from lorat.config import Config, ModelConfig, TrackingConfig, load_config
-from lorat.crop import box_from_crop, box_to_crop, crop_frames, geometry_dtype, nominal_crop_params, normalize_crops
+from lorat.crop import (
+    box_from_crop,
+    box_to_crop,
+    const,
+    crop_frames,
+    geometry_dtype,
+    nominal_crop_params,
+    normalize_crops,
+)
 from lorat.errors import LoratError
 from lorat.model import LoRAT
 
-__all__ = ["TrackState", "StepResult", "TrackResult", "Tracker", "init_state", "track_step",
-           "to_frame_tensor", "template_mask", "hann_window", "resolve_device", "resolve_dtype"]
+__all__ = [
+    "TrackState", "StepResult", "TrackResult", "Tracker", "init_state", "track_step", "search_crops", "run_model",
+    "decode_step", "to_frame_tensor", "template_mask", "hann_window", "resolve_device", "resolve_dtype",
+]
 
 Frame = np.ndarray | torch.Tensor
 
@@ -46,26 +56,22 @@ Frame = np.ndarray | torch.Tensor
 
 
 def to_frame_tensor(frame: Frame, device: torch.device) -> torch.Tensor:
-    """A frame as a (3, H, W) float32 tensor in [0, 255] on ``device``.
+    """A frame as a (3, H, W) tensor in [0, 255] on ``device`` (uint8 stays uint8: a view, no copy).
 
     Accepts HWC uint8 RGB numpy arrays or tensors, or CHW uint8 tensors, on any device.
     """
     if isinstance(frame, np.ndarray):
         if frame.ndim != 3 or frame.shape[2] != 3:
             raise LoratError(f"expected an HxWx3 RGB frame, got an array of shape {frame.shape}")
-        tensor = torch.from_numpy(np.ascontiguousarray(frame))
-        if device.type == "cuda":
-            tensor = tensor.pin_memory().to(device, non_blocking=True)
-        else:
-            tensor = tensor.to(device)
-        return tensor.permute(2, 0, 1).float()
+        # One synchronous uint8 upload; pinning a fresh buffer every frame costs more than it saves.
+        return torch.from_numpy(np.ascontiguousarray(frame)).to(device).permute(2, 0, 1)
     if isinstance(frame, torch.Tensor):
         if frame.ndim != 3 or 3 not in (frame.shape[0], frame.shape[2]):
             raise LoratError(f"expected an HxWx3 or 3xHxW frame tensor, got shape {tuple(frame.shape)}")
         tensor = frame.to(device)
         if tensor.shape[0] != 3:  # HWC
             tensor = tensor.permute(2, 0, 1)
-        return tensor.float()
+        return tensor
     raise LoratError(f"expected a numpy array or torch tensor frame, got {type(frame).__name__}")
 
 
@@ -88,10 +94,9 @@ def template_mask(box_in_crop: torch.Tensor, template_size: tuple[int, int], gri
         (N, Hz, Wz) int64, 1 on every cell that the box overlaps by more than ~1e-4 of a stride.
     """
     hz, wz = grid
-    stride = torch.tensor([template_size[0] / wz, template_size[1] / hz] * 2, dtype=box_in_crop.dtype,
-                          device=box_in_crop.device)
+    stride = const([template_size[0] / wz, template_size[1] / hz] * 2, box_in_crop.dtype, box_in_crop.device)
     cells = rasterize(box_in_crop / stride)
-    limit = torch.tensor([wz, hz, wz, hz], device=cells.device)
+    limit = const([wz, hz, wz, hz], torch.int64, cells.device)
     cells = torch.minimum(cells.clamp(min=0), limit)
     rows = torch.arange(hz, device=cells.device)
     cols = torch.arange(wz, device=cells.device)
@@ -154,13 +159,13 @@ def init_state(frames: Sequence[torch.Tensor], boxes: torch.Tensor, model_cfg: M
     """Start N sequences: template crops, masks and cached boxes.
 
     Args:
-        frames: N (3, H, W) float32 [0, 255] first frames on the model's device (see
+        frames: N (3, H, W) [0, 255] first frames on the model's device (see
             :func:`to_frame_tensor`); the same frame may appear several times (several targets).
         boxes: (N, 4) xyxy first-frame boxes, valid and inside their frames.
     """
     device = frames[0].device
     boxes = boxes.to(device=device, dtype=geometry_dtype(device))
-    background = torch.stack([f.mean(dim=(1, 2)) for f in frames])
+    background = torch.stack([f.float().mean(dim=(1, 2)) for f in frames])
     scale, translation = nominal_crop_params(boxes, track_cfg.template_area_factor, model_cfg.template_size)
     crops, scale, translation = crop_frames(frames, scale, translation, model_cfg.template_size, background)
     mask = template_mask(box_to_crop(boxes, scale, translation), model_cfg.template_size, model_cfg.template_grid)
@@ -182,6 +187,49 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def run_model(model: LoRAT, state: TrackState, x: torch.Tensor,
+              autocast_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """One forward pass on cached templates and new search crops (inference mode, optional autocast)."""
+    with torch.inference_mode(), _autocast(x.device, autocast_dtype):
+        return model(state.template, x.to(state.template.dtype), state.mask)
+
+
+def decode_step(out: dict[str, torch.Tensor], state: TrackState, frame_sizes: torch.Tensor, scale: torch.Tensor,
+                translation: torch.Tensor, track_cfg: TrackingConfig, search_size: tuple[int, int],
+                assign: bool = False, top_k: int = 5, overlap_iou: float = 0.5) -> StepResult:
+    """Post-process model outputs: Hann-penalised argmax (or peak assignment), map back, clip, update.
+
+    Args:
+        out: model outputs for N sequences.
+        state: their state before this frame.
+        frame_sizes: (N, 2) frame (W, H) in px.
+        scale, translation: realised search-crop parameters (N, 2).
+        search_size: search crop (W, H) px.
+    """
+    device = state.box.device
+    prob = out["score_map"].float().sigmoid()  # (N, H, W)
+    window = hann_window(prob.shape[1:], device)
+    penalised = (1 - track_cfg.window_penalty) * prob + track_cfg.window_penalty * window
+    size = const(search_size * 2, scale.dtype, device)
+    boxes = out["boxes"].flatten(1, 2).to(scale.dtype) * size  # (N, H*W, 4) crop px
+    n = len(state)
+    if assign and n > 1:
+        values, index = score_peaks(penalised, top_k)
+        k = index.shape[1]
+        peak_boxes = boxes.gather(1, index[..., None].expand(-1, -1, 4)).reshape(-1, 4)
+        frame_boxes = box_from_crop(peak_boxes, scale.repeat_interleave(k, 0), translation.repeat_interleave(k, 0))
+        choice = torch.as_tensor(assign_peaks(frame_boxes.view(n, k, 4), values, overlap_iou), device=device)
+        best = index.gather(1, choice[:, None])[:, 0]
+    else:
+        best = penalised.flatten(1).argmax(dim=1)
+    rows = torch.arange(n, device=device)
+    score = prob.flatten(1)[rows, best]
+    box = box_from_crop(boxes[rows, best], scale, translation)
+    box = clip_xyxy(box, frame_sizes[:, 0].to(box.dtype), frame_sizes[:, 1].to(box.dtype))
+    keep = is_valid_xyxy(box)
+    return StepResult(replace(state, box=torch.where(keep[:, None], box, state.box)), box, score)
+
+
 def track_step(model: LoRAT, state: TrackState, frames: Sequence[torch.Tensor], track_cfg: TrackingConfig,
                autocast_dtype: torch.dtype | None = None, assign: bool = False, top_k: int = 5,
                overlap_iou: float = 0.5) -> StepResult:
@@ -190,40 +238,17 @@ def track_step(model: LoRAT, state: TrackState, frames: Sequence[torch.Tensor], 
     Args:
         model: merged LoRAT in eval mode.
         state: the sequences' state (from :func:`init_state` or a previous step).
-        frames: N (3, H, W) float32 [0, 255] current frames on the model's device.
+        frames: N (3, H, W) [0, 255] current frames on the model's device.
         track_cfg: tracking constants.
         autocast_dtype: ``torch.float16`` / ``torch.bfloat16`` for mixed precision, else float32.
         assign: the N sequences are targets in one video: keep them on different objects
             (:mod:`lorat.assignment`). Off for independent sequences.
     """
-    cfg = model.cfg
-    device = state.box.device
-    x, scale, translation = search_crops(state, frames, cfg, track_cfg)
-    with torch.inference_mode(), _autocast(device, autocast_dtype):
-        out = model(state.template, x.to(state.template.dtype), state.mask)
-    prob = out["score_map"].float().sigmoid()  # (N, H, W)
-    window = hann_window(prob.shape[1:], device)
-    penalised = (1 - track_cfg.window_penalty) * prob + track_cfg.window_penalty * window
-    size = torch.tensor(cfg.search_size * 2, dtype=scale.dtype, device=device)
-    boxes = out["boxes"].flatten(1, 2).to(scale.dtype) * size  # (N, H*W, 4) crop px
-    n = len(state)
-    if assign and n > 1:
-        values, index = score_peaks(penalised, top_k)
-        peak_boxes = boxes.gather(1, index[..., None].expand(-1, -1, 4))
-        frame_boxes = box_from_crop(peak_boxes.reshape(-1, 4), scale.repeat_interleave(index.shape[1], 0),
-                                    translation.repeat_interleave(index.shape[1], 0)).view(n, -1, 4)
-        choice = torch.as_tensor(assign_peaks(frame_boxes, values, overlap_iou), device=device)
-        best = index.gather(1, choice[:, None])[:, 0]
-    else:
-        best = penalised.flatten(1).argmax(dim=1)
-    rows = torch.arange(n, device=device)
-    score = prob.flatten(1)[rows, best]
-    box = box_from_crop(boxes[rows, best], scale, translation)
-    sizes = torch.tensor([[f.shape[-1], f.shape[-2]] for f in frames], dtype=box.dtype, device=device)
-    box = clip_xyxy(box, sizes[:, 0], sizes[:, 1])
-    keep = is_valid_xyxy(box)
-    new_state = replace(state, box=torch.where(keep[:, None], box, state.box))
-    return StepResult(new_state, box, score)
+    x, scale, translation = search_crops(state, frames, model.cfg, track_cfg)
+    out = run_model(model, state, x, autocast_dtype)
+    sizes = const([[f.shape[-1], f.shape[-2]] for f in frames], torch.int64, state.box.device)
+    return decode_step(out, state, sizes, scale, translation, track_cfg, model.cfg.search_size, assign, top_k,
+                       overlap_iou)
 
 
 # ----------------------------------------------------------------------------- the Tracker
@@ -359,9 +384,9 @@ class Tracker:
         step = track_step(self.model, self.state, [image] * len(self.state), self.config.tracking,
                           self.dtype, assign=self.assignment, top_k=self.top_k, overlap_iou=self.overlap_iou)
         self.state = step.state
-        boxes = xyxy_to_xywh(step.box).cpu().numpy()  # the only device -> host copy
-        scores = step.score.cpu().numpy()
-        return [TrackResult(tuple(float(v) for v in b), float(s)) for b, s in zip(boxes, scores, strict=True)]
+        packed = torch.cat([xyxy_to_xywh(step.box), step.score[:, None].to(step.box.dtype)], dim=1)
+        packed = packed.cpu().numpy()  # the only device -> host copy of the frame
+        return [TrackResult(tuple(float(v) for v in row[:4]), float(row[4])) for row in packed]
 
     def track(self, frame: Frame) -> TrackResult:
         """Advance a single target by one frame (use :meth:`track_all` for several)."""

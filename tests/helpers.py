@@ -97,7 +97,7 @@ def bright_spot_model(cfg: Config) -> LoRAT:
         cls[1].weight[0, 0] = 1.0
 
         def feature(intensity: float) -> float:  # what the head sees for a uniform patch
-            a = sum((intensity - m) / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))) / 3
+            a = sum((intensity - m) / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), strict=True)) / 3
             n0 = a / ((2 * a * a + 2) / c) ** 0.5
             return float(F.gelu(F.gelu(torch.tensor(n0 + 2.0))))
 
