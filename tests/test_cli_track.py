@@ -117,3 +117,15 @@ def test_help(capsys):
     assert exit_info.value.code == 0
     stdout = capsys.readouterr().out
     assert "--save-txt" in stdout and "--lost-threshold" in stdout
+
+
+def test_bench_prints_json(capsys):
+    import json
+
+    from lorat.bench import main as bench_main
+
+    bench_main([str(TINY / "config.yaml"), "--device", "cpu", "--frames", "6", "--iters", "2"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["frames"] == 6 and result["model_fps"] > 0 and result["tracking_fps"] > 0
+    assert set(result["split_ms"]) == {"decode", "crop", "model", "postprocess"}
+    assert result["peak_memory_mb"]["process_rss"] > 0
