@@ -27,6 +27,7 @@ __all__ = [
     "LoraConfig",
     "ModelConfig",
     "TrackingConfig",
+    "TrainConfig",
     "Config",
     "load_config",
     "config_from_dict",
@@ -95,11 +96,43 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe (LORAT_SPEC section 3); defaults are the official values."""
+
+    finetune: Literal["lora", "full"] = "lora"  # "full" trains every weight (no LoRA), e.g. from scratch
+    batch_size: int = 128  # global batch, split over processes
+    samples_per_epoch: int = 131072  # training pairs per epoch
+    epochs: int = 170
+    lr: float = 1e-4  # AdamW peak learning rate (no scaling with batch size)
+    min_lr: float = 1e-6  # cosine floor
+    warmup_lr: float = 1e-7  # linear warm-up start
+    warmup_epochs: float = 2.0  # warm-up length, prefixed to the cosine
+    weight_decay: float = 0.1  # for LoRA and head weights; 0 for 1-D parameters and embeddings
+    grad_clip: float = 1.0  # global L2 norm
+    amp: Literal["auto", "float16", "bfloat16", "none"] = "auto"  # auto: float16 on CUDA, none on CPU
+    compile: bool = False  # torch.compile the model (official: on)
+    num_workers: int = 8  # data-loading processes per training process
+    seed: int = 0  # one seed decides every sample, so runs and resumes are reproducible
+    checkpoint_every: int = 10  # epochs between checkpoints (plus the last epoch)
+    max_gap: int = 100  # largest frame distance between template and search frames
+    scale_jitter: float = 0.25  # search crop: log-normal scale jitter per axis
+    translation_jitter: float = 3.0  # search crop: centre jitter factor
+    min_object_size: float = 10.0  # search crop: the jittered target keeps at least this many px per side
+    flip_prob: float = 0.5  # horizontal flip, per image
+    color_jitter: float = 0.4  # brightness / contrast / saturation strength, per image
+    deit3: bool = True  # DeiT-III grayscale / solarize / blur, joint
+    val_samples: int = 4096  # validation pairs per epoch (0: no validation)
+    dataset_weights: dict[str, float] = field(default_factory=lambda: {
+        "lasot": 1.0, "got10k": 1.0, "trackingnet": 1.0, "coco": 1.0, "custom": 1.0})  # mixture of given sets
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole config file."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def swiglu_hidden_size(embed_dim: int, mlp_ratio: float) -> int:
@@ -152,6 +185,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _convert(v, typing.get_args(tp)[1], f"{where}.{k}") for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):  # Optional[X]
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
@@ -197,6 +234,14 @@ def _validate(cfg: Config) -> None:
         )
     if m.lora.r <= 0 or not 0 <= m.lora.dropout < 1:
         raise ConfigError("model.lora.r must be positive and dropout in [0, 1)")
+    tr = cfg.train
+    if tr.batch_size <= 0 or tr.samples_per_epoch < tr.batch_size or tr.epochs <= 0:
+        raise ConfigError("train.batch_size must be positive and at most train.samples_per_epoch; epochs > 0")
+    if tr.lr <= 0 or tr.warmup_epochs < 0 or tr.grad_clip <= 0 or tr.num_workers < 0 or tr.checkpoint_every < 1:
+        raise ConfigError("train: lr and grad_clip must be > 0, warmup_epochs and num_workers >= 0, "
+                          "checkpoint_every >= 1")
+    if any(w < 0 for w in tr.dataset_weights.values()):
+        raise ConfigError("train.dataset_weights must be >= 0")
     t = cfg.tracking
     if t.template_area_factor <= 0 or t.search_area_factor <= 0:
         raise ConfigError("tracking area factors must be positive")

@@ -1,0 +1,110 @@
+"""Compare LoRAT with simple baselines on clips with ground truth (success AUC, P@20, P_norm@0.2).
+
+    python bench/compare.py --dataset lasot=/data/syn-val --weights run/checkpoint/epoch_020/lorat.safetensors
+    python bench/compare.py --video box.mp4 --gt box_pseudo_gt.txt --weights weights/lorat_demo.safetensors --mil
+
+Trackers: ``lorat`` (the given weights), ``static`` (the init box, never moved) and, with
+``--mil``, OpenCV's MIL tracker. Every tracker starts from the ground-truth box of frame 1 and is
+scored with :mod:`lorat.metrics` (pytracking-compatible OPE). Prints a Markdown table and, with
+``--json``, one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from lorat.data.sequences import read_boxes, read_dataset
+from lorat.metrics import sequence_curves, summarize
+from lorat.tracker import Tracker
+from lorat.video import open_source
+
+
+def _clips(args):
+    """Yield (name, frame iterator factory, gt xywh (T,4), present (T,), dataset name)."""
+    if args.video:
+        gt = read_boxes(Path(args.gt))
+        yield Path(args.video).stem, lambda: (f for _, f in open_source(args.video)), gt, None, "custom"
+        return
+    name, path = args.dataset.split("=", 1)
+    for seq in read_dataset(name, path, args.split, for_training=False):
+        track = seq.tracks[0]
+        gt = np.concatenate([track.boxes[:, :2], track.boxes[:, 2:] - track.boxes[:, :2]], axis=1)
+        frames = seq.frames
+
+        def load(frames=frames):
+            return (cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in frames)
+
+        yield seq.name, load, gt, track.present, name
+
+
+def _run(kind: str, frames, init: np.ndarray, tracker: Tracker | None) -> tuple[np.ndarray, float]:
+    boxes, start, n = [], time.perf_counter(), 0
+    mil = cv2.TrackerMIL_create() if kind == "mil" else None
+    for i, frame in enumerate(frames):
+        n += 1
+        if i == 0:
+            boxes.append(init)
+            if tracker is not None:
+                tracker.init(frame, init)
+            if mil is not None:
+                mil.init(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), tuple(int(round(v)) for v in init))
+            continue
+        if kind == "lorat":
+            boxes.append(np.array(tracker.track(frame).box))
+        elif kind == "mil":
+            ok, box = mil.update(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+            boxes.append(np.array(box, dtype=np.float64) if ok else boxes[-1])
+        else:
+            boxes.append(init)
+    return np.array(boxes), n / (time.perf_counter() - start)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", help="NAME=PATH of a dataset (lasot, custom, got10k, ...)")
+    parser.add_argument("--split", default="all", help="dataset split (default all sequences)")
+    parser.add_argument("--video", help="a single video file")
+    parser.add_argument("--gt", help="ground truth x,y,w,h per frame for --video")
+    parser.add_argument("--weights", required=True)
+    parser.add_argument("--config")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--mil", action="store_true", help="also run OpenCV's MIL tracker")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if bool(args.video) == bool(args.dataset) or (args.video and not args.gt):
+        parser.error("give --dataset NAME=PATH, or --video FILE with --gt FILE")
+    tracker = Tracker.from_pretrained(args.weights, args.config, device=args.device)
+    kinds = ["lorat", "static"] + (["mil"] if args.mil else [])
+    curves = {k: [] for k in kinds}
+    speed = {k: [] for k in kinds}
+    for name, frames, gt, present, dataset in _clips(args):
+        for kind in kinds:
+            boxes, fps = _run(kind, frames(), gt[0], tracker if kind == "lorat" else None)
+            if len(boxes) != len(gt):
+                print(f"warning: {name}: {len(boxes)} frames decoded, {len(gt)} boxes; scoring the common part",
+                      file=sys.stderr)
+                m = min(len(boxes), len(gt))
+                boxes, gt_, pr = boxes[:m], gt[:m], None if present is None else present[:m]
+            else:
+                gt_, pr = gt, present
+            curves[kind].append(sequence_curves(boxes, gt_, pr, dataset))
+            speed[kind].append(fps)
+    results = {k: summarize(curves[k]) | {"fps": float(np.mean(speed[k]))} for k in kinds}
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print("| tracker | success AUC | P@20px | P_norm@0.2 | FPS |\n|---|---|---|---|---|")
+        for k, r in results.items():
+            print(f"| {k} | {r['success_auc']:.3f} | {r['precision']:.3f} | {r['norm_precision']:.3f} | {r['fps']:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

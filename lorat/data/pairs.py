@@ -1,0 +1,205 @@
+"""Training pairs: sampling, jittered SiamFC crops, augmentation, labels (LORAT_SPEC section 3).
+
+Sample ``k`` of epoch ``e`` is a pure function of ``(seed, e, k)``: the epoch's sequence picker is
+drawn from ``(seed, e)`` and every random choice of the sample from ``(seed, e, k)``. So any
+number of worker processes, any number of training processes, and a resumed run all see exactly
+the same pairs.
+
+One sample (``PairDataset[k]``) is a dict of tensors:
+    ``z`` (3, Ht, Wt) and ``x`` (3, Hs, Ws) float32 ImageNet-normalised crops;
+    ``z_feat_mask`` (Hz, Wz) int64 template foreground mask;
+    ``target_box`` (4,) float32 normalised x1y1x2y2 of the target in the search crop;
+    ``positive`` (Hx, Wx) bool, the response cells overlapping the target;
+    ``skipped`` int64, unreadable images met (and replaced) while making it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from lorat.boxes import rasterize
+from lorat.config import ModelConfig, TrainConfig
+from lorat.crop import box_to_crop, crop_frames, nominal_crop_params, normalize_crops
+from lorat.data.augment import color_jitter, deit3, hflip
+from lorat.data.sequences import Sequence
+from lorat.tracker import template_mask
+
+__all__ = ["Source", "PairDataset", "epoch_picker", "jittered_search_params", "search_labels"]
+
+_MAX_TRIES = 12  # official: counter from -1, gives up past 10
+
+
+@dataclass
+class Source:
+    """A named dataset in the mixture."""
+
+    name: str
+    sequences: list[Sequence]
+    weight: float
+
+
+def epoch_picker(sizes: list[int], weights: list[float], samples: int, rng: np.random.Generator) -> np.ndarray:
+    """(samples, 2) array of (dataset, sequence) for one epoch, the official picker.
+
+    Dataset d gets ``int(w_d * samples)`` slots (the last one the remainder), filled with
+    concatenated random permutations of its sequences; all slots are then shuffled together.
+    """
+    total = sum(weights)
+    quotas = [int(w / total * samples) for w in weights[:-1]]
+    quotas.append(samples - sum(quotas))
+    parts = []
+    for d, (n, quota) in enumerate(zip(sizes, quotas, strict=True)):
+        if quota <= 0:
+            continue
+        reps = math.ceil(quota / n)
+        seqs = np.concatenate([rng.permutation(n) for _ in range(reps)])[:quota]
+        parts.append(np.stack([np.full(quota, d), seqs], axis=1))
+    picked = np.concatenate(parts)
+    return picked[rng.permutation(len(picked))]
+
+
+def jittered_search_params(box: np.ndarray, cfg: ModelConfig, factor: float, train: TrainConfig,
+                           rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Nominal search-crop parameters with scale and translation jitter (up to 12 tries).
+
+    scale / exp(N(0,1) * scale_jitter) per axis; centre moved by U(-1, 1) * 0.5 * translation_jitter
+    * (w * sx + h * sy) per axis; accepted when the mapped box overlaps the crop and, clipped to
+    it, is at least ``min_object_size`` px on both sides. None if every try fails.
+    """
+    b = torch.from_numpy(box[None].astype(np.float64))
+    scale, _ = nominal_crop_params(b, factor, cfg.search_size)
+    out = np.array(cfg.search_size, dtype=np.float64)
+    centre = (box[:2] + box[2:]) / 2
+    wh = box[2:] - box[:2]
+    for _ in range(_MAX_TRIES):
+        s = scale[0].numpy() / np.exp(rng.standard_normal(2) * train.scale_jitter)
+        t = out / 2 - centre * s
+        t = t + rng.uniform(-1, 1, 2) * 0.5 * train.translation_jitter * float(wh[0] * s[0] + wh[1] * s[1])
+        mapped = np.concatenate([box[:2] * s + t, box[2:] * s + t])
+        clipped = np.clip(mapped, 0, np.concatenate([out, out]))
+        size = clipped[2:] - clipped[:2]
+        if (size >= train.min_object_size).all():
+            return torch.from_numpy(s[None]), torch.from_numpy(t[None])
+    return None
+
+
+def search_labels(box: np.ndarray, search_size: tuple[int, int], grid: tuple[int, int]) -> np.ndarray:
+    """(Hx, Wx) bool: response cells whose footprint overlaps the xyxy crop box (official rule)."""
+    hx, wx = grid
+    scale = np.array([wx / search_size[0], hx / search_size[1]] * 2)
+    c = rasterize(torch.from_numpy(box * scale)).numpy()
+    c = np.clip(c, 0, [wx, hx, wx, hx])
+    positive = np.zeros((hx, wx), dtype=bool)
+    positive[c[1]:c[3], c[0]:c[2]] = True
+    return positive
+
+
+def _load(path) -> np.ndarray | None:
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _clean_box(box: np.ndarray, image: np.ndarray) -> np.ndarray | None:
+    """Clip to the image; None if the box does not intersect it (LORAT_SPEC 3.1, steps 2-3)."""
+    h, w = image.shape[:2]
+    b = np.clip(box, 0, [w, h, w, h])
+    return b if b[0] < b[2] and b[1] < b[3] else None
+
+
+class PairDataset(Dataset):
+    """Map-style dataset of training pairs for one epoch at a time (call :meth:`set_epoch`)."""
+
+    def __init__(self, sources: list[Source], model_cfg: ModelConfig, track_factors: tuple[float, float],
+                 train_cfg: TrainConfig, samples: int, seed: int, augment: bool = True):
+        self.sources = [s for s in sources if s.weight > 0 and s.sequences]
+        if not self.sources:
+            raise ValueError("no dataset with a positive weight")
+        self.model_cfg, self.train_cfg = model_cfg, train_cfg
+        self.template_factor, self.search_factor = track_factors
+        self.samples, self.seed, self.augment = samples, seed, augment
+        weights = np.array([s.weight for s in self.sources], dtype=np.float64)
+        self.weights = weights / weights.sum()
+        self.epoch = 0
+        self.picker = np.zeros((0, 2), dtype=np.int64)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        rng = np.random.default_rng([self.seed, epoch, 0x5EED])
+        self.picker = epoch_picker([len(s.sequences) for s in self.sources], list(self.weights), self.samples, rng)
+
+    def __len__(self) -> int:
+        return self.samples
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        if len(self.picker) != self.samples:
+            self.set_epoch(self.epoch)
+        rng = np.random.default_rng([self.seed, self.epoch, int(k)])
+        d, s = (int(v) for v in self.picker[k])
+        skipped = 0
+        for _ in range(1000):
+            sample, bad = self._make(self.sources[d].sequences[s], rng)
+            skipped += bad
+            if sample is not None:
+                sample["skipped"] = torch.tensor(skipped)
+                return sample
+            d = int(rng.choice(len(self.sources), p=self.weights))  # official: random replacement
+            s = int(rng.integers(len(self.sources[d].sequences)))
+        raise RuntimeError("could not make a training pair in 1000 attempts; are the images readable?")
+
+    def _make(self, seq: Sequence, rng: np.random.Generator) -> tuple[dict | None, int]:
+        cfg, train = self.model_cfg, self.train_cfg
+        track = seq.tracks[int(rng.integers(len(seq.tracks)))]
+        present = np.flatnonzero(track.present)
+        z = int(rng.choice(present))
+        near = present[(np.abs(present - z) <= train.max_gap) & (present != z)]
+        x = int(rng.choice(near)) if len(near) else z
+        z_image = _load(seq.frames[z])
+        x_image = z_image if x == z else _load(seq.frames[x])
+        if z_image is None or x_image is None:
+            bad = seq.frames[z] if z_image is None else seq.frames[x]
+            warnings.warn(f"unreadable image skipped: {bad}", stacklevel=2)
+            return None, 1
+        z_box, x_box = _clean_box(track.boxes[z], z_image), _clean_box(track.boxes[x], x_image)
+        if z_box is None or x_box is None:
+            return None, 0
+        params = jittered_search_params(x_box, cfg, self.search_factor, train, rng)
+        if params is None:
+            return None, 0
+        z_t = torch.from_numpy(z_image).permute(2, 0, 1)
+        x_t = torch.from_numpy(x_image).permute(2, 0, 1)
+        zs, zt = nominal_crop_params(torch.from_numpy(z_box[None]), self.template_factor, cfg.template_size)
+        z_crop, zs, zt = crop_frames([z_t], zs, zt, cfg.template_size, z_t.float().mean((1, 2))[None])
+        x_crop, xs, xt = crop_frames([x_t], *params, cfg.search_size, x_t.float().mean((1, 2))[None])
+        z_img, x_img = z_crop[0] / 255.0, x_crop[0] / 255.0
+        zb = box_to_crop(torch.from_numpy(z_box[None]), zs, zt)[0].numpy()
+        xb = box_to_crop(torch.from_numpy(x_box[None]), xs, xt)[0].numpy()
+        if self.augment:
+            if rng.random() < train.flip_prob:
+                z_img, zb = hflip(z_img, zb)
+            if rng.random() < train.flip_prob:
+                x_img, xb = hflip(x_img, xb)
+            if train.color_jitter > 0:
+                z_img = color_jitter(z_img, rng, train.color_jitter)
+                x_img = color_jitter(x_img, rng, train.color_jitter)
+            if train.deit3:
+                z_img, x_img = deit3([z_img, x_img], rng)
+        zb = np.clip(zb, 0, list(cfg.template_size) * 2)
+        xb = np.clip(xb, 0, list(cfg.search_size) * 2)
+        if not (zb[0] < zb[2] and zb[1] < zb[3] and xb[0] < xb[2] and xb[1] < xb[3]):
+            return None, 0
+        mask = template_mask(torch.from_numpy(zb[None]), cfg.template_size, cfg.template_grid)[0]
+        inputs = normalize_crops(torch.stack([z_img]) * 255.0), normalize_crops(torch.stack([x_img]) * 255.0)
+        return {
+            "z": inputs[0][0],
+            "x": inputs[1][0],
+            "z_feat_mask": mask,
+            "target_box": torch.from_numpy((xb / np.array(list(cfg.search_size) * 2)).astype(np.float32)),
+            "positive": torch.from_numpy(search_labels(xb, cfg.search_size, cfg.search_grid)),
+        }, 0

@@ -1,0 +1,110 @@
+"""One-pass-evaluation metrics, pytracking / OSTrack "compatible" convention (LORAT_SPEC 5.2).
+
+Per sequence, predictions and ground truth are xywh in pixels:
+
+* a frame is *valid* when the ground truth has w > 0 and h > 0 (NaN is invalid); for LaSOT,
+  LaSOT_Extension and VastTrack it must also be flagged present;
+* IoU uses the pixel-inclusive formula, which equals the continuous IoU; centres are
+  x + (w - 1) / 2 (the -1/2 cancels in differences); the normalised centre error divides both
+  centres by the ground-truth (w, h) per axis;
+* invalid frames get IoU -1, normalised error -1 and centre error +inf; then, for LaSOT and
+  VastTrack only (**not** LaSOT_Extension), absent frames get +inf errors. Quirk kept from
+  pytracking: every other invalid frame (LaSOT_Extension or GOT-10k absent frames) has normalised
+  error -1 and so counts as a hit for normalised precision at every threshold;
+* curves divide by **all** frames of the sequence: success(t) = share of IoU > t for
+  t in {0, 0.05, ..., 1} (21 values, t = 1 never met, so the AUC is at most 20/21); precision(d)
+  = share of centre error <= d px, d = 0..50; normalised precision(d') = share <= d',
+  d' = 0, 0.01, ..., 0.5;
+* a dataset's curves are the mean of the per-sequence curves (float32); success AUC = mean of the
+  21 success values, P = precision at 20 px, P_norm = normalised precision at 0.20.
+
+Frame 0 is scored like any other frame; runners write the init box there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["SequenceCurves", "sequence_curves", "summarize", "SUCCESS_THRESHOLDS", "PRECISION_THRESHOLDS",
+           "NORM_PRECISION_THRESHOLDS", "ABSENT_AS_MISS"]
+
+SUCCESS_THRESHOLDS = np.linspace(0, 1, 21)
+PRECISION_THRESHOLDS = np.arange(0, 51, dtype=np.float64)
+NORM_PRECISION_THRESHOLDS = np.linspace(0, 0.5, 51)
+ABSENT_AS_MISS = {"lasot", "vasttrack"}  # datasets whose absent frames count as misses everywhere
+PRESENCE_VALIDITY = {"lasot", "lasot_ext", "vasttrack"}  # datasets where presence decides validity
+
+
+@dataclass
+class SequenceCurves:
+    """Per-sequence curves (float32): success (21,), precision (51,), norm_precision (51,)."""
+
+    success: np.ndarray
+    precision: np.ndarray
+    norm_precision: np.ndarray
+
+
+def sequence_curves(pred_xywh: np.ndarray, gt_xywh: np.ndarray, present: np.ndarray | None = None,
+                    dataset: str = "") -> SequenceCurves:
+    """Curves of one sequence.
+
+    Args:
+        pred_xywh: (T, 4) predicted boxes.
+        gt_xywh: (T, 4) ground truth (NaN rows allowed).
+        present: (T,) bool target-present flags (None: all present).
+        dataset: name deciding the validity/absent conventions (``lasot``, ``lasot_ext``, ...).
+    """
+    pred = np.asarray(pred_xywh, dtype=np.float64)
+    gt = np.asarray(gt_xywh, dtype=np.float64)
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction has {len(pred)} boxes, ground truth {len(gt)}")
+    present = np.ones(len(gt), dtype=bool) if present is None else np.asarray(present, dtype=bool)
+    with np.errstate(invalid="ignore"):
+        valid = (gt[:, 2] > 0) & (gt[:, 3] > 0)
+    if dataset in PRESENCE_VALIDITY:
+        valid &= present
+    # IoU, pixel-inclusive form (reduces to the continuous IoU).
+    x1 = np.maximum(pred[:, 0], gt[:, 0])
+    y1 = np.maximum(pred[:, 1], gt[:, 1])
+    x2 = np.minimum(pred[:, 0] + pred[:, 2] - 1, gt[:, 0] + gt[:, 2] - 1)
+    y2 = np.minimum(pred[:, 1] + pred[:, 3] - 1, gt[:, 1] + gt[:, 3] - 1)
+    inter = np.clip(x2 - x1 + 1, 0, None) * np.clip(y2 - y1 + 1, 0, None)
+    union = pred[:, 2] * pred[:, 3] + gt[:, 2] * gt[:, 3] - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, inter / union, 0.0)
+        pc = pred[:, :2] + (pred[:, 2:] - 1) / 2
+        gc = gt[:, :2] + (gt[:, 2:] - 1) / 2
+        err = np.sqrt(((pc - gc) ** 2).sum(axis=1))
+        norm_err = np.sqrt((((pc - gc) / gt[:, 2:]) ** 2).sum(axis=1))
+    iou = np.where(valid, np.nan_to_num(iou, nan=0.0), -1.0)
+    err = np.where(valid, np.nan_to_num(err, nan=np.inf), np.inf)
+    norm_err = np.where(valid, np.nan_to_num(norm_err, nan=np.inf), -1.0)
+    if dataset in ABSENT_AS_MISS:
+        err = np.where(present, err, np.inf)
+        norm_err = np.where(present, norm_err, np.inf)
+    n = len(gt)
+    return SequenceCurves(
+        success=((iou[None] > SUCCESS_THRESHOLDS[:, None]).sum(1) / n).astype(np.float32),
+        precision=((err[None] <= PRECISION_THRESHOLDS[:, None]).sum(1) / n).astype(np.float32),
+        norm_precision=((norm_err[None] <= NORM_PRECISION_THRESHOLDS[:, None]).sum(1) / n).astype(np.float32),
+    )
+
+
+def summarize(curves: Sequence[SequenceCurves]) -> dict[str, float]:
+    """Dataset summary: ``success_auc``, ``precision`` (@20 px), ``norm_precision`` (@0.20), SR0.5/0.75."""
+    if not curves:
+        raise ValueError("no sequences to summarize")
+    success = np.mean([c.success for c in curves], axis=0)
+    precision = np.mean([c.precision for c in curves], axis=0)
+    norm = np.mean([c.norm_precision for c in curves], axis=0)
+    return {
+        "success_auc": float(success.mean()),
+        "precision": float(precision[20]),
+        "norm_precision": float(norm[20]),
+        "success_rate_0.5": float(success[10]),
+        "success_rate_0.75": float(success[15]),
+        "sequences": len(curves),
+    }
