@@ -102,7 +102,8 @@ def main() -> int:
     else:
         print("| tracker | success AUC | P@20px | P_norm@0.2 | FPS |\n|---|---|---|---|---|")
         for k, r in results.items():
-            print(f"| {k} | {r['success_auc']:.3f} | {r['precision']:.3f} | {r['norm_precision']:.3f} | {r['fps']:.1f} |")
+            print(f"| {k} | {r['success_auc']:.3f} | {r['precision']:.3f} | {r['norm_precision']:.3f} "
+                  f"| {r['fps']:.1f} |")
     return 0
 
 

@@ -217,3 +217,32 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, synthetic, capsys):
     assert "unreadable images were skipped" in capsys.readouterr().out
     rows = (run / "metrics.csv").read_text().splitlines()
     assert int(rows[-1].split(",")[-1]) > 0
+
+
+def test_sigterm_saves_resumable_state_and_elastic_restart_resumes(synthetic, tmp_path):
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "lorat.train", "configs/debug.yaml", "--data", f"lasot={synthetic}",
+            "--set", "train.val_samples=0", "--set", "train.samples_per_epoch=4000", "--set", "train.batch_size=2",
+            "--set", "train.epochs=1", "--log-every", "1", "--output", str(run)]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "metrics.csv").is_file()
+                                          and len((run / "metrics.csv").read_text().splitlines()) > 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "resumable state" in stdout
+    step = torch.load(run / "state.pt", weights_only=True)["step"]
+    assert step >= 3
+    # a worker restarted by torchrun (--max-restarts) continues from the state without --resume
+    env = dict(os.environ, TORCHELASTIC_RESTART_COUNT="1")
+    again = subprocess.run([*args, "--stop-after", str(step + 2)], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert torch.load(run / "state.pt", weights_only=True)["step"] == step + 2
+    # without a restart, an existing run is never overwritten by accident
+    fresh = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    assert fresh.returncode == 2 and "--resume" in fresh.stderr

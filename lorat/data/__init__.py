@@ -1,0 +1,1 @@
+"""Training and evaluation data: dataset readers, the synthetic generator, training pairs."""
