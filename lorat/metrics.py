@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["SequenceCurves", "sequence_curves", "summarize", "SUCCESS_THRESHOLDS", "PRECISION_THRESHOLDS",
-           "NORM_PRECISION_THRESHOLDS", "ABSENT_AS_MISS"]
+__all__ = ["SequenceCurves", "sequence_curves", "summarize", "got10k_metrics", "SUCCESS_THRESHOLDS",
+           "PRECISION_THRESHOLDS", "NORM_PRECISION_THRESHOLDS", "ABSENT_AS_MISS"]
 
 SUCCESS_THRESHOLDS = np.linspace(0, 1, 21)
 PRECISION_THRESHOLDS = np.arange(0, 51, dtype=np.float64)
@@ -108,3 +108,26 @@ def summarize(curves: Sequence[SequenceCurves]) -> dict[str, float]:
         "success_rate_0.75": float(success[15]),
         "sequences": len(curves),
     }
+
+
+def got10k_metrics(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray],
+                   presents: Sequence[np.ndarray | None]) -> dict[str, float]:
+    """GOT-10k toolkit metrics: IoUs of all sequences pooled, first frame and absent frames excluded.
+
+    AO = mean IoU; SR0.5 / SR0.75 = share of IoU > 0.5 / 0.75 (continuous xywh IoU).
+    """
+    pooled = []
+    for pred, gt, present in zip(preds, gts, presents, strict=True):
+        pred, gt = np.asarray(pred, dtype=np.float64)[1:], np.asarray(gt, dtype=np.float64)[1:]
+        keep = np.ones(len(gt), dtype=bool) if present is None else np.asarray(present, dtype=bool)[1:]
+        keep &= np.isfinite(gt).all(axis=1) & (gt[:, 2] > 0) & (gt[:, 3] > 0)
+        p, g = pred[keep], gt[keep]
+        w = np.clip(np.minimum(p[:, 0] + p[:, 2], g[:, 0] + g[:, 2]) - np.maximum(p[:, 0], g[:, 0]), 0, None)
+        h = np.clip(np.minimum(p[:, 1] + p[:, 3], g[:, 1] + g[:, 3]) - np.maximum(p[:, 1], g[:, 1]), 0, None)
+        inter = w * h
+        union = np.clip(p[:, 2], 0, None) * np.clip(p[:, 3], 0, None) + g[:, 2] * g[:, 3] - inter
+        pooled.append(np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0))
+    ious = np.concatenate(pooled) if pooled else np.zeros(0)
+    if not len(ious):
+        raise ValueError("no valid frames to score")
+    return {"ao": float(ious.mean()), "sr_0.5": float((ious > 0.5).mean()), "sr_0.75": float((ious > 0.75).mean())}
