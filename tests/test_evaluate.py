@@ -154,3 +154,21 @@ def test_cli_errors(setup, tmp_path, capsys):
     assert run_cli(main, ["--weights", str(weights), "--dataset", f"lasot={tmp_path / 'none'}",
                           "--output", str(tmp_path)]) == 2
     assert "folder not found" in capsys.readouterr().err
+
+
+def test_torchrun_shards_sequences(setup, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    data, weights = setup
+    _evaluate(data, weights, tmp_path / "one")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "lorat.evaluate", "--weights", str(weights), "--dataset", f"lasot={data}",
+                           "--output", str(tmp_path / "two"), "--device", "cpu"], cwd=ROOT, capture_output=True,
+                          text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one = json.loads((tmp_path / "one" / "lasot" / "debug_metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "lasot" / "debug_metrics.json").read_text())
+    assert two["sequences"] == 3 and two["success_auc"] == pytest.approx(one["success_auc"], abs=1e-4)
