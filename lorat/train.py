@@ -262,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not state_path.is_file():
             raise LoratError(f"nothing to resume: {state_path} not found")
         saved_args = json.loads((out / "args.json").read_text())
-        config = load_config(out / "config.yaml")
+        config = load_config(out / "config.yaml", args.set)  # overrides allowed (e.g. more epochs, workers)
         data, val_data = saved_args["data"], saved_args["val_data"]
         backbone = saved_args["backbone_weights"]
     else:

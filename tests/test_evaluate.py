@@ -108,6 +108,22 @@ def test_bad_result_folders(setup, tmp_path, capsys):
     assert (tmp_path / "cmp" / "success.png").is_file() and (tmp_path / "cmp" / "broken" / "sequences.csv").is_file()
 
 
+def test_first_frame_is_the_init_box(setup, tmp_path, capsys):
+    data, weights = setup
+    _evaluate(data, weights, tmp_path)
+    folder = tmp_path / "lasot" / "debug"
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    for path in other.glob("synthetic-?.txt"):
+        lines = path.read_text().splitlines()
+        path.write_text("\n".join(["0\t0\t1\t1", *lines[1:]]) + "\n")  # a garbage first line
+    scores = []
+    for results in (folder, other):
+        main(["score", "--dataset", f"lasot={data}", "--results", str(results), "--json"])
+        scores.append(json.loads(capsys.readouterr().out))
+    assert scores[0]["success_auc"] == scores[1]["success_auc"]  # frame 1 is scored as the ground truth
+
+
 def _got10k_layout(src, root):
     """A GOT-10k test split built from the synthetic clips (first-frame box only)."""
     names = []
