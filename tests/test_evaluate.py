@@ -111,6 +111,7 @@ def test_bad_result_folders(setup, tmp_path, capsys):
 def test_first_frame_is_the_init_box(setup, tmp_path, capsys):
     data, weights = setup
     _evaluate(data, weights, tmp_path)
+    capsys.readouterr()
     folder = tmp_path / "lasot" / "debug"
     other = tmp_path / "other"
     shutil.copytree(folder, other)
