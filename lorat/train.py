@@ -179,6 +179,13 @@ def _sources(items, cfg: TrainConfig, default_split: str) -> list[Source]:
     return sources
 
 
+def _quiet_worker(_: int) -> None:
+    """Data workers ignore Ctrl-C / SIGTERM (sent to the whole process group): the main process
+    finishes the step, saves the state and then shuts the workers down itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _collate(batch: list[dict]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([b[k] for b in batch]) for k in batch[0]}
 
@@ -186,6 +193,7 @@ def _collate(batch: list[dict]) -> dict[str, torch.Tensor]:
 def _loader(dataset, indices: list[int], batch: int, workers: int) -> DataLoader:
     return DataLoader(Subset(dataset, indices), batch_size=batch, shuffle=False, num_workers=workers,
                       collate_fn=_collate, drop_last=False, pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=_quiet_worker if workers else None,
                       persistent_workers=False, prefetch_factor=4 if workers else None)
 
 

@@ -226,13 +226,14 @@ def test_sigterm_saves_resumable_state_and_elastic_restart_resumes(synthetic, tm
     run = tmp_path / "run"
     args = [sys.executable, "-m", "lorat.train", "configs/debug.yaml", "--data", f"lasot={synthetic}",
             "--set", "train.val_samples=0", "--set", "train.samples_per_epoch=4000", "--set", "train.batch_size=2",
-            "--set", "train.epochs=1", "--log-every", "1", "--output", str(run)]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            "--set", "train.epochs=1", "--set", "train.num_workers=2", "--log-every", "1", "--output", str(run)]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and not ((run / "metrics.csv").is_file()
                                           and len((run / "metrics.csv").read_text().splitlines()) > 3):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)  # like a scheduler or Ctrl-C: the data workers get it too
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr[-2000:]
     assert "resumable state" in stdout
