@@ -131,23 +131,56 @@ def _from_capture(capture: cv2.VideoCapture, name: str, live: bool) -> FrameSour
 
 
 class VideoWriter:
-    """Writes RGB frames to a video file (``.mp4``: mp4v, ``.avi``: MJPG), frame by frame."""
+    """Writes RGB frames to a video file one at a time.
+
+    ``.mp4`` is H.264 through the ffmpeg binary of ``imageio-ffmpeg`` (plays in browsers); without
+    it, or for ``.avi``, OpenCV writes mp4v / MJPG.
+    """
 
     def __init__(self, path: str | os.PathLike, fps: float, size: tuple[int, int]):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.frames = 0
+        self.size = size
+        self._ffmpeg = None
+        self._writer = None
+        if self.path.suffix.lower() == ".mp4":
+            try:
+                import imageio_ffmpeg
+
+                # H.264 / yuv420p needs even sizes: odd frames get one padding column / row (never rescaled).
+                self._even = (size[0] + size[0] % 2, size[1] + size[1] % 2)
+                self._ffmpeg = imageio_ffmpeg.write_frames(str(self.path), self._even, fps=fps, codec="libx264",
+                                                           macro_block_size=1, quality=7, ffmpeg_log_level="error")
+                self._ffmpeg.send(None)  # start ffmpeg
+                return
+            except (ImportError, OSError, RuntimeError):
+                self._ffmpeg = None
         fourcc = cv2.VideoWriter_fourcc(*("MJPG" if self.path.suffix.lower() == ".avi" else "mp4v"))
         self._writer = cv2.VideoWriter(str(self.path), fourcc, fps, size)
         if not self._writer.isOpened():
             raise LoratError(f"cannot write video {self.path} (unsupported extension? use .mp4 or .avi)")
-        self.frames = 0
 
     def write(self, frame_rgb: np.ndarray) -> None:
-        self._writer.write(cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2BGR))
+        if frame_rgb.shape[1::-1] != tuple(self.size):  # a stray frame of another size: fit it
+            frame_rgb = cv2.resize(frame_rgb, tuple(self.size))
+        if self._ffmpeg is not None:
+            h, w = frame_rgb.shape[:2]
+            if (w, h) != self._even:
+                frame_rgb = cv2.copyMakeBorder(frame_rgb, 0, self._even[1] - h, 0, self._even[0] - w,
+                                               cv2.BORDER_REPLICATE)
+            self._ffmpeg.send(np.ascontiguousarray(frame_rgb))
+        else:
+            self._writer.write(cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2BGR))
         self.frames += 1
 
     def close(self) -> None:
-        self._writer.release()
+        if self._ffmpeg is not None:
+            self._ffmpeg.close()
+            self._ffmpeg = None
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
 
     def __enter__(self) -> VideoWriter:
         return self
