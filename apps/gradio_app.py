@@ -137,7 +137,8 @@ def _score_plot(scores: np.ndarray, threshold: float):
 
 
 def make_track_fn(models: Models, max_frames: int):
-    def track(video: str | None, state: dict, model_name: str, threshold: float, progress=gr.Progress()):
+    def track(video: str | None, state: dict, model_name: str, threshold: float,
+              progress=gr.Progress()):  # noqa: B008 (Gradio injects the progress tracker this way)
         """Track every selected target through the video; stream frames in and out."""
         if not video:
             raise gr.Error("Upload a video or pick the example first.")
