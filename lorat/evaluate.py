@@ -33,7 +33,6 @@ from collections.abc import Sequence as Seq
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -47,6 +46,7 @@ from lorat.metrics import SequenceCurves, got10k_metrics, sequence_curves, summa
 from lorat.report import format_table, mean_curves, plot_curves, write_report
 from lorat.results import FILE_OFFSET, finished, read_sequence, write_got10k_zip, write_sequence, write_trackingnet_zip
 from lorat.tracker import TrackState, init_state, resolve_device, resolve_dtype, to_frame_tensor, track_step
+from lorat.video import read_rgb
 
 __all__ = ["main", "track_sequences", "score_results"]
 
@@ -64,11 +64,6 @@ def _gt(seq: Sequence) -> tuple[np.ndarray, np.ndarray]:
     xywh = np.concatenate([track.boxes[:, :2], track.boxes[:, 2:] - track.boxes[:, :2]], axis=1)
     xywh[~track.present] = np.nan
     return xywh, track.present
-
-
-def _load(path: Path) -> np.ndarray | None:
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 class _Running:
@@ -98,7 +93,7 @@ def track_sequences(model, config, sequences: list[Sequence], folder: Path, offs
             while pending and len(active) + len(joining) < batch:
                 joining.append(_Running(pending.pop(0)))
             everyone = active + joining
-            images = list(pool.map(lambda r: _load(r.seq.frames[r.index]), everyone))
+            images = list(pool.map(lambda r: read_rgb(r.seq.frames[r.index]), everyone))
             start = time.perf_counter()
             # sequences joining now: initialise on their first frame (output = the init box)
             new_states, kept_joining = [], []

@@ -19,7 +19,8 @@ import numpy as np
 
 from lorat.errors import LoratError
 
-__all__ = ["FrameSource", "open_source", "VideoWriter", "draw_targets", "IMAGE_EXTENSIONS", "has_display"]
+__all__ = ["FrameSource", "open_source", "read_rgb", "VideoWriter", "draw_targets", "IMAGE_EXTENSIONS",
+           "has_display"]
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 _COLOURS = [(0, 200, 0), (255, 128, 0), (0, 128, 255), (255, 0, 255), (0, 220, 220), (128, 0, 255)]
@@ -30,6 +31,12 @@ def has_display() -> bool:
     if sys.platform.startswith("linux"):
         return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
     return True
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray | None:
+    """An image file as an HxWx3 uint8 RGB array, or None if it cannot be read."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 @dataclass

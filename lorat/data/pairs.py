@@ -19,7 +19,6 @@ import math
 import warnings
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -30,6 +29,7 @@ from lorat.crop import box_to_crop, crop_frames, nominal_crop_params, normalize_
 from lorat.data.augment import color_jitter, deit3, hflip
 from lorat.data.sequences import Sequence
 from lorat.tracker import template_mask
+from lorat.video import read_rgb
 
 __all__ = ["Source", "PairDataset", "epoch_picker", "jittered_search_params", "search_labels"]
 
@@ -101,11 +101,6 @@ def search_labels(box: np.ndarray, search_size: tuple[int, int], grid: tuple[int
     return positive
 
 
-def _load(path) -> np.ndarray | None:
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
 def _clean_box(box: np.ndarray, image: np.ndarray) -> np.ndarray | None:
     """Clip to the image; None if the box does not intersect it (LORAT_SPEC 3.1, steps 2-3)."""
     h, w = image.shape[:2]
@@ -160,8 +155,8 @@ class PairDataset(Dataset):
         z = int(rng.choice(present))
         near = present[(np.abs(present - z) <= train.max_gap) & (present != z)]
         x = int(rng.choice(near)) if len(near) else z
-        z_image = _load(seq.frames[z])
-        x_image = z_image if x == z else _load(seq.frames[x])
+        z_image = read_rgb(seq.frames[z])
+        x_image = z_image if x == z else read_rgb(seq.frames[x])
         if z_image is None or x_image is None:
             bad = seq.frames[z] if z_image is None else seq.frames[x]
             warnings.warn(f"unreadable image skipped: {bad}", stacklevel=2)
