@@ -18,7 +18,14 @@ Per sequence, predictions and ground truth are xywh in pixels:
 * a dataset's curves are the mean of the per-sequence curves (float32); success AUC = mean of the
   21 success values, P = precision at 20 px, P_norm = normalised precision at 0.20.
 
-Frame 0 is scored like any other frame; runners write the init box there.
+Frame 0 is scored like any other frame; runners write the init box there (``lorat.evaluate``
+also overwrites frame 0 of foreign result files with the ground truth, as pytracking does).
+Zero-size predictions are not replaced: their IoU is 0, their centre x + (0 - 1) / 2 is still
+scored for precision.
+
+GOT-10k metrics (:func:`got10k_metrics`, the GOT-10k toolkit convention): continuous IoU, first
+frame and absent frames excluded, IoUs of all sequences pooled; AO = mean IoU, SR0.5 / SR0.75 =
+share of IoU strictly above 0.5 / 0.75.
 """
 
 from __future__ import annotations
