@@ -35,7 +35,7 @@ def _clips(args):
     name, path = args.dataset.split("=", 1)
     for seq in read_dataset(name, path, args.split, for_training=False):
         track = seq.tracks[0]
-        gt = np.concatenate([track.boxes[:, :2], track.boxes[:, 2:] - track.boxes[:, :2]], axis=1)
+        gt = track.xywh()
         frames = seq.frames
 
         def load(frames=frames):

@@ -61,7 +61,7 @@ def _gt(seq: Sequence) -> tuple[np.ndarray, np.ndarray]:
     Absent frames get a NaN box, as in the official evaluation (LORAT_SPEC 5.1).
     """
     track = seq.tracks[0]
-    xywh = np.concatenate([track.boxes[:, :2], track.boxes[:, 2:] - track.boxes[:, :2]], axis=1)
+    xywh = track.xywh()
     xywh[~track.present] = np.nan
     return xywh, track.present
 

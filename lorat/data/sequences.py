@@ -52,6 +52,10 @@ class Track:
     boxes: np.ndarray
     present: np.ndarray
 
+    def xywh(self) -> np.ndarray:
+        """The boxes as (T, 4) xywh."""
+        return np.concatenate([self.boxes[:, :2], self.boxes[:, 2:] - self.boxes[:, :2]], axis=1)
+
 
 @dataclass
 class Sequence:
