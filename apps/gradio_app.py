@@ -196,10 +196,11 @@ def make_track_fn(models: Models, max_frames: int):
     return track
 
 
-def build_app(models: Models, max_frames: int) -> gr.Blocks:
+def build_app(models: Models, max_frames: int, note: str = "") -> gr.Blocks:
+    """The Blocks app; ``note`` is shown under the title (e.g. which model is loaded)."""
     with gr.Blocks(title="LoRAT tracker") as demo:
         gr.Markdown("# LoRAT visual object tracker\nUpload a video (or pick the example), click two opposite "
-                    "corners of the target on the first frame, press **Track**.")
+                    "corners of the target on the first frame, press **Track**." + (f"\n\n{note}" if note else ""))
         state = gr.State({"boxes": [], "pending": None, "frame": None})
         with gr.Row():
             with gr.Column():
@@ -242,12 +243,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-frames", type=int, default=int(env.get("LORAT_MAX_FRAMES", "3000")))
     p.add_argument("--max-upload-mb", type=int, default=int(env.get("LORAT_MAX_UPLOAD_MB", "200")))
     args = p.parse_args(argv)
+    note = ""
     try:
-        models = Models(args.weights or [str(default_weights())], args.device)
+        if not args.weights:
+            args.weights = [str(default_weights())]
+            if not env.get("LORAT_WEIGHTS"):
+                note = (f"Model: the bundled demo model `{Path(args.weights[0]).name}`, a small CPU model trained "
+                        f"for this demo, not the paper's (see the README for the official weights).")
+                print(f"using the bundled demo model {args.weights[0]} (a small model, not the paper's; see README)")
+        models = Models(args.weights, args.device)
     except lorat.LoratError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    demo = build_app(models, args.max_frames)
+    demo = build_app(models, args.max_frames, note)
     demo.queue(max_size=32, default_concurrency_limit=1)
     demo.launch(server_name=args.host, server_port=args.port, max_file_size=f"{args.max_upload_mb}mb",
                 show_error=False)

@@ -6,6 +6,9 @@ Formats understood (LORAT_SPEC section 2.4 and Appendix A):
     A DINOv2 backbone: the official release files ``dinov2_vit{s,b,l,g}14_pretrain.pth``
     (SwiGLU as ``mlp.w12``/``mlp.w3``, optionally chunked ``blocks.C.N.``) or timm's DINOv2
     safetensors. ``pos_embed`` (1, 1 + 37*37, C) is resampled once to the search grid.
+``mobilenetv2``
+    torchvision's ImageNet MobileNetV2 state dict (``features.*``, ``classifier.*``): the
+    pretrained part of the ``mobilenetv2`` stem of small demo models (:mod:`lorat.stem`).
 ``official-trainable``
     What the official trainer saves: trainable tensors only, LoRA unmerged
     (``token_type_embed``, ``blocks.N.*.lora.{A,B}``, ``head.*``; 157 tensors for B-224).
@@ -44,12 +47,14 @@ from torch import nn
 from lorat.config import Config, ModelConfig, config_from_dict, config_to_dict
 from lorat.errors import ConfigError, WeightsError
 from lorat.lora import add_lora, has_lora, merge_lora
-from lorat.model import LoRAT, resample_pos_embed
+from lorat.model import LoRAT, resample_pos_embed, sincos_pos_embed
+from lorat.stem import imagenet_stem_weights
 
 __all__ = [
     "read_weights",
     "detect_format",
     "build_lorat",
+    "build_training_model",
     "load_backbone",
     "load_official_trainable",
     "load_model",
@@ -153,6 +158,8 @@ def detect_format(sd: Mapping[str, torch.Tensor], meta: Mapping[str, str] | None
         return "merged"
     if has_base and any(k.startswith("blocks.") for k in keys):
         return "dinov2"
+    if any(k.startswith("features.0.") for k in keys) and not has_base:
+        return "mobilenetv2"
     return "unknown"
 
 
@@ -279,10 +286,21 @@ def _load_checked(model: nn.Module, given: Mapping[str, torch.Tensor], keys: lis
 
 
 def load_backbone(model: LoRAT, path: str | Path) -> None:
-    """Load a DINOv2 file (official or timm) into a plain (not yet LoRA) model, in place."""
+    """Load pretrained backbone weights into a plain (not yet LoRA) model, in place.
+
+    A ``patch``-stem model takes a DINOv2 file (official or timm); a ``mobilenetv2``-stem model
+    takes torchvision's ImageNet MobileNetV2 state dict (its first 14 feature blocks).
+    """
     path = Path(path)
     sd, meta = read_weights(path)
     fmt = detect_format(sd, meta)
+    if model.cfg.backbone.stem == "mobilenetv2":
+        if fmt != "mobilenetv2":
+            raise WeightsError(f"{path}: model {model.cfg.variant} has a mobilenetv2 stem and needs "
+                               f"torchvision's ImageNet MobileNetV2 state dict, found a {fmt} file")
+        keys = [k for k in model.state_dict() if k.startswith("patch_embed.features.")]
+        _load_checked(model, imagenet_stem_weights(sd), keys, path, "MobileNetV2 stem", sd)
+        return
     if fmt != "dinov2":
         raise WeightsError(
             f"{path}: expected a DINOv2 backbone file ({DINOV2_FILES.get(model.cfg.backbone.embed_dim)}"
@@ -304,7 +322,9 @@ def build_lorat(cfg: ModelConfig, backbone_weights: str | Path | None = None, lo
 
     Args:
         cfg: model config.
-        backbone_weights: DINOv2 file; without it the backbone is randomly initialised.
+        backbone_weights: DINOv2 file (MobileNetV2 for a ``mobilenetv2`` stem); without it the
+            backbone is randomly initialised. Whenever no DINOv2 grid fills ``pos_embed``, it
+            starts as a fixed 2-D sine-cosine grid (trainable with ``finetune: full``).
         lora: add peft LoRA adapters and freeze the backbone (the official training build).
         device: where to allocate; ``"meta"`` builds without memory (parameter counting).
     """
@@ -312,9 +332,28 @@ def build_lorat(cfg: ModelConfig, backbone_weights: str | Path | None = None, lo
         model = LoRAT(cfg)
     if backbone_weights is not None:
         load_backbone(model, backbone_weights)
+    if backbone_weights is None or cfg.backbone.stem != "patch":
+        with torch.no_grad():
+            model.pos_embed.copy_(sincos_pos_embed(model.search_grid, cfg.backbone.embed_dim))
     if lora:
         with torch.device(device) if device is not None else nullcontext():
             add_lora(model, cfg.lora)
+    return model
+
+
+def build_training_model(config: Config, backbone_weights: str | Path | None = None,
+                         device: torch.device | str | None = None) -> LoRAT:
+    """The model as ``train.finetune`` trains it, with ``requires_grad`` set accordingly.
+
+    ``lora``: :func:`build_lorat` with adapters (only they, the token-type embedding and the head
+    train). ``full``: every weight trains, except the pretrained part of a ``mobilenetv2`` stem
+    when ``train.freeze_stem`` is set.
+    """
+    tr = config.train
+    model = build_lorat(config.model, backbone_weights, lora=tr.finetune == "lora", device=device)
+    if tr.finetune == "full":
+        for name, p in model.named_parameters():
+            p.requires_grad_(not (tr.freeze_stem and name.startswith("patch_embed.features.")))
     return model
 
 
@@ -355,7 +394,7 @@ def load_model(
                      if getattr(config.model, f.name) != getattr(file_cfg.model, f.name)]
             raise WeightsError(f"{path}: made for model {file_cfg.model.variant}, but the config "
                                f"describes {config.model.variant}: {_first(diffs, 3)}")
-        config = Config(model=file_cfg.model, tracking=(config or file_cfg).tracking)
+        config = Config(model=file_cfg.model, tracking=(config or file_cfg).tracking, train=file_cfg.train)
     elif config is None:
         raise WeightsError(f"{path}: is a {fmt} file without an embedded config; pass the config too")
     cfg = config.model
@@ -383,6 +422,8 @@ def load_model(
         add_lora(model, lora_cfg)
         _load_checked(model, official_to_peft_keys(sd), None, path, "official full state dict", sd)
         merge_lora(model)
+    elif fmt == "mobilenetv2":
+        raise WeightsError(f"{path}: is an ImageNet MobileNetV2 file (a stem to train from), not a LoRAT model")
     elif fmt == "dinov2":
         raise WeightsError(
             f"{path}: is a DINOv2 backbone file, not a LoRAT model; pass it as --backbone-weights "

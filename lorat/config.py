@@ -50,6 +50,11 @@ class BackboneConfig:
     patch_size: int = 14  # DINOv2 patch size; also the stride of every token grid
     drop_path: float = 0.0  # uniform stochastic-depth rate (training only); L 0.1, g 0.4
     layer_scale_init: float = 1e-5  # LayerScale init (irrelevant once weights are loaded)
+    # Token stem. "patch": DINOv2's 14x14 patch projection (the paper's model). "mobilenetv2":
+    # torchvision's MobileNetV2 features up to stride 16 (96 channels, frozen BatchNorm) and a
+    # 1x1 projection; patch_size must be 16. For small CPU models whose stem starts from
+    # ImageNet weights (the bundled demo model), not for the official checkpoints.
+    stem: Literal["patch", "mobilenetv2"] = "patch"
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,7 @@ class TrainConfig:
     scale_jitter: float = 0.25  # search crop: log-normal scale jitter per axis
     translation_jitter: float = 3.0  # search crop: centre jitter factor
     min_object_size: float = 10.0  # search crop: the jittered target keeps at least this many px per side
+    freeze_stem: bool = False  # keep the pretrained part of a mobilenetv2 stem fixed (faster on CPU)
     flip_prob: float = 0.5  # horizontal flip, per image
     color_jitter: float = 0.4  # brightness / contrast / saturation strength, per image
     deit3: bool = True  # DeiT-III grayscale / solarize / blur, joint
@@ -222,6 +228,8 @@ def _validate(cfg: Config) -> None:
         )
     if b.mlp_ratio <= 0 or not 0 <= b.drop_path < 1:
         raise ConfigError("model.backbone.mlp_ratio must be > 0 and drop_path in [0, 1)")
+    if b.stem == "mobilenetv2" and b.patch_size != 16:
+        raise ConfigError(f"model.backbone.stem mobilenetv2 has stride 16: set patch_size 16, not {b.patch_size}")
     for name, size in [("template_size", m.template_size), ("search_size", m.search_size)]:
         if min(size) <= 0 or size[0] % b.patch_size or size[1] % b.patch_size:
             raise ConfigError(
@@ -240,6 +248,8 @@ def _validate(cfg: Config) -> None:
     if tr.lr <= 0 or tr.warmup_epochs < 0 or tr.grad_clip <= 0 or tr.num_workers < 0 or tr.checkpoint_every < 1:
         raise ConfigError("train: lr and grad_clip must be > 0, warmup_epochs and num_workers >= 0, "
                           "checkpoint_every >= 1")
+    if tr.freeze_stem and b.stem == "patch":
+        raise ConfigError("train.freeze_stem needs a pretrained stem (model.backbone.stem: mobilenetv2)")
     if any(w < 0 for w in tr.dataset_weights.values()):
         raise ConfigError("train.dataset_weights must be >= 0")
     t = cfg.tracking

@@ -1,7 +1,7 @@
 """``python -m lorat.info CONFIG [--weights FILE] [--backbone-weights FILE]``: JSON model summary.
 
-Prints parameter counts (training build with LoRA: total, trainable, frozen; merged inference
-model), token counts and grids, and, when weights are given, which files were loaded and as
+Prints parameter counts (training build as ``train.finetune`` says: total, trainable, frozen;
+merged inference model), token counts and grids, and, when weights are given, which files were loaded and as
 what. Counting builds the model on the meta device, so even ViT-g costs no memory.
 """
 
@@ -12,7 +12,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from lorat.checkpoint import build_lorat, load_model, load_state_for_info
+from lorat.checkpoint import build_lorat, build_training_model, load_model, load_state_for_info
 from lorat.config import Config, load_config
 from lorat.errors import LoratError, run_cli
 
@@ -22,7 +22,7 @@ __all__ = ["main", "summarize"]
 def summarize(config: Config) -> dict[str, Any]:
     """Parameter and token counts of a config, computed without allocating weights."""
     cfg = config.model
-    train = build_lorat(cfg, device="meta")
+    train = build_training_model(config, device="meta")
     plain = build_lorat(cfg, lora=False, device="meta")
     total = sum(p.numel() for p in train.parameters())
     trainable = sum(p.numel() for p in train.parameters() if p.requires_grad)
@@ -31,10 +31,11 @@ def summarize(config: Config) -> dict[str, Any]:
     return {
         "variant": cfg.variant,
         "backbone": {"embed_dim": cfg.backbone.embed_dim, "depth": cfg.backbone.depth,
-                     "num_heads": cfg.backbone.num_heads, "ffn": cfg.backbone.ffn},
+                     "num_heads": cfg.backbone.num_heads, "ffn": cfg.backbone.ffn, "stem": cfg.backbone.stem},
+        "finetune": config.train.finetune,
         "parameters": {"total": total, "trainable": trainable, "frozen": total - trainable,
                        "inference": sum(p.numel() for p in plain.parameters())},
-        "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha},
+        "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha} if config.train.finetune == "lora" else None,
         "tokens": {"template": hz * wz, "search": hx * wx, "total": hz * wz + hx * wx,
                    "template_grid": [hz, wz], "search_grid": [hx, wx]},
         "crops_px": {"template": list(cfg.template_size), "search": list(cfg.search_size)},

@@ -25,8 +25,9 @@ from torch import nn
 
 from lorat.config import BackboneConfig, ModelConfig, swiglu_hidden_size
 from lorat.head import MlpHead
+from lorat.stem import MobileNetV2Stem
 
-__all__ = ["LoRAT", "resample_pos_embed"]
+__all__ = ["LoRAT", "resample_pos_embed", "sincos_pos_embed"]
 
 
 def _swiglu_factory(cfg: BackboneConfig):
@@ -98,6 +99,28 @@ def resample_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.
     return out.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], c).to(dtype)
 
 
+def sincos_pos_embed(grid: tuple[int, int], dim: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding (MAE style) for models without DINOv2 weights.
+
+    Half the channels encode the row, half the column, each as sin/cos pairs over
+    ``dim / 4`` frequencies ``10000^(-k / (dim / 4))``.
+
+    Returns:
+        (1, H*W, dim) float32, row-major like the token grid.
+    """
+    if dim % 4:
+        raise ValueError(f"sine-cosine position embedding needs embed_dim divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64),
+                                torch.arange(grid[1], dtype=torch.float64), indexing="ij")
+    parts = []
+    for pos in (rows.flatten(), cols.flatten()):
+        angles = pos[:, None] * omega[None]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1)[None].float()
+
+
 class LoRAT(nn.Module):
     """One-stream ViT tracker network.
 
@@ -123,8 +146,11 @@ class LoRAT(nn.Module):
         self.search_grid = cfg.search_grid
         hx, wx = self.search_grid
 
-        self.patch_embed = PatchEmbed(img_size=None, patch_size=b.patch_size, in_chans=3,
-                                      embed_dim=b.embed_dim, strict_img_size=False, **dd)
+        if b.stem == "mobilenetv2":
+            self.patch_embed = MobileNetV2Stem(b.embed_dim, **dd)
+        else:
+            self.patch_embed = PatchEmbed(img_size=None, patch_size=b.patch_size, in_chans=3,
+                                          embed_dim=b.embed_dim, strict_img_size=False, **dd)
         # Frozen shared spatial grid, filled from the pretrained DINOv2 grid by the loaders.
         self.pos_embed = nn.Parameter(torch.zeros(1, hx * wx, b.embed_dim, **dd), requires_grad=False)
         self.token_type_embed = nn.Parameter(torch.empty(3, b.embed_dim, **dd))

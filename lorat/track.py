@@ -15,6 +15,7 @@ the targets, space pauses.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -118,7 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise LoratError("--max-frames must be at least 1")
     weights = args.weights or default_weights()
     if not args.weights:
-        print(f"using the bundled demo model {weights} (a small model, not the paper's; see README)")
+        if os.environ.get("LORAT_WEIGHTS"):
+            print(f"using LORAT_WEIGHTS={weights}")
+        else:
+            print(f"using the bundled demo model {weights} (a small model, not the paper's; see README)")
     source = open_source(args.source)  # validate the source before loading the model
     try:
         tracker = Tracker.from_pretrained(weights, args.config, args.backbone_weights, device=args.device,

@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from lorat.checkpoint import build_lorat, peft_to_official_keys, save_model
+from lorat.checkpoint import build_training_model, peft_to_official_keys, save_model
 from lorat.config import Config, TrainConfig, config_to_dict, load_config
 from lorat.data.pairs import PairDataset, Source
 from lorat.data.sequences import DATASETS, read_dataset
@@ -248,7 +248,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help=f"training dataset, repeatable; NAME in {', '.join(DATASETS)} (NAME:SPLIT=PATH for a split)")
     p.add_argument("--val-data", action="append", default=[], metavar="NAME=PATH",
                    help="validation dataset (default: GOT-10k val if GOT-10k is given, else none)")
-    p.add_argument("--backbone-weights", help="DINOv2 file (without it the backbone starts random)")
+    p.add_argument("--backbone-weights", help="DINOv2 file, or torchvision MobileNetV2 for a mobilenetv2 stem "
+                                                "(without it the backbone starts random)")
     p.add_argument("--output", type=Path, help="output folder")
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
@@ -309,11 +310,11 @@ def _train(config: Config, data, val_data, backbone, out: Path, env: _Dist, resu
     val_set = PairDataset(val_sources, config.model, factors, cfg, cfg.val_samples, cfg.seed + 1) \
         if val_sources else None
 
+    if config.model.backbone.stem != "patch" and cfg.finetune == "lora":
+        raise LoratError(f"model.backbone.stem {config.model.backbone.stem} has no pretrained transformer "
+                         f"to adapt: use train.finetune full")
     torch.manual_seed(cfg.seed)  # identical random init (backbone without weights, head, LoRA) everywhere
-    model = build_lorat(config.model, backbone, lora=cfg.finetune == "lora")
-    if cfg.finetune == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
+    model = build_training_model(config, backbone)
     model.to(device)
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.warmup_lr,
                                   betas=(0.9, 0.999), eps=1e-8)

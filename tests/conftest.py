@@ -35,3 +35,13 @@ def tiny_files() -> dict[str, Path]:
         "trainable": TINY / "lorat_trainable.safetensors",
         "forward": TINY / "forward.safetensors",
     }
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory) -> Path:
+    """A 4-clip, 30-frame synthetic LaSOT-layout dataset (160x128)."""
+    from lorat.data.synthetic import write_dataset
+
+    root = tmp_path_factory.mktemp("syn")
+    write_dataset(root, sequences=4, frames=30, size=(160, 128), progress=False)
+    return root

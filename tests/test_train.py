@@ -15,7 +15,6 @@ from lorat.config import TrainConfig, config_from_dict, load_config
 from lorat.data.augment import color_jitter, deit3, hflip
 from lorat.data.pairs import PairDataset, Source, epoch_picker, jittered_search_params, search_labels
 from lorat.data.sequences import DatasetError, read_dataset
-from lorat.data.synthetic import write_dataset
 from lorat.errors import run_cli
 from lorat.loss import iou_and_giou, lorat_loss
 from lorat.train import learning_rate, lr_for_step, main, parameter_groups
@@ -108,13 +107,6 @@ def test_augmentations():
     for img in out:
         assert torch.equal(img, torch.round(img * 255) / 255)  # 8-bit quantised
     assert torch.equal(out[0], out[1])  # the same operation on both images
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    root = tmp_path_factory.mktemp("syn")
-    write_dataset(root, sequences=4, frames=30, size=(160, 128), progress=False)
-    return root
 
 
 def test_synthetic_dataset_and_pairs(synthetic):

@@ -5,7 +5,8 @@ Each clip has a textured background, a textured target that moves, bounces off t
 changes scale, often a look-alike distractor, and an occluder that crosses the target (frames
 where it covers the target completely are flagged in ``full_occlusion.txt``). The target occupies
 exactly the pixels of its box, so ``groundtruth.txt`` (LaSOT's 1-based integer ``x,y,w,h``) is
-exact. Layout: ``OUT/<category>/<category>-<k>/{img/%08d.jpg, groundtruth.txt,
+exact. With ``--photos DIR`` most backgrounds and objects are cut from real photographs and
+half the targets turn and tilt. Layout: ``OUT/<category>/<category>-<k>/{img/%08d.jpg, groundtruth.txt,
 full_occlusion.txt, out_of_view.txt}``, readable with ``--data lasot=OUT``.
 """
 
@@ -21,7 +22,7 @@ from tqdm import tqdm
 
 from lorat.errors import LoratError, run_cli
 
-__all__ = ["main", "make_clip", "write_dataset"]
+__all__ = ["main", "make_clip", "load_photos", "write_dataset"]
 
 
 def _texture(rng: np.random.Generator, h: int, w: int, scale: int) -> np.ndarray:
@@ -76,13 +77,124 @@ class _Mover:
         return round(self.cx - w / 2), round(self.cy - h / 2), w, h
 
 
-def make_clip(rng: np.random.Generator, frames: int, size: tuple[int, int] = (320, 240)):
-    """Yield ``(frame_rgb, (x, y, w, h) 0-based ints, fully_occluded)`` for one generated clip."""
+def load_photos(folders: Sequence[Path], max_side: int = 640) -> list[np.ndarray]:
+    """Read every ``*.jpg`` / ``*.jpeg`` / ``*.png`` under ``folders`` as RGB uint8 (long side <= max_side).
+
+    Raises:
+        LoratError: a folder is missing or holds no readable image.
+    """
+    photos = []
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise LoratError(f"--photos folder not found: {folder}")
+        found = 0
+        for path in sorted(folder.rglob("*")):
+            if path.suffix.lower() not in (".jpg", ".jpeg", ".png"):
+                continue
+            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if image is None or min(image.shape[:2]) < 48:
+                continue
+            scale = max_side / max(image.shape[:2])
+            if scale < 1:
+                image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+            photos.append(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+            found += 1
+        if not found:
+            raise LoratError(f"--photos folder {folder} holds no readable .jpg/.png image")
+    return photos
+
+
+def _photo_crop(rng: np.random.Generator, photos: list[np.ndarray], w: int, h: int) -> np.ndarray:
+    """A random region of a random photo, resized to (h, w, 3)."""
+    photo = photos[int(rng.integers(len(photos)))]
+    ph, pw = photo.shape[:2]
+    frac = rng.uniform(0.15, 1.0)
+    cw = max(8, min(pw, int(pw * frac)))
+    ch = max(8, min(ph, int(cw * h / w)))
+    x = int(rng.integers(0, pw - cw + 1))
+    y = int(rng.integers(0, ph - ch + 1))
+    return cv2.resize(photo[y:y + ch, x:x + cw], (w, h), interpolation=cv2.INTER_AREA)
+
+
+class _Pose:
+    """Slow in-plane rotation and out-of-plane tilt: maps the target rectangle to a quadrilateral."""
+
+    def __init__(self, rng: np.random.Generator, enabled: bool):
+        self.rot = rng.uniform(5, 30) if enabled else 0.0  # degrees
+        self.tilt = rng.uniform(0.05, 0.3) if enabled else 0.0  # relative shrink of one side
+        self.rates = rng.uniform(0.01, 0.06, 2)
+        self.phases = rng.uniform(0, 2 * np.pi, 2)
+
+    def quad(self, t: int, cx: float, cy: float, w: float, h: float) -> np.ndarray:
+        """(4, 2) float32 corners (tl, tr, br, bl) in frame pixels."""
+        yaw = self.tilt * np.sin(self.phases[1] + self.rates[1] * t)
+        left, right = 1 + min(yaw, 0), 1 - max(yaw, 0)  # the far side looks shorter
+        pts = np.array([[-w / 2, -h / 2 * left], [w / 2, -h / 2 * right],
+                        [w / 2, h / 2 * right], [-w / 2, h / 2 * left]])
+        a = np.deg2rad(self.rot * np.sin(self.phases[0] + self.rates[0] * t))
+        rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+        return (pts @ rot.T + [cx, cy]).astype(np.float32)
+
+
+def _draw_quad(frame: np.ndarray, patch: np.ndarray, quad: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Warp ``patch`` onto ``quad`` in ``frame`` in place; return the drawn pixels' box (x, y, w, h)."""
+    H, W = frame.shape[:2]
+    x1, y1 = np.floor(quad.min(0)).astype(int)
+    x2, y2 = np.ceil(quad.max(0)).astype(int)
+    x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, W), min(y2, H)
+    if x2 - x1 < 2 or y2 - y1 < 2:
+        return None
+    ph, pw = patch.shape[:2]
+    src = np.float32([[0, 0], [pw, 0], [pw, ph], [0, ph]])
+    m = cv2.getPerspectiveTransform(src, quad - np.float32([x1, y1]))
+    size = (x2 - x1, y2 - y1)
+    warped = cv2.warpPerspective(patch, m, size, flags=cv2.INTER_LINEAR)
+    mask = cv2.warpPerspective(np.full((ph, pw), 255, np.uint8), m, size, flags=cv2.INTER_NEAREST) > 0
+    if not mask.any():
+        return None
+    frame[y1:y2, x1:x2][mask] = warped[mask]
+    ys, xs = np.nonzero(mask)
+    return x1 + int(xs.min()), y1 + int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
+
+
+def _background(rng: np.random.Generator, photos: list[np.ndarray] | None, W: int, H: int):
+    """Per-frame background: a texture or a photo, static or slowly panning. Returns f(t) -> (H, W, 3)."""
+    if not photos or rng.random() < 0.15:
+        still = _texture(rng, H, W, int(rng.integers(6, 24)))
+        return lambda t: still.copy()
+    margin = rng.uniform(1.0, 1.3)
+    big = _photo_crop(rng, photos, int(W * margin), int(H * margin))
+    span_x, span_y = big.shape[1] - W, big.shape[0] - H
+    speed = rng.uniform(0, 0.6)
+    ox, oy = rng.uniform(0, span_x + 1e-6), rng.uniform(0, span_y + 1e-6)
+    angle = rng.uniform(0, 2 * np.pi)
+
+    def at(t: int) -> np.ndarray:
+        x = int(np.clip(ox + speed * t * np.cos(angle), 0, span_x))
+        y = int(np.clip(oy + speed * t * np.sin(angle), 0, span_y))
+        return big[y:y + H, x:x + W].copy()
+
+    return at
+
+
+def make_clip(rng: np.random.Generator, frames: int, size: tuple[int, int] = (320, 240),
+              photos: list[np.ndarray] | None = None):
+    """Yield ``(frame_rgb, (x, y, w, h) 0-based ints, fully_occluded)`` for one generated clip.
+
+    With ``photos`` (RGB arrays, see :func:`load_photos`) backgrounds, targets, distractors and
+    occluders are mostly regions of real photographs, and half the targets turn and tilt
+    (perspective warps; the box is the bounding box of the target's drawn pixels).
+    """
     W, H = size
-    background = _texture(rng, H, W, int(rng.integers(6, 24)))
+    background = _background(rng, photos, W, H)
     tw, th = rng.uniform(0.08, 0.3) * W, rng.uniform(0.08, 0.3) * H
     target = _Mover(rng, size, tw, th, rng.uniform(0.5, 4.0))
-    texture = _texture(rng, 64, 64, int(rng.integers(4, 16)))
+    use_photo = bool(photos) and rng.random() < 0.85
+    texture = _photo_crop(rng, photos, 96, max(8, int(96 * th / tw))) if use_photo \
+        else _texture(rng, 64, 64, int(rng.integers(4, 16)))
+    pose = _Pose(rng, enabled=bool(photos) and rng.random() < 0.5)
+    light = (rng.uniform(0, 0.2) if photos else 0.0, rng.uniform(0.01, 0.05), rng.uniform(0, 2 * np.pi))
     distractor = None
     if rng.random() < 0.4:  # a look-alike: the same texture, tinted
         tint = rng.uniform(0.7, 1.3, 3)
@@ -92,14 +204,20 @@ def make_clip(rng: np.random.Generator, frames: int, size: tuple[int, int] = (32
     if rng.random() < 0.6:
         ow, oh = int(tw * rng.uniform(1.2, 2.0)), int(th * rng.uniform(1.2, 2.0))
         start = int(rng.integers(0, max(1, frames - 10)))
-        occluder = (_texture(rng, oh, ow, 4), start, rng.uniform(2, 5))
+        patch = _photo_crop(rng, photos, ow, oh) if use_photo else _texture(rng, oh, ow, 4)
+        occluder = (patch, start, rng.uniform(2, 5))
     for t in range(frames):
-        frame = background.copy()
+        frame = background(t)
         if distractor is not None:
             dx, dy, dw, dh = distractor[0].step()
             _paste(frame, cv2.resize(distractor[1], (dw, dh)), dx, dy)
         x, y, w, h = target.step()
-        _paste(frame, cv2.resize(texture, (w, h), interpolation=cv2.INTER_LINEAR), x, y)
+        if pose.rot or pose.tilt:
+            drawn = _draw_quad(frame, texture, pose.quad(t, x + w / 2, y + h / 2, w, h))
+            if drawn is not None:
+                x, y, w, h = drawn
+        else:
+            _paste(frame, cv2.resize(texture, (w, h), interpolation=cv2.INTER_LINEAR), x, y)
         covered = False
         if occluder is not None and t >= occluder[1]:
             patch, start, speed = occluder
@@ -109,19 +227,26 @@ def make_clip(rng: np.random.Generator, frames: int, size: tuple[int, int] = (32
             oy = round(y + h / 2 - oh / 2)
             _paste(frame, patch, ox, oy)
             covered = ox <= x and oy <= y and ox + ow >= x + w and oy + oh >= y + h
+        if light[0]:
+            gain = 1 + light[0] * np.sin(light[2] + light[1] * t)
+            frame = np.clip(frame * gain, 0, 255).astype(np.uint8)
         yield frame, (x, y, w, h), covered
 
 
 def write_dataset(out: Path, sequences: int, frames: int, size: tuple[int, int] = (320, 240), seed: int = 0,
-                  category: str = "synthetic", progress: bool = True) -> list[Path]:
-    """Write ``sequences`` clips of ``frames`` frames in the LaSOT layout; returns their folders."""
+                  category: str = "synthetic", progress: bool = True,
+                  photos: list[np.ndarray] | None = None) -> list[Path]:
+    """Write ``sequences`` clips of ``frames`` frames in the LaSOT layout; returns their folders.
+
+    ``photos``: optional real photographs for backgrounds and objects (:func:`load_photos`).
+    """
     folders = []
     for k in tqdm(range(1, sequences + 1), desc="clips", unit="clip", disable=not progress):
         rng = np.random.default_rng([seed, k])
         folder = out / category / f"{category}-{k}"
         (folder / "img").mkdir(parents=True, exist_ok=True)
         boxes, occluded = [], []
-        for t, (frame, box, covered) in enumerate(make_clip(rng, frames, size), 1):
+        for t, (frame, box, covered) in enumerate(make_clip(rng, frames, size, photos), 1):
             cv2.imwrite(str(folder / "img" / f"{t:08d}.jpg"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR),
                         [cv2.IMWRITE_JPEG_QUALITY, 92])
             boxes.append(box)
@@ -142,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", default="320x240", help="frame size WxH")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--category", default="synthetic", help="category folder name")
+    parser.add_argument("--photos", action="append", type=Path, default=[], metavar="DIR",
+                        help="folder of real photographs (.jpg/.png) to cut backgrounds and objects from; repeatable")
     args = parser.parse_args(argv)
     try:
         size = tuple(int(v) for v in args.size.lower().split("x"))
@@ -150,7 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise LoratError(f"--size must look like 320x240 (at least 64 px each), got {args.size!r}") from None
     if args.sequences < 1 or args.frames < 2:
         raise LoratError("--sequences must be >= 1 and --frames >= 2")
-    write_dataset(args.out, args.sequences, args.frames, size, args.seed, args.category)  # type: ignore[arg-type]
+    photos = load_photos(args.photos) if args.photos else None
+    write_dataset(args.out, args.sequences, args.frames, size, args.seed, args.category,  # type: ignore[arg-type]
+                  photos=photos)
     print(f"wrote {args.sequences} clips of {args.frames} frames to {args.out}")
     return 0
 
