@@ -15,12 +15,14 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from lorat.data.sequences import read_boxes, read_dataset
+from lorat.errors import run_cli
 from lorat.metrics import sequence_curves, summarize
 from lorat.tracker import Tracker
 from lorat.video import open_source
@@ -66,7 +68,7 @@ def _run(kind: str, frames, init: np.ndarray, tracker: Tracker | None) -> tuple[
     return np.array(boxes), n / (time.perf_counter() - start)
 
 
-def main() -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", help="NAME=PATH of a dataset (lasot, custom, got10k, ...)")
     parser.add_argument("--split", default="all", help="dataset split (default all sequences)")
@@ -77,7 +79,7 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--mil", action="store_true", help="also run OpenCV's MIL tracker")
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if bool(args.video) == bool(args.dataset) or (args.video and not args.gt):
         parser.error("give --dataset NAME=PATH, or --video FILE with --gt FILE")
     tracker = Tracker.from_pretrained(args.weights, args.config, device=args.device)
@@ -108,4 +110,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

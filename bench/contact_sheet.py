@@ -19,6 +19,15 @@ from lorat.errors import LoratError, run_cli
 from lorat.video import open_source
 
 
+def _tile(frame_rgb: np.ndarray, index: int, width: int) -> np.ndarray:
+    scale = width / frame_rgb.shape[1]
+    bgr = cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2BGR)
+    tile = cv2.resize(bgr, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    for colour, thickness in (((0, 0, 0), 4), ((255, 255, 255), 2)):
+        cv2.putText(tile, f"frame {index + 1}", (8, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.7, colour, thickness)
+    return tile
+
+
 def contact_sheet(video: str, count: int, columns: int, tile_width: int) -> np.ndarray:
     """(H, W, 3) uint8 BGR sheet of ``count`` evenly spaced frames, ``columns`` per row."""
     source = open_source(video)
@@ -27,15 +36,17 @@ def contact_sheet(video: str, count: int, columns: int, tile_width: int) -> np.n
         if not total:
             raise LoratError(f"{video}: unknown frame count; cannot space the frames evenly")
         wanted = {int(round(i * (total - 1) / max(count - 1, 1))) for i in range(count)}
-        tiles = []
+        tiles, last, used = [], None, -1
         for index, frame in source:
-            if index in wanted and frame is not None:
-                scale = tile_width / frame.shape[1]
-                tile = cv2.resize(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), None, fx=scale, fy=scale,
-                                  interpolation=cv2.INTER_AREA)
-                cv2.putText(tile, f"frame {index + 1}", (8, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (0, 0, 0), 4)
-                cv2.putText(tile, f"frame {index + 1}", (8, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (255, 255, 255), 2)
-                tiles.append(tile)
+            if frame is None:
+                continue
+            last = (index, frame)
+            if index in wanted:
+                tiles.append(_tile(frame, index, tile_width))
+                used = index
+        # Containers often announce a frame or two more than they decode: end on the last one.
+        if last is not None and len(tiles) < len(wanted) and last[0] != used:
+            tiles.append(_tile(last[1], last[0], tile_width))
     finally:
         source.close()
     if not tiles:

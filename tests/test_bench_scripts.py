@@ -1,0 +1,51 @@
+"""The scripts behind the README's reported numbers: bench/compare.py and bench/contact_sheet.py."""
+
+import json
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+
+from lorat.checkpoint import save_model
+from lorat.data.sequences import read_dataset
+from lorat.metrics import sequence_curves, summarize
+from lorat.model import LoRAT
+
+from .conftest import ROOT
+from .helpers import tiny_config
+
+
+def _script(*args):
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_compare_scores_the_static_box_like_the_metrics(synthetic, tmp_path):
+    cfg = tiny_config()
+    weights = save_model(LoRAT(cfg.model).eval(), cfg, tmp_path / "tiny.safetensors")
+    run = _script("bench/compare.py", "--dataset", f"lasot={synthetic}", "--weights", weights, "--json")
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert set(result) == {"lorat", "static"} and result["lorat"]["sequences"] == 4
+    curves = []
+    for seq in read_dataset("lasot", synthetic, "all", for_training=False):
+        gt = seq.tracks[0].xywh()
+        curves.append(sequence_curves(np.repeat(gt[:1], len(gt), 0), gt, seq.tracks[0].present, "lasot"))
+    expected = summarize(curves)
+    for key in ("success_auc", "precision", "norm_precision"):
+        assert abs(result["static"][key] - expected[key]) < 1e-6
+    bad = _script("bench/compare.py", "--video", tmp_path / "missing.mp4", "--gt", tmp_path / "gt.txt",
+                  "--weights", weights)
+    assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_contact_sheet(tmp_path):
+    out = tmp_path / "sheet.png"
+    run = _script("bench/contact_sheet.py", ROOT / "assets" / "box.mp4", out, "--frames", "3", "--columns", "2",
+                  "--tile-width", "64")
+    assert run.returncode == 0, run.stderr
+    sheet = cv2.imread(str(out))
+    assert sheet.shape == (2 * 48, 2 * 64, 3)  # 640x480 tiles scaled to 64x48, one blank filler
+    assert sheet[48:, 64:].max() == 0 and sheet[:48, :64].std() > 5
+    bad = _script("bench/contact_sheet.py", tmp_path / "missing.mp4", out)
+    assert bad.returncode == 2 and "error:" in bad.stderr
