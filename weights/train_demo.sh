@@ -24,7 +24,14 @@ mkdir -p "$data/demo-train"
 ln -sfn ../photo-train/photo "$data/demo-train/photo"
 ln -sfn ../synthetic/synthetic "$data/demo-train/synthetic"
 
+# Epochs 1-8 on the first two sets ...
 python -m lorat.train configs/demo.yaml --backbone-weights "$mnv2" --data lasot="$data/demo-train" \
-    --val-data lasot="$data/photo-val" --output "$run"
+    --val-data lasot="$data/photo-val" --output "$run" --stop-after 1600
+# ... then epochs 9-24 with large, two-faced photo targets added (a box that fills half the frame
+# puts much of the search crop outside the image; the first sets never showed that).
+python -m lorat.data.synthetic "$data/photo-large" --sequences 600 --frames 100 --seed 8 \
+    --photos "$data/photos" --category photo-large --target-size 0.3,0.65 --two-faced 0.5
+ln -sfn ../photo-large/photo-large "$data/demo-train/photo-large"
+python -m lorat.train --resume "$run"
 cp "$run/checkpoint/epoch_024/lorat.safetensors" weights/lorat_demo.safetensors
 python -m lorat.info --weights weights/lorat_demo.safetensors

@@ -52,8 +52,9 @@ class _Mover:
     def __init__(self, rng: np.random.Generator, size: tuple[int, int], w: float, h: float, speed: float):
         self.rng, self.size = rng, size
         self.w0, self.h0 = w, h
-        self.cx = rng.uniform(w, size[0] - w)
-        self.cy = rng.uniform(h, size[1] - h)
+        # start at least one size from the borders, or (large targets) anywhere fully inside
+        self.cx = rng.uniform(w, size[0] - w) if 2 * w <= size[0] else rng.uniform(w / 2, size[0] - w / 2)
+        self.cy = rng.uniform(h, size[1] - h) if 2 * h <= size[1] else rng.uniform(h / 2, size[1] - h / 2)
         angle = rng.uniform(0, 2 * np.pi)
         self.vx, self.vy = speed * np.cos(angle), speed * np.sin(angle)
         self.phase, self.rate, self.amp = rng.uniform(0, 6.3), rng.uniform(0.02, 0.08), rng.uniform(0.0, 0.35)
@@ -179,20 +180,29 @@ def _background(rng: np.random.Generator, photos: list[np.ndarray] | None, W: in
 
 
 def make_clip(rng: np.random.Generator, frames: int, size: tuple[int, int] = (320, 240),
-              photos: list[np.ndarray] | None = None):
+              photos: list[np.ndarray] | None = None, target_size: tuple[float, float] = (0.08, 0.3),
+              two_faced: float = 0.0):
     """Yield ``(frame_rgb, (x, y, w, h) 0-based ints, fully_occluded)`` for one generated clip.
 
     With ``photos`` (RGB arrays, see :func:`load_photos`) backgrounds, targets, distractors and
     occluders are mostly regions of real photographs, and half the targets turn and tilt
     (perspective warps; the box is the bounding box of the target's drawn pixels).
+
+    Args:
+        target_size: range of the target's width and height as fractions of the frame's.
+        two_faced: probability that a photo target is made of two different photo regions
+            stacked (like two faces of a box) instead of one.
     """
     W, H = size
     background = _background(rng, photos, W, H)
-    tw, th = rng.uniform(0.08, 0.3) * W, rng.uniform(0.08, 0.3) * H
+    tw, th = rng.uniform(*target_size) * W, rng.uniform(*target_size) * H
     target = _Mover(rng, size, tw, th, rng.uniform(0.5, 4.0))
     use_photo = bool(photos) and rng.random() < 0.85
     texture = _photo_crop(rng, photos, 96, max(8, int(96 * th / tw))) if use_photo \
         else _texture(rng, 64, 64, int(rng.integers(4, 16)))
+    if use_photo and two_faced > 0 and rng.random() < two_faced:
+        split = int(texture.shape[0] * rng.uniform(0.3, 0.7))
+        texture[split:] = _photo_crop(rng, photos, texture.shape[1], texture.shape[0] - split)
     pose = _Pose(rng, enabled=bool(photos) and rng.random() < 0.5)
     light = (rng.uniform(0, 0.2) if photos else 0.0, rng.uniform(0.01, 0.05), rng.uniform(0, 2 * np.pi))
     distractor = None
@@ -235,10 +245,12 @@ def make_clip(rng: np.random.Generator, frames: int, size: tuple[int, int] = (32
 
 def write_dataset(out: Path, sequences: int, frames: int, size: tuple[int, int] = (320, 240), seed: int = 0,
                   category: str = "synthetic", progress: bool = True,
-                  photos: list[np.ndarray] | None = None) -> list[Path]:
+                  photos: list[np.ndarray] | None = None, target_size: tuple[float, float] = (0.08, 0.3),
+                  two_faced: float = 0.0) -> list[Path]:
     """Write ``sequences`` clips of ``frames`` frames in the LaSOT layout; returns their folders.
 
-    ``photos``: optional real photographs for backgrounds and objects (:func:`load_photos`).
+    ``photos``: optional real photographs for backgrounds and objects (:func:`load_photos`);
+    ``target_size``, ``two_faced``: see :func:`make_clip`.
     """
     folders = []
     for k in tqdm(range(1, sequences + 1), desc="clips", unit="clip", disable=not progress):
@@ -246,7 +258,7 @@ def write_dataset(out: Path, sequences: int, frames: int, size: tuple[int, int] 
         folder = out / category / f"{category}-{k}"
         (folder / "img").mkdir(parents=True, exist_ok=True)
         boxes, occluded = [], []
-        for t, (frame, box, covered) in enumerate(make_clip(rng, frames, size, photos), 1):
+        for t, (frame, box, covered) in enumerate(make_clip(rng, frames, size, photos, target_size, two_faced), 1):
             cv2.imwrite(str(folder / "img" / f"{t:08d}.jpg"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR),
                         [cv2.IMWRITE_JPEG_QUALITY, 92])
             boxes.append(box)
@@ -269,6 +281,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--category", default="synthetic", help="category folder name")
     parser.add_argument("--photos", action="append", type=Path, default=[], metavar="DIR",
                         help="folder of real photographs (.jpg/.png) to cut backgrounds and objects from; repeatable")
+    parser.add_argument("--target-size", default="0.08,0.3", metavar="MIN,MAX",
+                        help="target width and height range as fractions of the frame's (default 0.08,0.3)")
+    parser.add_argument("--two-faced", type=float, default=0.0, metavar="P",
+                        help="probability of a photo target made of two stacked photo regions (default 0)")
     args = parser.parse_args(argv)
     try:
         size = tuple(int(v) for v in args.size.lower().split("x"))
@@ -277,9 +293,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise LoratError(f"--size must look like 320x240 (at least 64 px each), got {args.size!r}") from None
     if args.sequences < 1 or args.frames < 2:
         raise LoratError("--sequences must be >= 1 and --frames >= 2")
+    try:
+        target_size = tuple(float(v) for v in args.target_size.split(","))
+        assert len(target_size) == 2 and 0.02 <= target_size[0] <= target_size[1] <= 0.7
+    except (ValueError, AssertionError):
+        raise LoratError(f"--target-size must look like 0.08,0.3 (fractions in [0.02, 0.7], MIN <= MAX), "
+                         f"got {args.target_size!r}") from None
+    if not 0 <= args.two_faced <= 1:
+        raise LoratError(f"--two-faced must be a probability in [0, 1], got {args.two_faced}")
     photos = load_photos(args.photos) if args.photos else None
     write_dataset(args.out, args.sequences, args.frames, size, args.seed, args.category,  # type: ignore[arg-type]
-                  photos=photos)
+                  photos=photos, target_size=target_size, two_faced=args.two_faced)  # type: ignore[arg-type]
     print(f"wrote {args.sequences} clips of {args.frames} frames to {args.out}")
     return 0
 
