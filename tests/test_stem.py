@@ -148,6 +148,13 @@ def test_photo_clips(tmp_path):
         for frame, (x, y, w, h), _ in clip:
             assert frame.shape == (120, 160, 3)
             assert x >= 0 and y >= 0 and w >= 2 and h >= 2 and x + w <= 160 and y + h <= 120
+    # large targets (up to 65 % of the frame) stay inside it
+    for k in range(4):
+        for t, (_frame, (x, y, w, h), _) in enumerate(make_clip(np.random.default_rng([2, k]), 8, (160, 120), photos,
+                                                               target_size=(0.55, 0.65), two_faced=1.0)):
+            assert x >= 0 and y >= 0 and x + w <= 160 and y + h <= 120
+            if t == 0:
+                assert w >= 0.3 * 160 and h >= 0.3 * 120
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(LoratError, match="no readable"):
