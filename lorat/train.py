@@ -397,16 +397,18 @@ def _train(config: Config, data, val_data, backbone, out: Path, env: _Dist, resu
                     if stop.signal is not None or (args.stop_after and step >= args.stop_after):
                         break
             bar.close()
-            if stop.signal is not None or (args.stop_after and step >= args.stop_after):
+            stopping = stop.signal is not None or bool(args.stop_after and step >= args.stop_after)
+            if step == (epoch + 1) * iters:  # the epoch is complete, even if we stop right here
+                if val_set is not None and stop.signal is None:  # a signal asks to be quick
+                    _validate(net, val_set, env, local_batch, cfg.num_workers, autocast, out, epoch)
+                if env.main:
+                    _save_state(out / "state.pt", model, optimizer, scaler, step, config, backbone is None)
+                    if (epoch + 1) % cfg.checkpoint_every == 0 or step >= total_steps:
+                        folder = _save_checkpoint(out, epoch + 1, model, config)
+                        tqdm.write(f"checkpoint: {folder}")
+                env.barrier()
+            if stopping:
                 break
-            if val_set is not None:
-                _validate(net, val_set, env, local_batch, cfg.num_workers, autocast, out, epoch)
-            if env.main:
-                _save_state(out / "state.pt", model, optimizer, scaler, step, config, backbone is None)
-                if (epoch + 1) % cfg.checkpoint_every == 0 or step >= total_steps:
-                    folder = _save_checkpoint(out, epoch + 1, model, config)
-                    tqdm.write(f"checkpoint: {folder}")
-            env.barrier()
         if env.main:
             _save_state(out / "state.pt", model, optimizer, scaler, step, config, backbone is None)
             if skipped_total:

@@ -150,6 +150,19 @@ def test_resume_is_bit_exact(synthetic, tmp_path):
     assert model.cfg.variant == "debug"
 
 
+def test_stop_at_an_epoch_end_still_validates_and_checkpoints(synthetic, tmp_path):
+    run = tmp_path / "run"
+    common = ["--set", "train.samples_per_epoch=8", "--set", "train.batch_size=4", "--set", "train.epochs=2",
+              "--set", "train.val_samples=4", "--set", "train.checkpoint_every=1"]
+    assert run_cli(main, ["configs/debug.yaml", "--data", f"lasot={synthetic}", "--val-data", f"lasot={synthetic}",
+                          *common, "--output", str(run), "--stop-after", "2"]) == 0
+    assert (run / "checkpoint" / "epoch_001" / "lorat.safetensors").is_file()
+    assert (run / "val.csv").read_text().splitlines()[1].startswith("1,")
+    assert run_cli(main, ["--resume", str(run)]) == 0
+    assert (run / "checkpoint" / "epoch_002" / "lorat.safetensors").is_file()
+    assert [line.split(",")[0] for line in (run / "val.csv").read_text().splitlines()[1:]] == ["1", "2"]
+
+
 def test_lora_checkpoint_is_official_format(synthetic, tmp_path):
     cfg = ["configs/debug.yaml", "--data", f"lasot={synthetic}", "--set", "train.finetune=lora",
            "--set", "train.val_samples=0", "--set", "train.samples_per_epoch=8", "--set", "train.epochs=1"]
