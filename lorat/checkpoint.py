@@ -299,7 +299,12 @@ def load_backbone(model: LoRAT, path: str | Path) -> None:
             raise WeightsError(f"{path}: model {model.cfg.variant} has a mobilenetv2 stem and needs "
                                f"torchvision's ImageNet MobileNetV2 state dict, found a {fmt} file")
         keys = [k for k in model.state_dict() if k.startswith("patch_embed.features.")]
-        _load_checked(model, imagenet_stem_weights(sd), keys, path, "MobileNetV2 stem", sd)
+        try:
+            stem = imagenet_stem_weights(sd)
+        except KeyError as err:
+            raise WeightsError(f"{path}: not a complete torchvision MobileNetV2 state dict (no {err.args[0]!r} "
+                               f"among its features.* tensors)") from None
+        _load_checked(model, stem, keys, path, "MobileNetV2 stem", sd)
         return
     if fmt != "dinov2":
         raise WeightsError(

@@ -15,6 +15,7 @@ module.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -41,9 +42,9 @@ class MobileNetV2Stem(nn.Module):
 
     def __init__(self, embed_dim: int, device=None, dtype=None):
         super().__init__()
-        with torch.device(device) if device is not None else torch.device("cpu"):
+        with torch.device(device) if device is not None else nullcontext():
             self.features = mobilenet_v2().features[:STEM_BLOCKS]
-            _fold_batchnorm(self.features, {})
+            _remove_batchnorm(self.features)
         self.features.to(dtype=dtype, memory_format=torch.channels_last)
         self.proj = nn.Conv2d(_STEM_CHANNELS, embed_dim, 1, device=device, dtype=dtype)
 
@@ -52,27 +53,22 @@ class MobileNetV2Stem(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-def _fold_batchnorm(module: nn.Module, sd: dict[str, torch.Tensor], prefix: str = "") -> None:
-    """Replace every (Conv2d, BatchNorm2d) pair in ``module`` by a biased Conv2d, in place.
-
-    With ``sd`` (torchvision keys), the folded weights are written into ``sd`` instead: the
-    conv's weight and bias replace the pair's tensors.
-    """
+def _conv_bn_pairs(module: nn.Module, prefix: str = ""):
+    """Yield ``(parent, conv, bn_name, bn, conv_key, bn_key)`` for every Conv2d directly followed
+    by a BatchNorm2d inside ``module`` (keys are state-dict prefixes ending in ``.``)."""
     children = list(module.named_children())
     for (name, conv), (bn_name, bn) in zip(children, children[1:], strict=False):
         if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-            if sd:
-                w, b = f"{prefix}{name}.", f"{prefix}{bn_name}."
-                scale = sd[b + "weight"] * (sd[b + "running_var"] + bn.eps).rsqrt()
-                sd[w + "weight"] = sd[w + "weight"] * scale[:, None, None, None]
-                sd[w + "bias"] = sd[b + "bias"] - sd[b + "running_mean"] * scale
-                for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-                    sd.pop(b + key, None)
-            else:
-                conv.bias = nn.Parameter(torch.zeros(conv.out_channels, device=conv.weight.device))
-                setattr(module, bn_name, nn.Identity())
-    for name, child in module.named_children():
-        _fold_batchnorm(child, sd, f"{prefix}{name}.")
+            yield module, conv, bn_name, bn, f"{prefix}{name}.", f"{prefix}{bn_name}."
+    for name, child in children:
+        yield from _conv_bn_pairs(child, f"{prefix}{name}.")
+
+
+def _remove_batchnorm(module: nn.Module) -> None:
+    """Give each conv of a (Conv2d, BatchNorm2d) pair a bias and replace the BatchNorm by Identity."""
+    for parent, conv, bn_name, _, _, _ in list(_conv_bn_pairs(module)):
+        conv.bias = nn.Parameter(torch.zeros(conv.out_channels, device=conv.weight.device))
+        setattr(parent, bn_name, nn.Identity())
 
 
 def imagenet_stem_weights(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -89,5 +85,12 @@ def imagenet_stem_weights(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
         parts = key.split(".")
         if parts[0] == "features" and parts[1].isdigit() and int(parts[1]) < STEM_BLOCKS:
             kept[key[len("features."):]] = value.float()
-    _fold_batchnorm(mobilenet_v2(norm_layer=nn.BatchNorm2d).features[:STEM_BLOCKS], kept)
+    with torch.device("meta"):  # only the structure is needed
+        reference = mobilenet_v2().features[:STEM_BLOCKS]
+    for _, _, _, bn, w, b in _conv_bn_pairs(reference):
+        scale = kept[b + "weight"] * (kept[b + "running_var"] + bn.eps).rsqrt()
+        kept[w + "weight"] = kept[w + "weight"] * scale[:, None, None, None]
+        kept[w + "bias"] = kept.pop(b + "bias") - kept.pop(b + "running_mean") * scale
+        for key in ("weight", "running_var", "num_batches_tracked"):
+            kept.pop(b + key, None)
     return {f"patch_embed.features.{k}": v for k, v in kept.items()}

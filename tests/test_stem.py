@@ -82,6 +82,10 @@ def test_stem_errors(imagenet_file, tmp_path):
         config_from_dict({"train": {"freeze_stem": True}})
     with pytest.raises(WeightsError, match="MobileNetV2"):
         load_model(path, _stem_config())  # a stem file is not a tracker
+    broken = tmp_path / "broken.pth"
+    torch.save({k: v for k, v in torch.load(path).items() if "running_var" not in k}, broken)
+    with pytest.raises(WeightsError, match="not a complete torchvision MobileNetV2"):
+        build_lorat(_stem_config().model, broken, lora=False)
     other = tmp_path / "other.pth"
     torch.save({"blocks.0.norm1.weight": torch.ones(4), "patch_embed.proj.weight": torch.ones(4, 3, 14, 14)}, other)
     with pytest.raises(WeightsError, match="needs torchvision's ImageNet MobileNetV2"):
