@@ -165,3 +165,13 @@ def test_photo_clips(tmp_path):
         load_photos([empty])
     with pytest.raises(LoratError, match="not found"):
         load_photos([tmp_path / "missing"])
+
+
+def test_synthetic_cli_rejects_bad_options(tmp_path, capsys):
+    from lorat.data.synthetic import main as synthetic_main
+    from lorat.errors import run_cli
+
+    for bad in (["--target-size", "0.5"], ["--target-size", "0.4,0.2"], ["--target-size", "0.1,0.9"],
+                ["--two-faced", "1.5"], ["--photos", str(tmp_path / "missing")]):
+        assert run_cli(synthetic_main, [str(tmp_path / "out"), "--sequences", "1", "--frames", "2", *bad]) == 2
+        assert "error:" in capsys.readouterr().err
