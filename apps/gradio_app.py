@@ -25,7 +25,7 @@ import gradio as gr
 import numpy as np
 
 import lorat
-from lorat.checkpoint import default_weights
+from lorat.checkpoint import default_weights, default_weights_notice
 from lorat.video import VideoWriter, draw_targets, open_source
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -247,10 +247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not args.weights:
             args.weights = [str(default_weights())]
+            print(default_weights_notice(Path(args.weights[0])))
             if not env.get("LORAT_WEIGHTS"):
                 note = (f"Model: the bundled demo model `{Path(args.weights[0]).name}`, a small CPU model trained "
                         f"for this demo, not the paper's (see the README for the official weights).")
-                print(f"using the bundled demo model {args.weights[0]} (a small model, not the paper's; see README)")
         models = Models(args.weights, args.device)
     except lorat.LoratError as err:
         print(f"error: {err}", file=sys.stderr)

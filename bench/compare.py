@@ -25,7 +25,7 @@ from lorat.data.sequences import read_boxes, read_dataset
 from lorat.errors import run_cli
 from lorat.metrics import sequence_curves, summarize
 from lorat.tracker import Tracker
-from lorat.video import open_source
+from lorat.video import open_source, read_rgb
 
 
 def _clips(args):
@@ -41,7 +41,7 @@ def _clips(args):
         frames = seq.frames
 
         def load(frames=frames):
-            return (cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in frames)
+            return (read_rgb(p) for p in frames)
 
         yield seq.name, load, gt, track.present, name
 

@@ -60,6 +60,7 @@ __all__ = [
     "load_model",
     "save_model",
     "default_weights",
+    "default_weights_notice",
     "official_to_peft_keys",
     "peft_to_official_keys",
 ]
@@ -456,6 +457,13 @@ def default_weights() -> Path:
         raise WeightsError(f"no --weights given and {where} {path} is missing; pass --weights FILE "
                            f"(see weights/README.md)")
     return path
+
+
+def default_weights_notice(path: Path) -> str:
+    """The line printed when :func:`default_weights` chose ``path``: which default it is."""
+    if os.environ.get("LORAT_WEIGHTS"):
+        return f"using LORAT_WEIGHTS={path}"
+    return f"using the bundled demo model {path} (a small model, not the paper's; see README)"
 
 
 def save_model(model: LoRAT, config: Config, path: str | Path, dtype: torch.dtype | None = None) -> Path:

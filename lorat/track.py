@@ -15,7 +15,6 @@ the targets, space pauses.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +24,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from lorat.checkpoint import default_weights
+from lorat.checkpoint import default_weights, default_weights_notice
 from lorat.errors import LoratError, run_cli
 from lorat.tracker import Tracker, TrackResult
 from lorat.video import FrameSource, VideoWriter, draw_targets, has_display, open_source
@@ -119,10 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise LoratError("--max-frames must be at least 1")
     weights = args.weights or default_weights()
     if not args.weights:
-        if os.environ.get("LORAT_WEIGHTS"):
-            print(f"using LORAT_WEIGHTS={weights}")
-        else:
-            print(f"using the bundled demo model {weights} (a small model, not the paper's; see README)")
+        print(default_weights_notice(weights))
     source = open_source(args.source)  # validate the source before loading the model
     try:
         tracker = Tracker.from_pretrained(weights, args.config, args.backbone_weights, device=args.device,

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lorat.errors import LoratError, run_cli
+from lorat.video import read_rgb
 
 __all__ = ["main", "make_clip", "load_photos", "write_dataset"]
 
@@ -93,13 +94,13 @@ def load_photos(folders: Sequence[Path], max_side: int = 640) -> list[np.ndarray
         for path in sorted(folder.rglob("*")):
             if path.suffix.lower() not in (".jpg", ".jpeg", ".png"):
                 continue
-            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            image = read_rgb(path)
             if image is None or min(image.shape[:2]) < 48:
                 continue
             scale = max_side / max(image.shape[:2])
             if scale < 1:
                 image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-            photos.append(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+            photos.append(image)
             found += 1
         if not found:
             raise LoratError(f"--photos folder {folder} holds no readable .jpg/.png image")
