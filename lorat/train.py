@@ -410,7 +410,8 @@ def _train(config: Config, data, val_data, backbone, out: Path, env: _Dist, resu
             if stopping:
                 break
         if env.main:
-            _save_state(out / "state.pt", model, optimizer, scaler, step, config, backbone is None)
+            if step % iters:  # stopped mid-epoch (an epoch end has just been saved above)
+                _save_state(out / "state.pt", model, optimizer, scaler, step, config, backbone is None)
             if skipped_total:
                 print(f"warning: {skipped_total} unreadable images were skipped")
     finally:
