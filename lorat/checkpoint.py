@@ -22,8 +22,11 @@ Formats understood (LORAT_SPEC section 2.4 and Appendix A):
     (key ``lorat.config``), so one file is all a user needs. Written by :func:`save_model`.
 
 Files are read with safetensors or ``torch.load(weights_only=True)``; nothing is unpickled
-freely. Every problem raises :class:`~lorat.errors.WeightsError` naming the file, the model
-variant and the first offending keys.
+freely. Tensors holding NaN or inf are refused. A config (embedded or given) is checked against
+the file's tensors (their number and total size, then names and shapes on a shape-only model)
+before the model is allocated, so a small file cannot make the loader build a huge model. Every
+problem raises :class:`~lorat.errors.WeightsError` naming the file, the model variant and the
+first offending keys. Files we write are byte-stable: identical models give identical bytes.
 """
 
 from __future__ import annotations
@@ -34,18 +37,19 @@ import json
 import os
 import pickle
 import re
+import shutil
 import struct
 from collections.abc import Mapping
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lorat.config import Config, ModelConfig, config_from_dict, config_to_dict
-from lorat.errors import ConfigError, WeightsError
+from lorat.config import Config, LoraConfig, ModelConfig, config_from_dict, config_to_dict
+from lorat.errors import ConfigError, LoratError, WeightsError
 from lorat.lora import add_lora, has_lora, merge_lora
 from lorat.model import LoRAT, resample_pos_embed, sincos_pos_embed
 from lorat.stem import imagenet_stem_weights
@@ -59,6 +63,7 @@ __all__ = [
     "load_official_trainable",
     "load_model",
     "save_model",
+    "save_safetensors",
     "default_weights",
     "default_weights_notice",
     "official_to_peft_keys",
@@ -78,6 +83,19 @@ DINOV2_FILES = {384: "dinov2_vits14_pretrain.pth", 768: "dinov2_vitb14_pretrain.
 _ARCH_NAMES = {384: "ViT-S/14", 768: "ViT-B/14", 1024: "ViT-L/14", 1536: "ViT-g/14"}
 
 # ----------------------------------------------------------------------------- reading
+
+
+# First bytes of files people pass by mistake, and of the two PyTorch containers.
+_MAGIC = [(b"PK\x03\x04", 0, "pytorch"), (b"\x80", 0, "pytorch"),  # zip (torch >= 1.6), legacy pickle
+          (b"ftyp", 4, "a video file"), (b"RIFF", 0, "a video file"), (b"\x1aE\xdf\xa3", 0, "a video file"),
+          (b"\x89PNG", 0, "an image file"), (b"\xff\xd8\xff", 0, "an image file"), (b"GIF8", 0, "an image file")]
+
+
+def _sniff(path: Path) -> str | None:
+    """What a non-safetensors file's first bytes say it is: ``"pytorch"``, ``"a video file"``, ... or None."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    return next((kind for magic, at, kind in _MAGIC if head[at:at + len(magic)] == magic), None)
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -112,7 +130,8 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         (DDP, torch.compile) are stripped.
 
     Raises:
-        WeightsError: missing, empty, truncated or corrupt file, or one holding Python objects.
+        WeightsError: missing, empty, truncated or corrupt file, not a weight file at all (a video, an
+            image, random bytes), one holding Python objects, or one with NaN / inf values.
     """
     path = Path(path)
     if not path.is_file():
@@ -128,6 +147,11 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         except Exception as err:  # safetensors raises its own error types
             raise WeightsError(f"{path}: unreadable safetensors file (truncated or corrupt?): {err}") from None
     else:
+        kind = _sniff(path)
+        if kind is None:
+            raise WeightsError(f"{path}: not a safetensors or PyTorch weight file (unrecognised content)")
+        if kind != "pytorch":
+            raise WeightsError(f"{path}: is {kind}, not weights; pass a .safetensors or .pth weight file")
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
@@ -142,6 +166,10 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
             ) from None
         sd = _unwrap(obj, path)
     sd = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in sd.items()}
+    damaged = sorted(k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if damaged:
+        raise WeightsError(f"{path}: non-finite values (NaN or inf) in {len(damaged)} tensors: {_first(damaged)}; "
+                           f"the file is damaged (or saved from a diverged training run)")
     return sd, meta
 
 
@@ -164,6 +192,14 @@ def detect_format(sd: Mapping[str, torch.Tensor], meta: Mapping[str, str] | None
     return "unknown"
 
 
+_BLOCK_KEY = re.compile(r"blocks\.(?:\d+\.)?(\d+)\.")  # blocks.N. or DINOv2's chunked blocks.C.N.
+
+
+def _file_depth(sd: Mapping[str, torch.Tensor]) -> int:
+    """Number of transformer blocks a state dict holds (0 if none)."""
+    return 1 + max((int(m.group(1)) for k in sd if (m := _BLOCK_KEY.match(k))), default=-1)
+
+
 def _describe(sd: Mapping[str, torch.Tensor]) -> str:
     """A short guess at the architecture a state dict was made for."""
     dim = None
@@ -171,7 +207,7 @@ def _describe(sd: Mapping[str, torch.Tensor]) -> str:
         if key in sd:
             dim = sd[key].shape[0] if key != "token_type_embed" else sd[key].shape[-1]
             break
-    blocks = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(?:\d+\.)?(\d+)\.", k))}
+    blocks = {int(m.group(1)) for k in sd if (m := _BLOCK_KEY.match(k))}
     parts = []
     if dim is not None:
         parts.append(f"embed_dim {dim}" + (f" ({_ARCH_NAMES[dim]})" if dim in _ARCH_NAMES else ""))
@@ -210,6 +246,55 @@ def _check_fit(given: Mapping[str, torch.Tensor], expected: Mapping[str, torch.S
         f"{path}: {what} does not fit model {variant}: {'; '.join(problems)}. "
         f"The file looks like: {_describe(original)}."
     )
+
+
+# Every transformer block holds at least this many tensors (norm1/2, qkv, proj: weight and bias) and
+# at least 4 * C^2 weights (q, k, v and the output projection).
+_MIN_TENSORS_PER_BLOCK = 8
+
+
+def _check_size(cfg: ModelConfig, sd: Mapping[str, torch.Tensor], path: Path, full: bool) -> None:
+    """Refuse a config whose model the file could not fill, before anything is built.
+
+    A config (embedded in a file, or given by the user) decides how much memory building the model
+    takes; a file of a few KB must not be able to ask for hundreds of GB. ``full``: the file should
+    hold the whole transformer (single file, merged, official full, DINOv2), so the number of its
+    values bounds the model size too; otherwise (official trainable-only) only its tensor count does.
+    """
+    b = cfg.backbone
+    tensors = len(sd)
+    values = sum(v.numel() for v in sd.values())
+    need_tensors = b.depth * _MIN_TENSORS_PER_BLOCK
+    need_values = b.depth * 4 * b.embed_dim ** 2 if full else 0
+    if need_tensors > tensors or need_values > values:
+        raise WeightsError(
+            f"{path}: the config describes model {cfg.variant} with embed_dim {b.embed_dim} and depth {b.depth}, "
+            f"at least {max(need_values, need_tensors):,} parameters in {need_tensors:,} tensors, but the file "
+            f"holds {values:,} values in {tensors:,} tensors ({_file_depth(sd)} blocks): the config does not "
+            f"belong to this file. The file looks like: {_describe(sd)}."
+        )
+
+
+def _expected_shapes(cfg: ModelConfig, lora: LoraConfig | None = None) -> dict[str, torch.Size]:
+    """Tensor names and shapes of a model, from a shape-only build on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = LoRAT(cfg)
+        if lora is not None:
+            add_lora(model, lora)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def _build_loaded(cfg: ModelConfig, given: Mapping[str, torch.Tensor], path: Path, what: str,
+                  original: Mapping[str, torch.Tensor], lora: LoraConfig | None = None) -> LoRAT:
+    """Check a whole-model state dict against the config (size, then names and shapes) before
+    allocating the model; then build it (with adapters if ``lora``) and load the weights."""
+    _check_size(cfg, original, path, full=True)
+    _check_fit(given, _expected_shapes(cfg, lora), path, cfg.variant, what, original)
+    model = LoRAT(cfg)
+    if lora is not None:
+        add_lora(model, lora)
+    _load_checked(model, given, None, path, what, original)
+    return model
 
 
 # ----------------------------------------------------------------------------- key mapping
@@ -286,19 +371,28 @@ def _load_checked(model: nn.Module, given: Mapping[str, torch.Tensor], keys: lis
             state[k].copy_(value.to(state[k].dtype))
 
 
-def load_backbone(model: LoRAT, path: str | Path) -> None:
-    """Load pretrained backbone weights into a plain (not yet LoRA) model, in place.
-
-    A ``patch``-stem model takes a DINOv2 file (official or timm); a ``mobilenetv2``-stem model
-    takes torchvision's ImageNet MobileNetV2 state dict (its first 14 feature blocks).
-    """
-    path = Path(path)
+def _read_backbone(cfg: ModelConfig, path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """Read a backbone file and check it is the kind ``cfg``'s stem needs (and, for DINOv2, that
+    the file could fill the configured model) before any model is built. Returns (state dict, format)."""
     sd, meta = read_weights(path)
     fmt = detect_format(sd, meta)
-    if model.cfg.backbone.stem == "mobilenetv2":
+    if cfg.backbone.stem == "mobilenetv2":
         if fmt != "mobilenetv2":
-            raise WeightsError(f"{path}: model {model.cfg.variant} has a mobilenetv2 stem and needs "
+            raise WeightsError(f"{path}: model {cfg.variant} has a mobilenetv2 stem and needs "
                                f"torchvision's ImageNet MobileNetV2 state dict, found a {fmt} file")
+        return sd, fmt
+    if fmt != "dinov2":
+        raise WeightsError(
+            f"{path}: expected a DINOv2 backbone file ({DINOV2_FILES.get(cfg.backbone.embed_dim)}"
+            f" or timm's DINOv2 safetensors), found a {fmt} file"
+        )
+    _check_size(cfg, sd, path, full=True)
+    return sd, fmt
+
+
+def _load_backbone_weights(model: LoRAT, sd: Mapping[str, torch.Tensor], fmt: str, path: Path) -> None:
+    """Copy a backbone state dict checked by :func:`_read_backbone` into ``model``."""
+    if fmt == "mobilenetv2":
         keys = [k for k in model.state_dict() if k.startswith("patch_embed.features.")]
         try:
             stem = imagenet_stem_weights(sd)
@@ -307,13 +401,18 @@ def load_backbone(model: LoRAT, path: str | Path) -> None:
                                f"among its features.* tensors)") from None
         _load_checked(model, stem, keys, path, "MobileNetV2 stem", sd)
         return
-    if fmt != "dinov2":
-        raise WeightsError(
-            f"{path}: expected a DINOv2 backbone file ({DINOV2_FILES.get(model.cfg.backbone.embed_dim)}"
-            f" or timm's DINOv2 safetensors), found a {fmt} file"
-        )
     keys = [k for k in model.state_dict() if k != "token_type_embed" and not k.startswith("head.")]
     _load_checked(model, _dinov2_to_lorat(sd, model, path), keys, path, "DINOv2 backbone", sd)
+
+
+def load_backbone(model: LoRAT, path: str | Path) -> None:
+    """Load pretrained backbone weights into a plain (not yet LoRA) model, in place.
+
+    A ``patch``-stem model takes a DINOv2 file (official or timm); a ``mobilenetv2``-stem model
+    takes torchvision's ImageNet MobileNetV2 state dict (its first 14 feature blocks).
+    """
+    path = Path(path)
+    _load_backbone_weights(model, *_read_backbone(model.cfg, path), path)
 
 
 def load_official_trainable(model: LoRAT, sd: Mapping[str, torch.Tensor], path: Path) -> None:
@@ -334,10 +433,13 @@ def build_lorat(cfg: ModelConfig, backbone_weights: str | Path | None = None, lo
         lora: add peft LoRA adapters and freeze the backbone (the official training build).
         device: where to allocate; ``"meta"`` builds without memory (parameter counting).
     """
+    backbone = None
+    if backbone_weights is not None:  # read and checked before the model takes any memory
+        backbone = (*_read_backbone(cfg, Path(backbone_weights)), Path(backbone_weights))
     with torch.device(device) if device is not None else nullcontext():
         model = LoRAT(cfg)
-    if backbone_weights is not None:
-        load_backbone(model, backbone_weights)
+    if backbone is not None:
+        _load_backbone_weights(model, *backbone)
     if backbone_weights is None or cfg.backbone.stem != "patch":
         with torch.no_grad():
             model.pos_embed.copy_(sincos_pos_embed(model.search_grid, cfg.backbone.embed_dim))
@@ -406,8 +508,7 @@ def load_model(
     cfg = config.model
 
     if fmt in ("lorat", "merged"):
-        model = LoRAT(cfg)
-        _load_checked(model, sd, None, path, f"{fmt} state dict", sd)
+        model = _build_loaded(cfg, sd, path, f"{fmt} state dict", sd)
     elif fmt == "official-trainable":
         if backbone_weights is None:
             raise WeightsError(
@@ -415,6 +516,7 @@ def load_model(
                 f"needs the DINOv2 backbone file too: pass it with --backbone-weights"
                 + (f" ({DINOV2_FILES[cfg.backbone.embed_dim]})" if cfg.backbone.embed_dim in DINOV2_FILES else "")
             )
+        _check_size(cfg, sd, path, full=False)
         model = build_lorat(cfg, backbone_weights)
         load_official_trainable(model, sd, path)
         merge_lora(model)
@@ -424,9 +526,7 @@ def load_model(
             lora_cfg = dataclasses.replace(
                 lora_cfg, alpha=float(sd.pop("lora_alpha", torch.tensor(lora_cfg.alpha)).item()),
                 rslora=bool(sd.pop("use_rslora", torch.tensor(lora_cfg.rslora)).item()))
-        model = LoRAT(cfg)
-        add_lora(model, lora_cfg)
-        _load_checked(model, official_to_peft_keys(sd), None, path, "official full state dict", sd)
+        model = _build_loaded(cfg, official_to_peft_keys(sd), path, "official full state dict", sd, lora_cfg)
         merge_lora(model)
     elif fmt == "mobilenetv2":
         raise WeightsError(f"{path}: is an ImageNet MobileNetV2 file (a stem to train from), not a LoRAT model")
@@ -478,9 +578,46 @@ def save_model(model: LoRAT, config: Config, path: str | Path, dtype: torch.dtyp
           .contiguous() for k, v in model.state_dict().items()}
     meta = {CONFIG_KEY: json.dumps(config_to_dict(config)), FORMAT_KEY: FORMAT_VERSION}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(path), metadata=meta)
+    if path.is_dir():
+        raise LoratError(f"{path} is a directory; give a file name, e.g. {path / 'lorat.safetensors'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_safetensors(sd, path, meta)
+    except (OSError, SafetensorError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).split(" at path")[0]
+        raise LoratError(f"cannot write {path}: {reason}") from None
     return path
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> None:
+    """``safetensors.save_file``, byte-stable and atomic.
+
+    safetensors keeps the metadata in a hash map, so its order in the header (and the file's
+    bytes) varies from process to process; the header is rewritten with the metadata sorted, so
+    identical inputs give identical files. Written to a temporary file and renamed: a kill
+    mid-write never leaves a half file under ``path``.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file(dict(tensors), str(tmp), metadata=dict(metadata))
+        with open(tmp, "r+b") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+            header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+            text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+            text += b" " * (-len(text) % 8)
+            if len(text) == n:  # the usual case: same length, rewrite the header in place
+                f.seek(8)
+                f.write(text)
+            else:
+                copy = tmp.with_name(tmp.name + "2")
+                with open(copy, "wb") as out:
+                    out.write(struct.pack("<Q", len(text)) + text)
+                    shutil.copyfileobj(f, out, 1 << 24)
+                os.replace(copy, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_state_for_info(path: str | Path) -> tuple[str, int]:
