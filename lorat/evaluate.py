@@ -7,23 +7,42 @@
 Running: many sequences advance together, one batched forward pass per step (``--batch``), each
 at its own frame (the official evaluator's scheme). Results are pytracking text files
 ``<output>/<dataset>/<tracker>[_<run>]/<seq>.txt`` written as each sequence finishes, so an
-interrupted run resumes by skipping finished sequences. ``--repeat 3`` tracks everything three
-times (the official protocol for LaSOT_Extension and GOT-10k test) and averages the curves.
+interrupted run resumes by skipping finished sequences. Each run folder holds ``tracker.json``
+(sha256 of the weights and backbone weights, the model and tracking config, the autocast dtype,
+the lorat version), written when the run starts; a run into a folder whose ``tracker.json``
+differs, or that holds results without one, is refused, so results of two trackers are never
+mixed (use another ``--output`` or ``--name``). ``--repeat 3`` tracks everything three times (the
+official protocol for LaSOT_Extension and GOT-10k test) and averages the curves.
 GOT-10k test and TrackingNet test have no public ground truth: they produce the submission zips.
 Otherwise a table is printed and ``metrics.json``, ``sequences.csv`` and success / precision
 plots are written next to the results.
 
 Scoring (``score``): reads one tracker's ``<seq>.txt`` files per ``--results`` folder (ours or
-anyone's; several folders are compared in one plot) and prints the same metrics.
+anyone's; several folders are compared in one plot) and prints the same metrics. Malformed files
+(a line that is not 4 numbers, a negative size, ``inf``, a ``_time.txt`` value that is not a
+number of seconds) are errors naming the file and line; ``nan`` boxes are misses (a warning counts
+those on frames with a visible target).
 
-Datasets: ``lasot`` (test split: ``testing_set.txt`` in the root, else every sequence),
-``lasot_ext``, ``got10k`` (``--split val`` or ``test``), ``trackingnet`` (test), ``tnl2k``,
+Initialisation and absent targets: a sequence starts on its *init frame*, the first frame whose
+target is present (frame 1 on every public benchmark; LORAT_SPEC 4 and 5.1), with the ground-truth
+box clipped to the frame, as ``Tracker.init`` does. Frames before it are written as ``nan``
+placeholders (boxes and times); their ground truth is absent, so no metric looks at them. The
+init frame is scored as its ground truth (pytracking overwrites frame 1 the same way, also in
+foreign result files). A sequence whose target is never present has nothing to initialise on: it
+is left out of running and scoring alike, with a note (an error for GOT-10k / TrackingNet test,
+whose submissions need every sequence). An unreadable image on an init frame is an error naming
+it; an unreadable later frame repeats the previous box, with a warning.
+
+Datasets: ``lasot`` (``--split test``, the default, or ``train``: ``testing_set.txt`` /
+``training_set.txt`` in the root, else every sequence), ``lasot_ext``, ``got10k`` (``--split val``,
+the default, ``test`` or ``train``), ``trackingnet`` (``test`` or ``train``), ``tnl2k``,
 ``custom``. Metrics follow :mod:`lorat.metrics` (pytracking-compatible).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -38,21 +57,34 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from lorat import __version__
+from lorat.boxes import clip_xyxy, is_valid_xyxy
 from lorat.checkpoint import default_weights, load_model
-from lorat.config import load_config
+from lorat.config import Config, config_to_dict, load_config
 from lorat.data.sequences import DATASETS, DatasetError, Sequence, read_dataset
 from lorat.errors import LoratError, run_cli
 from lorat.metrics import SequenceCurves, got10k_metrics, sequence_curves, summarize
 from lorat.report import format_table, mean_curves, plot_curves, write_report
-from lorat.results import FILE_OFFSET, finished, read_sequence, write_got10k_zip, write_sequence, write_trackingnet_zip
+from lorat.results import (
+    FILE_OFFSET,
+    claim_folder,
+    finished,
+    read_sequence,
+    read_times,
+    write_got10k_zip,
+    write_sequence,
+    write_trackingnet_zip,
+)
 from lorat.tracker import TrackState, init_state, resolve_device, resolve_dtype, to_frame_tensor, track_step
 from lorat.video import read_rgb
 
-__all__ = ["main", "track_sequences", "score_results"]
+__all__ = ["main", "track_sequences", "score_results", "init_frame", "tracker_manifest"]
 
 DEFAULT_SPLIT = {"lasot": "test", "lasot_ext": "test", "got10k": "val", "trackingnet": "test", "tnl2k": "test",
                  "custom": "test"}
+SPLITS = {"lasot": ("test", "train"), "got10k": ("val", "test", "train"), "trackingnet": ("test", "train")}
 SUBMISSION_ONLY = {("got10k", "test"), ("trackingnet", "test")}
+MANIFEST_IGNORED = ("weights.file", "backbone_weights.file")  # in tracker.json for people, not compared
 
 
 def _gt(seq: Sequence) -> tuple[np.ndarray, np.ndarray]:
@@ -66,52 +98,119 @@ def _gt(seq: Sequence) -> tuple[np.ndarray, np.ndarray]:
     return xywh, track.present
 
 
-class _Running:
-    """A sequence being tracked: where it is, and what it produced so far."""
+def init_frame(seq: Sequence) -> int | None:
+    """Index of the frame a sequence starts on: the first with the target present (None: never)."""
+    present = np.flatnonzero(seq.tracks[0].present[:len(seq)])
+    return int(present[0]) if len(present) else None
 
-    def __init__(self, seq: Sequence):
-        self.seq, self.index = seq, 0
-        self.boxes: list[np.ndarray] = []
-        self.times: list[float] = []
+
+def _listed(names: list[str], limit: int = 5) -> str:
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _trackable(name: str, split: str, sequences: list[Sequence], verbose: bool = True) -> list[Sequence]:
+    """The sequences that can be evaluated: those whose target is present on some frame.
+
+    The others are left out with a note (``verbose``), for running and scoring alike.
+
+    Raises:
+        DatasetError: a submission-only split has such a sequence (the server needs every one),
+            or no sequence is left.
+    """
+    never = [s.name for s in sequences if init_frame(s) is None]
+    if never and (name, split) in SUBMISSION_ONLY:
+        raise DatasetError(f"{name} {split}: no initial box for {_listed(never)}; the submission needs every sequence")
+    if never and verbose:
+        print(f"note: target never visible in {len(never)} sequence(s), left out of running and scoring: "
+              f"{_listed(never)}", file=sys.stderr)
+    kept = [s for s in sequences if init_frame(s) is not None]
+    if not kept:
+        raise DatasetError(f"dataset {name} ({split}): no sequence with a visible target to evaluate")
+    return kept
+
+
+def _init_frames(sequences: list[Sequence]) -> list[int]:
+    """The init frame of every sequence, checked before anything is tracked.
+
+    Raises:
+        DatasetError: a target is never visible, or an init frame's image file is missing (names them).
+    """
+    starts = [init_frame(s) for s in sequences]
+    never = [s.name for s, start in zip(sequences, starts, strict=True) if start is None]
+    if never:
+        raise DatasetError(f"target never visible, nothing to initialise on: {_listed(never)}")
+    missing = [f"{s.name}: {s.frames[start]}" for s, start in zip(sequences, starts, strict=True)
+               if not s.frames[start].is_file()]
+    if missing:
+        raise DatasetError(f"image of the init frame missing for {len(missing)} sequence(s): {_listed(missing, 3)}")
+    return starts
+
+
+def _init_box(seq: Sequence, index: int, image: np.ndarray | None) -> torch.Tensor:
+    """(1, 4) xyxy float64 init box of frame ``index``, clipped to the frame as ``Tracker.init`` does.
+
+    Raises:
+        DatasetError: the frame's image cannot be read, or the box lies outside the frame.
+    """
+    if image is None:
+        raise DatasetError(f"{seq.name}: cannot read {seq.frames[index]}, the frame tracking starts on")
+    h, w = image.shape[:2]
+    box = clip_xyxy(torch.from_numpy(seq.tracks[0].boxes[index:index + 1].copy()), w, h)
+    if not bool(is_valid_xyxy(box).all()):
+        raise DatasetError(f"{seq.name}: the ground-truth box of frame {index + 1} lies outside the {w}x{h} frame")
+    return box
+
+
+def _xywh(xyxy: np.ndarray) -> np.ndarray:
+    """(N, 4) xyxy -> (N, 4) xywh."""
+    return np.concatenate([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], axis=1)
+
+
+class _Running:
+    """A sequence being tracked: where it is, and what it produced so far.
+
+    Frames before the init frame hold ``nan`` placeholders (no box, no time).
+    """
+
+    def __init__(self, seq: Sequence, start: int):
+        self.seq, self.start, self.index = seq, start, start
+        self.boxes: list[np.ndarray] = [np.full(4, np.nan)] * start
+        self.times: list[float] = [float("nan")] * start
         self.size: tuple[int, int] | None = None
 
 
 def track_sequences(model, config, sequences: list[Sequence], folder: Path, offset: float, batch: int,
                     dtype, progress: bool = True) -> None:
-    """Track sequences (batched, each at its own frame) and write their result files as they finish."""
+    """Track sequences (batched, each at its own frame) and write their result files as they finish.
+
+    Raises:
+        DatasetError: a sequence's target is never visible, or its init frame is unreadable.
+        LoratError: a result file cannot be written.
+    """
     device = model.device
-    pending = list(sequences)
+    pending = list(zip(sequences, _init_frames(sequences), strict=True))
     active: list[_Running] = []
     state: TrackState | None = None
-    bar = tqdm(total=sum(len(s) for s in pending), unit="frame", desc=f"{folder.name}", disable=not progress,
-               dynamic_ncols=True)
+    frames_bar = tqdm(total=sum(len(s) for s in sequences), unit="frame", desc=f"{folder.name}", disable=not progress,
+                      dynamic_ncols=True)
     seq_bar = tqdm(total=len(pending), unit="seq", desc="sequences", disable=not progress, position=1,
                    dynamic_ncols=True)
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    with frames_bar as bar, seq_bar, ThreadPoolExecutor(max_workers=4) as pool:
         while pending or active:
             joining = []
             while pending and len(active) + len(joining) < batch:
-                joining.append(_Running(pending.pop(0)))
-            everyone = active + joining
-            images = list(pool.map(lambda r: read_rgb(r.seq.frames[r.index]), everyone))
+                joining.append(_Running(*pending.pop(0)))
+            images = list(pool.map(lambda r: read_rgb(r.seq.frames[r.index]), active + joining))
             start = time.perf_counter()
-            # sequences joining now: initialise on their first frame (output = the init box)
-            new_states, kept_joining = [], []
+            # sequences joining now: initialise on their init frame (output = the clipped init box)
+            new_states = []
             for r, image in zip(joining, images[len(active):], strict=True):
-                gt, _ = _gt(r.seq)
-                if image is None or not np.isfinite(gt[0]).all() or gt[0, 2] <= 0 or gt[0, 3] <= 0:
-                    warnings.warn(f"{r.seq.name}: first frame unreadable or without a box; sequence skipped",
-                                  stacklevel=1)
-                    seq_bar.update(1)
-                    bar.update(len(r.seq))
-                    continue
-                frame = to_frame_tensor(image, device)
+                box = _init_box(r.seq, r.index, image)
                 r.size = (image.shape[1], image.shape[0])
-                box = torch.tensor([[gt[0, 0], gt[0, 1], gt[0, 0] + gt[0, 2], gt[0, 1] + gt[0, 3]]],
-                                   dtype=torch.float64)
-                new_states.append(init_state([frame], box, model.cfg, config.tracking))
-                r.boxes.append(gt[0].copy())
-                kept_joining.append(r)
+                new_states.append(init_state([to_frame_tensor(image, device)], box, model.cfg, config.tracking))
+                r.boxes.append(_xywh(box.numpy())[0])
+                bar.update(r.start)
             # sequences already running: one batched step
             if active:
                 frames = []
@@ -122,17 +221,16 @@ def track_sequences(model, config, sequences: list[Sequence], folder: Path, offs
                         image = np.zeros((r.size[1], r.size[0], 3), np.uint8)
                     frames.append(to_frame_tensor(image, device))
                 step = track_step(model, state, frames, config.tracking, dtype)
-                boxes = step.box.cpu().numpy()
+                boxes = _xywh(step.box.cpu().numpy())
                 state = step.state
-                for k, (r, image) in enumerate(zip(active, images[:len(active)], strict=True)):
-                    xywh = np.array([boxes[k, 0], boxes[k, 1], boxes[k, 2] - boxes[k, 0], boxes[k, 3] - boxes[k, 1]])
+                for r, image, xywh in zip(active, images[:len(active)], boxes, strict=True):
                     r.boxes.append(xywh if image is not None else r.boxes[-1])
-            elapsed = (time.perf_counter() - start) / max(len(active) + len(kept_joining), 1)
-            for r in active + kept_joining:
+            elapsed = (time.perf_counter() - start) / max(len(active) + len(joining), 1)
+            for r in active + joining:
                 r.times.append(elapsed)
                 r.index += 1
-            bar.update(len(active) + len(kept_joining))
-            active = active + kept_joining
+            bar.update(len(active) + len(joining))
+            active = active + joining
             state = TrackState.cat(([state] if state is not None else []) + new_states) if active else None
             done = [i for i, r in enumerate(active) if r.index >= len(r.seq)]
             for i in done:
@@ -143,36 +241,49 @@ def track_sequences(model, config, sequences: list[Sequence], folder: Path, offs
                 keep = [i for i in range(len(active)) if i not in done]
                 active = [active[i] for i in keep]
                 state = state.select(keep) if keep else None
-    bar.close()
-    seq_bar.close()
+
+
+def _fps(path: Path) -> float:
+    """Frames per second from a ``<seq>_time.txt`` file (NaN when absent or empty; placeholders ignored)."""
+    if not path.is_file():
+        return float("nan")
+    times = read_times(path)
+    times = times[np.isfinite(times)]
+    return float(1 / times.mean()) if len(times) and times.mean() > 0 else float("nan")
 
 
 def score_results(dataset: str, sequences: list[Sequence], folder: Path) -> tuple[dict, list, SequenceCurves]:
     """Score one tracker's result folder; returns (summary, per-sequence rows, mean curves).
 
+    ``sequences`` should hold only sequences with an init frame (see :func:`init_frame`).
+
     Raises:
-        DatasetError: result files missing or with the wrong number of lines (named).
+        DatasetError: folder not found; result files missing or malformed (named, with the line);
+            a malformed ``_time.txt`` file.
     """
+    if not folder.is_dir():
+        raise DatasetError(f"results folder not found: {folder}" if not folder.exists() else
+                           f"--results must name a folder of <sequence>.txt files, got the file {folder}")
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise DatasetError(f"cannot read results folder {folder}: permission denied")
     missing = [s.name for s in sequences if not (folder / f"{s.name}.txt").is_file()]
     if missing:
-        more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
         raise DatasetError(f"{folder}: no result file for {len(missing)} of {len(sequences)} sequences: "
-                           f"{', '.join(missing[:5])}{more}")
+                           f"{_listed(missing)}")
     offset = FILE_OFFSET.get(dataset, 0.0)
     rows, curves, preds, gts, presents = [], [], [], [], []
     for seq in sequences:
         gt, present = _gt(seq)
         pred = read_sequence(folder / f"{seq.name}.txt", len(gt), offset)
-        if not np.isfinite(pred).all():
-            warnings.warn(f"{seq.name}: {int((~np.isfinite(pred).all(1)).sum())} NaN/inf boxes, scored as misses",
+        lost = int((~np.isfinite(pred).all(axis=1) & present).sum())
+        if lost:
+            warnings.warn(f"{seq.name}: {lost} NaN boxes on frames with a visible target, scored as misses",
                           stacklevel=1)
-        pred[0] = np.where(np.isfinite(gt[0]), gt[0], pred[0])  # frame 1 is the init box (pytracking rule)
+        start = init_frame(seq)
+        if start is not None:
+            pred[start] = gt[start]  # the init frame is scored as its ground truth (pytracking: frame 1)
         c = sequence_curves(pred, gt, present, dataset)
-        times_path = folder / f"{seq.name}_time.txt"
-        fps = float("nan")
-        if times_path.is_file():
-            times = np.loadtxt(times_path, ndmin=1)
-            fps = float(1 / times.mean()) if len(times) and times.mean() > 0 else float("nan")
+        fps = _fps(folder / f"{seq.name}_time.txt")
         rows.append((seq.name, c, len(gt), fps))
         curves.append(c)
         preds.append(pred)
@@ -183,23 +294,83 @@ def score_results(dataset: str, sequences: list[Sequence], folder: Path) -> tupl
     if fps_values:
         summary["fps"] = float(1 / np.mean([1 / f for f in fps_values]))
     if dataset == "got10k":
-        summary |= got10k_metrics(preds, gts, presents)
+        try:
+            summary |= got10k_metrics(preds, gts, presents)
+        except ValueError as err:
+            raise DatasetError(f"{folder}: cannot compute GOT-10k AO: {err}") from None
     return summary, rows, mean_curves(curves)
 
 
+def _sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as err:
+        raise LoratError(f"cannot read {path}: {err.strerror or err}") from None
+    return digest.hexdigest()
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    return "float32" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def tracker_manifest(weights: Path, backbone_weights: Path | None, config: Config,
+                     dtype: torch.dtype | None) -> dict:
+    """What identifies a tracker's results: weight file hashes, model and tracking config, dtype, lorat version."""
+    data = config_to_dict(config)
+    return {
+        "lorat": __version__,
+        "weights": {"file": str(weights), "sha256": _sha256(weights)},
+        "backbone_weights": None if backbone_weights is None else {"file": str(backbone_weights),
+                                                                   "sha256": _sha256(backbone_weights)},
+        "dtype": _dtype_name(dtype),
+        "model": data["model"],
+        "tracking": data["tracking"],
+    }
+
+
+def _labels(folders: list[Path]) -> list[str]:
+    """Distinct names for result folders: the folder name, with parent names added until they differ.
+
+    Raises:
+        LoratError: the same folder is given twice.
+    """
+    parts = [f.resolve().parts for f in folders]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        labels = ["-".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    raise LoratError("the same --results folder is given twice")
+
+
 def _dataset_arg(text: str, split: str | None) -> tuple[str, str, str]:
+    """``--dataset NAME=PATH`` and ``--split`` -> (name, path, split), checked.
+
+    Raises:
+        LoratError: malformed argument, unknown dataset, empty path, or a split the dataset lacks.
+    """
     if "=" not in text:
         raise LoratError(f"--dataset expects NAME=PATH, got {text!r} (names: {', '.join(DEFAULT_SPLIT)})")
     name, path = text.split("=", 1)
     if name not in DATASETS or name == "coco":
         raise LoratError(f"unknown evaluation dataset {name!r}; use one of {', '.join(DEFAULT_SPLIT)}")
-    return name, path, split or DEFAULT_SPLIT[name]
+    if not path.strip():
+        raise LoratError(f"--dataset {name}= needs a path after '='")
+    split = split or DEFAULT_SPLIT[name]
+    if split not in SPLITS.get(name, (DEFAULT_SPLIT[name],)):
+        raise LoratError(f"dataset {name} has no split {split!r}; use "
+                         f"{' or '.join(SPLITS.get(name, (DEFAULT_SPLIT[name],)))}")
+    return name, path, split
 
 
 def _read(name: str, path: str, split: str) -> list[Sequence]:
     sequences = read_dataset(name, path, split, for_training=False)
-    if name == "lasot" and not (Path(path) / "testing_set.txt").is_file():
-        print(f"note: {path} has no testing_set.txt; evaluating all {len(sequences)} sequences", file=sys.stderr)
+    listing = f"{split}ing_set.txt"
+    if name == "lasot" and not (Path(path) / listing).is_file():
+        print(f"note: {path} has no {listing}; evaluating all {len(sequences)} sequences", file=sys.stderr)
     return sequences
 
 
@@ -212,18 +383,21 @@ def _score_main(argv: Seq[str]) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
     name, path, split = _dataset_arg(args.dataset, args.split)
-    sequences = _read(name, path, split)
+    if (name, split) in SUBMISSION_ONLY:
+        raise LoratError(f"{name} {split} has no public ground truth to score against; submit the zip that "
+                         f"python -m lorat.evaluate writes to the evaluation server")
+    labels = _labels(args.results)
+    sequences = _trackable(name, split, _read(name, path, split))
     results, curves = {}, {}
-    for folder in args.results:
+    for folder, label in zip(args.results, labels, strict=True):
         summary, rows, mean = score_results(name, sequences, folder)
-        label = folder.name
         results[label], curves[label] = summary, mean
         if args.output:
             write_report(args.output / label, summary, rows)
     if args.output:
         plot_curves(args.output, curves, name)
     if args.json:
-        print(json.dumps(results[args.results[0].name] if len(results) == 1 else results, indent=2))
+        print(json.dumps(results[labels[0]] if len(results) == 1 else results, indent=2))
     else:
         print(format_table(results))
     return 0
@@ -251,8 +425,8 @@ def main(argv: Seq[str] | None = None) -> int:
     if args.repeat < 1 or args.batch < 1:
         raise LoratError("--repeat and --batch must be at least 1")
     name, path, split = _dataset_arg(args.dataset, args.split)
-    sequences = _read(name, path, split)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    sequences = _trackable(name, split, _read(name, path, split), verbose=rank == 0)
     device = resolve_device(args.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -260,11 +434,18 @@ def main(argv: Seq[str] | None = None) -> int:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         config = load_config(args.config) if args.config else None
-        model, config = load_model(args.weights or default_weights(), config, args.backbone_weights, device=device)
+        weights = Path(args.weights) if args.weights else default_weights()
+        model, config = load_model(weights, config, args.backbone_weights, device=device)
         dtype = resolve_dtype(args.dtype, device)
         tracker = (args.name or config.model.variant).replace("/", "-")
+        if tracker.strip(".") == "":
+            raise LoratError(f"--name must be usable as a folder name, got {tracker!r}")
         runs = [args.output / name / (tracker if args.repeat == 1 else f"{tracker}_{r:03d}")
                 for r in range(1, args.repeat + 1)]
+        manifest = tracker_manifest(weights, Path(args.backbone_weights) if args.backbone_weights else None,
+                                    config, dtype)
+        for folder in runs:
+            claim_folder(folder, manifest, ignore=MANIFEST_IGNORED)
         offset = FILE_OFFSET.get(name, 0.0)
         for folder in runs:
             todo = [s for i, s in enumerate(sequences) if i % world == rank and not finished(folder, s.name, len(s))]
@@ -285,7 +466,7 @@ def main(argv: Seq[str] | None = None) -> int:
 def _finish(name: str, split: str, sequences: list[Sequence], runs: list[Path], tracker: str, out: Path) -> None:
     """Submission zips, or metrics averaged over the runs (table, json, csv, plots)."""
     if (name, split) in SUBMISSION_ONLY:
-        loaded = [{s.name: (read_sequence(f / f"{s.name}.txt", None), np.loadtxt(f / f"{s.name}_time.txt", ndmin=1))
+        loaded = [{s.name: (read_sequence(f / f"{s.name}.txt", len(s)), read_times(f / f"{s.name}_time.txt", len(s)))
                    for s in sequences} for f in runs]
         if name == "got10k":
             path = write_got10k_zip(out / "GOT10k-test.zip", tracker, loaded)

@@ -19,9 +19,14 @@ Per sequence, predictions and ground truth are xywh in pixels:
   21 success values, P = precision at 20 px, P_norm = normalised precision at 0.20.
 
 Frame 0 is scored like any other frame; runners write the init box there (``lorat.evaluate``
-also overwrites frame 0 of foreign result files with the ground truth, as pytracking does).
+also overwrites frame 0 of foreign result files with the ground truth, as pytracking does; for a
+sequence whose target is absent at first it starts, and overwrites, on the first present frame).
 Zero-size predictions are not replaced: their IoU is 0, their centre x + (0 - 1) / 2 is still
-scored for precision.
+scored for precision. NaN predictions (a lost target) are misses on every curve (``lorat.evaluate``
+warns about those on frames with a visible target). Predictions with a negative width or height
+or an infinite value have no meaning and are refused (``ValueError`` naming the frame;
+:func:`lorat.results.read_sequence` already names the file and line). Predictions on invalid
+frames (absent target) are never looked at, so any placeholder is fine there.
 
 GOT-10k metrics (:func:`got10k_metrics`, the GOT-10k toolkit convention): continuous IoU, first
 frame and absent frames excluded, IoUs of all sequences pooled; AO = mean IoU, SR0.5 / SR0.75 =
@@ -35,8 +40,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["SequenceCurves", "sequence_curves", "summarize", "got10k_metrics", "SUCCESS_THRESHOLDS",
-           "PRECISION_THRESHOLDS", "NORM_PRECISION_THRESHOLDS", "ABSENT_AS_MISS"]
+__all__ = ["SequenceCurves", "sequence_curves", "check_predictions", "summarize", "got10k_metrics",
+           "SUCCESS_THRESHOLDS", "PRECISION_THRESHOLDS", "NORM_PRECISION_THRESHOLDS", "ABSENT_AS_MISS"]
 
 SUCCESS_THRESHOLDS = np.linspace(0, 1, 21)
 PRECISION_THRESHOLDS = np.arange(0, 51, dtype=np.float64)
@@ -54,6 +59,19 @@ class SequenceCurves:
     norm_precision: np.ndarray
 
 
+def check_predictions(pred_xywh: np.ndarray) -> None:
+    """Refuse predictions with a negative width or height or an infinite value (NaN is allowed).
+
+    Raises:
+        ValueError: names the first such frame (1-based).
+    """
+    pred = np.asarray(pred_xywh, dtype=np.float64)
+    bad = np.flatnonzero(np.isinf(pred).any(axis=1) | (pred[:, 2:] < 0).any(axis=1))
+    if len(bad):
+        raise ValueError(f"frame {bad[0] + 1}: prediction {pred[bad[0]].tolist()} has a negative size "
+                         f"or an infinite value ({len(bad)} such frames)")
+
+
 def sequence_curves(pred_xywh: np.ndarray, gt_xywh: np.ndarray, present: np.ndarray | None = None,
                     dataset: str = "") -> SequenceCurves:
     """Curves of one sequence.
@@ -68,6 +86,7 @@ def sequence_curves(pred_xywh: np.ndarray, gt_xywh: np.ndarray, present: np.ndar
     gt = np.asarray(gt_xywh, dtype=np.float64)
     if pred.shape != gt.shape:
         raise ValueError(f"prediction has {len(pred)} boxes, ground truth {len(gt)}")
+    check_predictions(pred)
     present = np.ones(len(gt), dtype=bool) if present is None else np.asarray(present, dtype=bool)
     with np.errstate(invalid="ignore"):
         valid = (gt[:, 2] > 0) & (gt[:, 3] > 0)
@@ -125,6 +144,7 @@ def got10k_metrics(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray],
     """
     pooled = []
     for pred, gt, present in zip(preds, gts, presents, strict=True):
+        check_predictions(pred)
         pred, gt = np.asarray(pred, dtype=np.float64)[1:], np.asarray(gt, dtype=np.float64)[1:]
         keep = np.ones(len(gt), dtype=bool) if present is None else np.asarray(present, dtype=bool)[1:]
         keep &= np.isfinite(gt).all(axis=1) & (gt[:, 2] > 0) & (gt[:, 3] > 0)

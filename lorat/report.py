@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from lorat.errors import LoratError
 from lorat.metrics import NORM_PRECISION_THRESHOLDS, PRECISION_THRESHOLDS, SUCCESS_THRESHOLDS, SequenceCurves, summarize
 
 __all__ = ["format_table", "write_report", "plot_curves", "mean_curves"]
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn a failure to write under ``path`` into a :class:`LoratError` naming it."""
+    try:
+        yield
+    except OSError as err:
+        raise LoratError(f"cannot write {err.filename or path}: {err.strerror or err}") from None
 
 
 def mean_curves(curves: Sequence[SequenceCurves]) -> SequenceCurves:
@@ -35,26 +46,36 @@ def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
 
 def write_report(folder: Path, summary: Mapping,
                  per_sequence: Sequence[tuple[str, SequenceCurves, int, float]]) -> None:
-    """``metrics.json`` (the summary) and ``sequences.csv`` (name, AUC, P, P_norm, frames, fps)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-    with open(folder / "sequences.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["sequence", "success_auc", "precision", "norm_precision", "frames", "fps"])
-        for name, c, frames, fps in per_sequence:
-            s = summarize([c])
-            w.writerow([name, f"{s['success_auc']:.4f}", f"{s['precision']:.4f}", f"{s['norm_precision']:.4f}",
-                        frames, f"{fps:.2f}" if fps == fps else ""])
+    """``metrics.json`` (the summary) and ``sequences.csv`` (name, AUC, P, P_norm, frames, fps).
+
+    Raises:
+        LoratError: the folder cannot be written (names it).
+    """
+    with _writing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        with open(folder / "sequences.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["sequence", "success_auc", "precision", "norm_precision", "frames", "fps"])
+            for name, c, frames, fps in per_sequence:
+                s = summarize([c])
+                w.writerow([name, f"{s['success_auc']:.4f}", f"{s['precision']:.4f}", f"{s['norm_precision']:.4f}",
+                            frames, f"{fps:.2f}" if fps == fps else ""])
 
 
 def plot_curves(folder: Path, curves: Mapping[str, SequenceCurves], title: str = "") -> list[Path]:
-    """success.png, precision.png, norm_precision.png with one curve per tracker (AUC / value in the legend)."""
+    """success.png, precision.png, norm_precision.png with one curve per tracker (AUC / value in the legend).
+
+    Raises:
+        LoratError: the folder cannot be written (names it).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    folder.mkdir(parents=True, exist_ok=True)
+    with _writing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
     specs = [("success", SUCCESS_THRESHOLDS, "Overlap threshold", "Success rate", lambda c: c.mean(), "AUC"),
              ("precision", PRECISION_THRESHOLDS, "Location error threshold (px)", "Precision", lambda c: c[20], "P@20"),
              ("norm_precision", NORM_PRECISION_THRESHOLDS, "Normalised location error threshold",
@@ -72,7 +93,10 @@ def plot_curves(folder: Path, curves: Mapping[str, SequenceCurves], title: str =
         ax.legend(loc="lower left" if field == "success" else "lower right", fontsize=8)
         fig.tight_layout()
         path = folder / f"{field}.png"
-        fig.savefig(path)
-        plt.close(fig)
+        try:
+            with _writing(path):
+                fig.savefig(path)
+        finally:
+            plt.close(fig)
         paths.append(path)
     return paths

@@ -1,7 +1,9 @@
 """End-to-end evaluation: synthetic LaSOT -> tracked results -> score, resume, repeats, submissions."""
 
 import json
+import re
 import shutil
+import warnings
 import zipfile
 
 import numpy as np
@@ -189,3 +191,196 @@ def test_torchrun_shards_sequences(setup, tmp_path):
     one = json.loads((tmp_path / "one" / "lasot" / "debug_metrics.json").read_text())
     two = json.loads((tmp_path / "two" / "lasot" / "debug_metrics.json").read_text())
     assert two["sequences"] == 3 and two["success_auc"] == pytest.approx(one["success_auc"], abs=1e-4)
+
+
+def _error(err):
+    """The ``error:`` line of a failed CLI run's stderr (checked to be the last line, no traceback)."""
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: "), err
+    return line
+
+
+def _copy_data(data, dst):
+    shutil.copytree(data, dst)
+    return dst
+
+
+def _flags(path, flags):
+    path.write_text(",".join(str(f) for f in flags) + "\n")
+
+
+def test_targets_absent_at_first_or_always(setup, tmp_path, capsys):
+    data, weights = setup
+    data = _copy_data(data, tmp_path / "data")
+    seqs = data / "synthetic"
+    _flags(seqs / "synthetic-2" / "full_occlusion.txt", [1, 1, 1] + [0] * 9)  # visible from frame 4 on
+    _flags(seqs / "synthetic-3" / "out_of_view.txt", [1] * 12)  # never visible
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert _evaluate(data, weights, out) == 0
+    err = capsys.readouterr().err
+    assert "synthetic-3" in err and "never visible" in err  # excluded from running and scoring, with a note
+    folder = out / "lasot" / "debug"
+    assert not (folder / "synthetic-3.txt").exists()
+    lines = (folder / "synthetic-2.txt").read_text().splitlines()
+    assert len(lines) == 12 and lines[:3] == ["nan\tnan\tnan\tnan"] * 3  # placeholders before the init frame
+    gt = (seqs / "synthetic-2" / "groundtruth.txt").read_text().splitlines()
+    assert [float(v) for v in lines[3].split("\t")] == [float(v) for v in gt[3].split(",")]  # init on frame 4
+    times = (folder / "synthetic-2_time.txt").read_text().splitlines()
+    assert len(times) == 12 and times[:3] == ["nan"] * 3
+    run = json.loads((folder / "metrics.json").read_text())
+    assert run["sequences"] == 2
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # placeholders are on frames without a visible target: no NaN warning
+        assert run_cli(main, ["score", "--dataset", f"lasot={data}", "--results", str(folder), "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["success_auc"] == pytest.approx(run["success_auc"], abs=1e-9) and scored["sequences"] == 2
+    assert np.isfinite(scored["fps"])
+    assert _evaluate(data, weights, out) == 0  # resume: nothing left to do
+    assert "2 finished sequences skipped" in capsys.readouterr().out
+
+
+def test_unreadable_init_frame_is_an_error(setup, tmp_path, capsys):
+    data, weights = setup
+    data = _copy_data(data, tmp_path / "data")
+    (data / "synthetic" / "synthetic-2" / "img" / "00000001.jpg").write_bytes(b"not a jpeg")
+    capsys.readouterr()
+    assert _evaluate(data, weights, tmp_path / "out") == 2
+    err = _error(capsys.readouterr().err)
+    assert "synthetic-2" in err and "00000001.jpg" in err
+    (data / "synthetic" / "synthetic-3" / "img" / "00000001.jpg").unlink()  # missing: found before tracking
+    assert _evaluate(data, weights, tmp_path / "out") == 2
+    err = _error(capsys.readouterr().err)
+    assert "init frame missing" in err and "synthetic-3" in err
+    assert not list((tmp_path / "out" / "lasot" / "debug").glob("synthetic-*.txt"))
+
+
+def test_resume_checks_it_is_the_same_tracker(setup, tmp_path, capsys):
+    import hashlib
+
+    data, weights = setup
+    out = tmp_path / "out"
+    assert _evaluate(data, weights, out) == 0
+    folder = out / "lasot" / "debug"
+    manifest = json.loads((folder / "tracker.json").read_text())
+    assert manifest["weights"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert manifest["dtype"] == "float32" and "window_penalty" in manifest["tracking"]
+    before = (folder / "synthetic-1.txt").read_text()
+    (folder / "synthetic-1.txt").unlink()  # an interrupted run: one sequence left to do
+    cfg = load_config(ROOT / "configs" / "debug.yaml")
+    torch.manual_seed(1)
+    other = save_model(build_lorat(cfg.model, lora=False).eval(), cfg, tmp_path / "other.safetensors")
+    capsys.readouterr()
+    assert _evaluate(data, other, out) == 2
+    err = _error(capsys.readouterr().err)
+    assert "weights" in err and "--output or --name" in err
+    assert not (folder / "synthetic-1.txt").exists()  # nothing mixed in
+    assert _evaluate(data, weights, out, "--dtype", "bfloat16") == 2
+    assert "dtype" in capsys.readouterr().err
+    assert _evaluate(data, weights, out) == 0  # the same tracker resumes
+    assert (folder / "synthetic-1.txt").read_text() == before
+    assert _evaluate(data, other, out, "--name", "other") == 0
+    (folder / "tracker.json").unlink()  # results of unknown origin are not reused either
+    capsys.readouterr()
+    assert _evaluate(data, weights, out) == 2
+    assert "tracker.json" in capsys.readouterr().err
+
+
+def _result_lines(folder, name):
+    return (folder / f"{name}.txt").read_text().splitlines()
+
+
+def test_malformed_result_and_time_files(setup, tmp_path, capsys):
+    data, weights = setup
+    _evaluate(data, weights, tmp_path / "run")
+    folder = tmp_path / "run" / "lasot" / "debug"
+    broken = tmp_path / "broken"
+
+    def score(*extra):
+        capsys.readouterr()
+        code = run_cli(main, ["score", "--dataset", f"lasot={data}", "--results", str(broken), *extra])
+        return code, capsys.readouterr().err
+
+    for bad, expected in (("10\t10\t-5\t20", r"synthetic-3.txt:5: .*negative"),
+                          ("10\t10\tinf\t20", r"synthetic-3.txt:5: .*inf"),
+                          ("-inf\t10\t5\t20", r"synthetic-3.txt:5: .*inf")):
+        shutil.rmtree(broken, ignore_errors=True)
+        shutil.copytree(folder, broken)
+        lines = _result_lines(folder, "synthetic-3")
+        lines[4] = bad
+        (broken / "synthetic-3.txt").write_text("\n".join(lines) + "\n")
+        code, err = score()
+        assert code == 2 and re.search(expected, err), err
+    shutil.rmtree(broken)
+    shutil.copytree(folder, broken)
+    (broken / "synthetic-1_time.txt").write_text("0.1\nslow\n")
+    code, err = score()
+    assert code == 2 and "synthetic-1_time.txt:2" in err, err
+    (broken / "synthetic-1_time.txt").write_text("0.1\n-0.5\n")
+    code, err = score()
+    assert code == 2 and "synthetic-1_time.txt:2" in err, err
+    code, err = run_cli(main, ["score", "--dataset", f"lasot={data}", "--results", str(tmp_path / "nope")]), \
+        capsys.readouterr().err
+    assert code == 2 and "results folder not found" in err
+
+
+def test_score_labels_are_unique(setup, tmp_path, capsys):
+    data, weights = setup
+    _evaluate(data, weights, tmp_path / "a")
+    folder = tmp_path / "a" / "lasot" / "debug"
+    other = tmp_path / "b" / "debug"
+    shutil.copytree(folder, other)
+    for path in other.glob("synthetic-?.txt"):
+        lines = path.read_text().splitlines()
+        path.write_text("\n".join(lines[:1] + ["0\t0\t5\t5"] * (len(lines) - 1)) + "\n")  # a bad tracker
+    capsys.readouterr()
+    assert run_cli(main, ["score", "--dataset", f"lasot={data}", "--results", str(folder), str(other),
+                          "--json", "--output", str(tmp_path / "cmp")]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert len(results) == 2  # two folders called "debug" are two trackers, not one
+    assert len({r["success_auc"] for r in results.values()}) == 2
+    assert len(list((tmp_path / "cmp").rglob("sequences.csv"))) == 2
+
+
+def test_run_and_score_input_errors(setup, tmp_path, capsys):
+    data, weights = setup
+    (tmp_path / "file").write_text("")
+    for extra, expected in ((["--output", str(tmp_path / "file")], "cannot write"),
+                            (["--output", str(tmp_path), "--batch", "0"], "--batch"),
+                            (["--output", str(tmp_path), "--name", ".."], "--name")):
+        capsys.readouterr()
+        assert run_cli(main, ["--weights", str(weights), "--dataset", f"lasot={data}", "--device", "cpu",
+                              *extra]) == 2
+        assert expected in _error(capsys.readouterr().err)
+    for dataset, expected in ((["--dataset", "lasot="], "needs a path"),
+                              (["--dataset", f"lasot={data}", "--split", "val"], "no split 'val'")):
+        assert run_cli(main, ["--weights", str(weights), "--device", "cpu", "--output", str(tmp_path), *dataset]) == 2
+        assert expected in _error(capsys.readouterr().err)
+    got = tmp_path / "got"
+    _got10k_layout(data, got)
+    assert run_cli(main, ["score", "--dataset", f"got10k={got}", "--split", "test", "--results", str(tmp_path)]) == 2
+    assert "no public ground truth" in _error(capsys.readouterr().err)
+    assert run_cli(main, ["score", "--dataset", f"lasot={data}", "--results", str(tmp_path / "file")]) == 2
+    assert "must name a folder" in _error(capsys.readouterr().err)
+
+
+def test_read_sequence_and_times(tmp_path):
+    from lorat.results import read_sequence, read_times
+
+    path = tmp_path / "a.txt"
+    path.write_text("1\t2\t3\t4\n\nnan\tnan\tnan\tnan\n5,6,0,0\n")
+    boxes = read_sequence(path, 3, offset=1.0)
+    assert boxes[0].tolist() == [0, 1, 3, 4] and np.isnan(boxes[1]).all() and boxes[2].tolist() == [4, 5, 0, 0]
+    path.write_text("1\t2\t3\t4\n\n1\t2\t3\t-4\n")
+    with pytest.raises(DatasetError, match=r"a.txt:3: .*negative"):
+        read_sequence(path, 2)
+    times = tmp_path / "a_time.txt"
+    times.write_text("0.5\nnan\n0.25\n")
+    assert read_times(times, 3)[[0, 2]].tolist() == [0.5, 0.25]
+    with pytest.raises(DatasetError, match=r"a_time.txt: 3 times for 2 frames"):
+        read_times(times, 2)
+    times.write_text("0.5\ninf\n")
+    with pytest.raises(DatasetError, match=r"a_time.txt:2: "):
+        read_times(times)

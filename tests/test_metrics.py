@@ -73,3 +73,13 @@ def test_got10k_metrics_pool_frames_and_skip_the_first():
     m = got10k_metrics(pred, [GT, GT[:2]], [None, None])
     assert m["ao"] == pytest.approx((3 + 1 / 3) / 4)  # pooled over 3 + 1 frames
     assert m["sr_0.5"] == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("bad", [[10, 10, -1, 20], [10, 10, 20, -0.5], [np.inf, 10, 20, 20], [10, 10, 20, -np.inf]])
+def test_negative_size_or_infinite_predictions_are_refused(bad):
+    pred = GT.copy()
+    pred[2] = bad
+    with pytest.raises(ValueError, match="frame 3"):
+        sequence_curves(pred, GT)
+    with pytest.raises(ValueError, match="frame 3"):
+        got10k_metrics([pred], [GT], [None])
