@@ -2,22 +2,48 @@
 
     python apps/gradio_app.py [--host 0.0.0.0] [--port 7860] [--weights FILE ...] [--device cpu]
 
-Settings also come from the environment: ``LORAT_WEIGHTS`` (comma-separated weight files),
-``LORAT_DEVICE``, ``LORAT_HOST``, ``LORAT_PORT``, ``LORAT_MAX_FRAMES`` (default 3000) and
-``LORAT_MAX_UPLOAD_MB`` (default 200). Models are loaded once at start-up and shared by every
-request; requests wait in Gradio's queue. Frames are read and written one at a time, so long
-videos do not fill memory. Uses only the public ``lorat`` API.
+Settings: a flag, else the first environment variable set of those listed, else the default.
+
+    --host           LORAT_HOST, GRADIO_SERVER_NAME    127.0.0.1 (0.0.0.0: every network interface)
+    --port           LORAT_PORT, GRADIO_SERVER_PORT    7860
+    --weights        LORAT_WEIGHTS (comma-separated)   the bundled demo model
+    --device         LORAT_DEVICE                      auto
+    --max-frames     LORAT_MAX_FRAMES                  3000 (longer videos are refused)
+    --max-side       LORAT_MAX_SIDE                    1920 (videos with a longer frame side are refused)
+    --max-upload-mb  LORAT_MAX_UPLOAD_MB               200
+
+Models are loaded once at start-up and shared by every request; requests wait in Gradio's
+queue. Frames are read and written one at a time, so long videos do not fill memory; the frame
+size limit (checked on upload, before a frame is decoded, and again on Track) bounds the time one
+request holds the worker.
+
+Files: each Track request writes into its own folder under one folder of this app,
+``$TMPDIR/lorat_app_<pid>_*``. Gradio copies returned files into its cache before serving them,
+so only the newest ``KEEP_RESULTS`` request folders are kept; the app's folder is removed when it
+stops (Ctrl-C or SIGTERM), and folders of apps that were killed are removed at the next start.
+Gradio's cache (uploads, served copies) drops files older than an hour (``delete_cache``).
+
+A bad upload, box or request is refused with a message on the page (server paths cut to the
+file's name) and one ``refused: ...`` line in the server log, not a traceback; the app keeps
+serving. Uses only the public ``lorat`` API.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
+import logging
+import math
 import os
+import re
+import shutil
+import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -26,11 +52,22 @@ import numpy as np
 
 import lorat
 from lorat.checkpoint import default_weights, default_weights_notice
-from lorat.video import VideoWriter, draw_targets, open_source
+from lorat.video import FrameSource, VideoWriter, draw_targets, open_source
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "assets" / "box.mp4"
 EXAMPLE_BOX = (257, 160, 141, 175)  # the box in box.mp4's first frame (assets/box_pseudo_gt.txt)
+KEEP_RESULTS = 4  # request folders kept; Gradio has its own copy of the files once a request returns
+CACHE_LIFETIME_S = 3600  # Gradio's cached uploads and results older than this are deleted
+log = logging.getLogger("lorat.app")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask: at most ``max_frames`` frames of at most ``max_side`` px on the long side."""
+
+    max_frames: int = 3000
+    max_side: int = 1920
 
 
 class Models:
@@ -56,6 +93,126 @@ class Models:
             return self._loaded[name]
 
 
+class ResultFolders:
+    """The app's own temp folder, with one sub-folder per Track request; only the newest ``keep`` stay.
+
+    Older folders can go because Gradio serves copies from its cache. Creating one also removes the
+    folders of apps that died without cleaning up (``lorat_app_<pid>_*`` whose process is gone).
+    """
+
+    PREFIX = "lorat_app_"
+
+    def __init__(self, parent: str | os.PathLike | None = None, keep: int = KEEP_RESULTS):
+        parent = Path(parent if parent is not None else tempfile.gettempdir())
+        parent.mkdir(parents=True, exist_ok=True)
+        _remove_folders_of_dead_apps(parent, self.PREFIX)
+        self.root = Path(tempfile.mkdtemp(prefix=f"{self.PREFIX}{os.getpid()}_", dir=parent))
+        self.keep = keep
+        self._numbers = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def new(self) -> Path:
+        """A new, empty folder for one request; the oldest beyond ``keep`` are deleted."""
+        with self._lock:
+            folder = self.root / f"{next(self._numbers):06d}"
+            folder.mkdir()
+            for old in sorted(self.root.iterdir(), key=lambda p: int(p.name))[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+            return folder
+
+    def close(self) -> None:
+        """Delete every result folder (at exit)."""
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _remove_folders_of_dead_apps(parent: Path, prefix: str) -> None:
+    if os.name != "posix":  # os.kill(pid, 0) only probes on POSIX (it terminates on Windows)
+        return
+    for folder in parent.glob(f"{prefix}*"):
+        pid = folder.name[len(prefix):].split("_", 1)[0]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process; a number no pid can be
+        return True
+    return True
+
+
+# ---- user errors: one log line, no server paths -------------------------------------------------
+
+_DIRECTORIES = re.compile(r"(?<![\w.~])/(?:[^/\s]+/)+")  # the /dir/.../ part of an absolute path
+
+
+def hide_paths(text: str, *paths: str | os.PathLike) -> str:
+    """``text`` with server paths cut to their base name: each of ``paths``, then any other ``/dir/.../``."""
+    for path in sorted((str(p) for p in paths if p), key=len, reverse=True):
+        text = text.replace(path, Path(path).name)
+    return _DIRECTORIES.sub("", text)
+
+
+def _refuse(message: str, *paths: str | os.PathLike) -> gr.Error:
+    """The error to raise for an expected user error: paths hidden, logged as one line, no traceback."""
+    message = hide_paths(message, *paths)
+    log.warning("refused: %s", " ".join(message.split()))
+    return gr.Error(message, print_exception=False)
+
+
+# ---- handlers ------------------------------------------------------------------------------------
+
+def _empty_state() -> dict:
+    return {"boxes": [], "pending": None, "frame": None}
+
+
+def _open_video(video: str, max_side: int) -> FrameSource:
+    """Open an uploaded video; refuse one that cannot be read or whose frames exceed ``max_side``."""
+    probe = cv2.VideoCapture(video)  # the size from the headers, before a (possibly huge) frame is decoded
+    try:
+        _check_size(int(probe.get(cv2.CAP_PROP_FRAME_WIDTH)), int(probe.get(cv2.CAP_PROP_FRAME_HEIGHT)), max_side)
+    finally:
+        probe.release()
+    try:
+        source = open_source(video)
+    except lorat.LoratError as err:
+        raise _refuse(f"Cannot read this video: {err}", video) from None
+    try:
+        _check_size(source.width, source.height, max_side)
+    except gr.Error:
+        source.close()
+        raise
+    return source
+
+
+def _check_size(width: int, height: int, max_side: int) -> None:
+    if max(width, height) > max_side:
+        raise _refuse(f"The video is {width}x{height}; this demo takes frames of at most {max_side} pixels on "
+                      f"the long side. Please downscale it (e.g. with ffmpeg's scale filter) and upload it again.")
+
+
+def make_load_fn(limits: Limits) -> Callable[[str | None], tuple]:
+    """The handler of a new upload, refusing videos over ``limits.max_side``."""
+
+    def load_first_frame(video: str | None) -> tuple[np.ndarray | None, dict, str]:
+        """New video: show its first frame for drawing; reset the boxes."""
+        if not video:
+            return None, _empty_state(), "Upload a video or pick the example."
+        source = _open_video(video, limits.max_side)
+        try:
+            _, frame = next(iter(source))
+            info = f"{source.width}x{source.height}, {source.frame_count or '?'} frames at {source.fps:.0f} fps. "
+        finally:
+            source.close()
+        state = {**_empty_state(), "frame": frame}
+        return frame, state, info + "Click two opposite corners of the target (repeat for more targets)."
+
+    return load_first_frame
+
+
 def _draw_selection(frame: np.ndarray, boxes: list, pending) -> np.ndarray:
     out = draw_targets(frame, boxes, [1.0] * len(boxes)) if boxes else frame.copy()
     if pending is not None:
@@ -63,27 +220,15 @@ def _draw_selection(frame: np.ndarray, boxes: list, pending) -> np.ndarray:
     return out
 
 
-def load_first_frame(video: str | None):
-    """New video: show its first frame for drawing; reset the boxes."""
-    if not video:
-        return None, {"boxes": [], "pending": None, "frame": None}, "Upload a video or pick the example."
-    try:
-        source = open_source(video)
-    except lorat.LoratError as err:
-        raise gr.Error(f"Cannot read this video: {err}") from None
-    try:
-        _, frame = next(iter(source))
-        info = f"{source.width}x{source.height}, {source.frame_count or '?'} frames at {source.fps:.0f} fps. "
-    finally:
-        source.close()
-    state = {"boxes": [], "pending": None, "frame": frame}
-    return frame, state, info + "Click two opposite corners of the target (repeat for more targets)."
+def _boxes_text(boxes: list) -> str:
+    return f"{len(boxes)} target(s): " + "; ".join(
+        f"#{i + 1} {', '.join(f'{v:.0f}' for v in b)}" for i, b in enumerate(boxes))
 
 
-def click(state: dict, evt: gr.SelectData):
+def click(state: dict, evt: gr.SelectData) -> tuple[np.ndarray, dict, str]:
     """Two clicks make one box (corners in either order)."""
     if state.get("frame") is None:
-        raise gr.Error("Load a video first.")
+        raise _refuse("Load a video first.")
     x, y = (float(v) for v in evt.index)
     if state["pending"] is None:
         state["pending"] = (x, y)
@@ -92,28 +237,45 @@ def click(state: dict, evt: gr.SelectData):
         (x0, y0), state["pending"] = state["pending"], None
         box = [min(x0, x), min(y0, y), abs(x - x0), abs(y - y0)]
         if box[2] < 2 or box[3] < 2:
-            raise gr.Error("That box is too small; click two opposite corners.")
+            raise _refuse("That box is too small; click two opposite corners.")
         state["boxes"].append(box)
-        message = f"{len(state['boxes'])} target(s): " + "; ".join(
-            f"#{i + 1} {', '.join(f'{v:.0f}' for v in b)}" for i, b in enumerate(state["boxes"]))
+        message = _boxes_text(state["boxes"])
     return _draw_selection(state["frame"], state["boxes"], state["pending"]), state, message
 
 
-def add_typed_box(text: str, state: dict):
-    """A box typed as x,y,w,h (for precise placement)."""
-    if state.get("frame") is None:
-        raise gr.Error("Load a video first.")
+def parse_box(text: str, width: int, height: int) -> tuple[list[float], bool]:
+    """A typed ``x,y,w,h`` box clipped to a ``width`` x ``height`` frame, and whether clipping changed it.
+
+    Raises:
+        gr.Error: not four finite numbers, a size that is not positive, or no overlap with the frame.
+    """
     try:
-        box = [float(v) for v in text.replace(",", " ").split()]
-        assert len(box) == 4 and box[2] > 0 and box[3] > 0
-    except (ValueError, AssertionError):
-        raise gr.Error("Type the box as x,y,w,h with a positive width and height.") from None
+        values = [float(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        values = []
+    if len(values) != 4 or not all(map(math.isfinite, values)) or values[2] <= 0 or values[3] <= 0:
+        raise _refuse("Type the box as four finite numbers x,y,w,h with a positive width and height.")
+    x, y, w, h = values
+    x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, float(width)), min(y + h, float(height))
+    if x1 <= x0 or y1 <= y0:
+        raise _refuse(f"The box {x:g},{y:g},{w:g},{h:g} lies outside the {width}x{height} frame.")
+    box = [x0, y0, x1 - x0, y1 - y0]
+    return box, box != values
+
+
+def add_typed_box(text: str, state: dict) -> tuple[np.ndarray, dict, str]:
+    """A box typed as x,y,w,h (for precise placement); only a valid box reaches the state."""
+    frame = state.get("frame")
+    if frame is None:
+        raise _refuse("Load a video first.")
+    box, clipped = parse_box(text, frame.shape[1], frame.shape[0])
     state["boxes"].append(box)
-    return _draw_selection(state["frame"], state["boxes"], state["pending"]), state, \
-        f"{len(state['boxes'])} target(s) selected."
+    message = _boxes_text(state["boxes"]) + (" (the last box was clipped to the frame)" if clipped else "")
+    return _draw_selection(frame, state["boxes"], state["pending"]), state, message
 
 
-def clear_boxes(state: dict):
+def clear_boxes(state: dict) -> tuple[np.ndarray | None, dict, str]:
+    """Forget the boxes (and a pending first corner)."""
     state["boxes"], state["pending"] = [], None
     frame = state.get("frame")
     return (frame.copy() if frame is not None else None), state, "Boxes cleared."
@@ -136,58 +298,68 @@ def _score_plot(scores: np.ndarray, threshold: float):
     return fig
 
 
-def make_track_fn(models: Models, max_frames: int):
+def _track_frames(tracker: lorat.Tracker, source: FrameSource, boxes: list, writer: VideoWriter,
+                  threshold: float, max_frames: int, progress: gr.Progress) -> tuple[list[tuple], list[list[float]]]:
+    """Track ``boxes`` through ``source`` into ``writer``: rows (frame, target, x, y, w, h, score), scores."""
+    total = source.frame_count or max_frames
+    rows, scores = [], []
+    for index, frame in source:
+        if index >= max_frames:
+            break
+        if frame is None:
+            continue
+        try:
+            results = tracker.init(frame, boxes) if index == 0 else tracker.track_all(frame)
+        except lorat.LoratError as err:
+            raise _refuse(str(err)) from None
+        writer.write(draw_targets(frame, [r.box for r in results], [r.score for r in results], threshold))
+        rows.extend((index + 1, k + 1, *r.box, r.score) for k, r in enumerate(results))
+        scores.append([r.score for r in results])
+        progress((index + 1) / total, desc=f"frame {index + 1}/{total}")
+    return rows, scores
+
+
+def _write_box_files(out: Path, rows: list[tuple], targets: int) -> list[str]:
+    """One pytracking text file per target and a CSV of every row."""
+    files = []
+    for k in range(targets):
+        path = out / (f"boxes_{k + 1}.txt" if targets > 1 else "boxes.txt")
+        path.write_text("".join("\t".join(f"{v:.3f}" for v in r[2:6]) + "\n" for r in rows if r[1] == k + 1))
+        files.append(str(path))
+    with open(out / "boxes.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["frame", "target", "x", "y", "w", "h", "score"])
+        w.writerows([r[0], r[1], *(f"{v:.3f}" for v in r[2:6]), f"{r[6]:.4f}"] for r in rows)
+    return files + [str(out / "boxes.csv")]
+
+
+def make_track_fn(models: Models, limits: Limits, results: ResultFolders) -> Callable[..., tuple]:
+    """The Track handler; its files go to a new folder of ``results``."""
+
     def track(video: str | None, state: dict, model_name: str, threshold: float,
               progress=gr.Progress()):  # noqa: B008 (Gradio injects the progress tracker this way)
         """Track every selected target through the video; stream frames in and out."""
         if not video:
-            raise gr.Error("Upload a video or pick the example first.")
+            raise _refuse("Upload a video or pick the example first.")
         boxes = (state or {}).get("boxes") or []
         if not boxes:
-            raise gr.Error("Select at least one target: click two corners on the first frame.")
-        model, config = models.get(model_name)
-        tracker = lorat.Tracker(model, config)
-        try:
-            source = open_source(video)
-        except lorat.LoratError as err:
-            raise gr.Error(f"Cannot read this video: {err}") from None
-        if source.frame_count and source.frame_count > max_frames:
+            raise _refuse("Select at least one target: click two corners on the first frame.")
+        source = _open_video(video, limits.max_side)
+        if source.frame_count and source.frame_count > limits.max_frames:
             source.close()
-            raise gr.Error(f"The video has {source.frame_count} frames; this demo accepts at most {max_frames}.")
-        out = Path(tempfile.mkdtemp(prefix="lorat_"))
-        total = source.frame_count or max_frames
-        rows, all_scores = [], []
-        writer = VideoWriter(out / "tracked.mp4", source.fps, (source.width, source.height))
+            raise _refuse(f"The video has {source.frame_count} frames; this demo accepts at most "
+                          f"{limits.max_frames}.")
+        tracker = lorat.Tracker(*models.get(model_name))
+        out = results.new()
         try:
-            for index, frame in source:
-                if index >= max_frames:
-                    break
-                if frame is None:
-                    continue
-                try:
-                    results = tracker.init(frame, boxes) if index == 0 else tracker.track_all(frame)
-                except lorat.LoratError as err:
-                    raise gr.Error(str(err)) from None
-                writer.write(draw_targets(frame, [r.box for r in results], [r.score for r in results], threshold))
-                rows.extend((index + 1, k + 1, *r.box, r.score) for k, r in enumerate(results))
-                all_scores.append([r.score for r in results])
-                progress((index + 1) / total, desc=f"frame {index + 1}/{total}")
+            with VideoWriter(out / "tracked.mp4", source.fps, (source.width, source.height)) as writer:
+                rows, scores = _track_frames(tracker, source, boxes, writer, threshold, limits.max_frames, progress)
         finally:
-            writer.close()
             source.close()
-        if not all_scores:
-            raise gr.Error("No frame of this video could be decoded.")
-        files = []
-        for k in range(len(boxes)):
-            path = out / (f"boxes_{k + 1}.txt" if len(boxes) > 1 else "boxes.txt")
-            path.write_text("".join("\t".join(f"{v:.3f}" for v in r[2:6]) + "\n" for r in rows if r[1] == k + 1))
-            files.append(str(path))
-        with open(out / "boxes.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["frame", "target", "x", "y", "w", "h", "score"])
-            w.writerows([r[0], r[1], *(f"{v:.3f}" for v in r[2:6]), f"{r[6]:.4f}"] for r in rows)
-        files += [str(out / "boxes.csv"), str(out / "tracked.mp4")]
-        scores = np.array(all_scores)
+        if not scores:
+            raise _refuse("No frame of this video could be decoded.")
+        files = _write_box_files(out, rows, len(boxes)) + [str(out / "tracked.mp4")]
+        scores = np.array(scores)
         lost = int((scores[1:] < threshold).any(axis=1).sum())
         message = (f"Tracked {len(boxes)} target(s) over {len(scores)} frames; "
                    f"{lost} frame(s) with a target under the threshold.")
@@ -196,12 +368,12 @@ def make_track_fn(models: Models, max_frames: int):
     return track
 
 
-def build_app(models: Models, max_frames: int, note: str = "") -> gr.Blocks:
+def build_app(models: Models, limits: Limits, results: ResultFolders, note: str = "") -> gr.Blocks:
     """The Blocks app; ``note`` is shown under the title (e.g. which model is loaded)."""
-    with gr.Blocks(title="LoRAT tracker") as demo:
+    with gr.Blocks(title="LoRAT tracker", delete_cache=(CACHE_LIFETIME_S // 2, CACHE_LIFETIME_S)) as demo:
         gr.Markdown("# LoRAT visual object tracker\nUpload a video (or pick the example), click two opposite "
                     "corners of the target on the first frame, press **Track**." + (f"\n\n{note}" if note else ""))
-        state = gr.State({"boxes": [], "pending": None, "frame": None})
+        state = gr.State(_empty_state())
         with gr.Row():
             with gr.Column():
                 video = gr.Video(label="Video", sources=["upload"], elem_id="video-input")
@@ -223,42 +395,116 @@ def build_app(models: Models, max_frames: int, note: str = "") -> gr.Blocks:
                 plot = gr.Plot(label="Score over time")
                 downloads = gr.File(label="Downloads (boxes: pytracking text and CSV; video)", file_count="multiple",
                                     elem_id="downloads")
-        video.change(load_first_frame, video, [first, state, status], api_name="load_first_frame")
+        video.change(make_load_fn(limits), video, [first, state, status], api_name="load_first_frame")
         first.select(click, state, [first, state, status], api_name="click")
         add.click(add_typed_box, [typed, state], [first, state, status], api_name="add_typed_box")
         clear.click(clear_boxes, state, [first, state, status], api_name="clear_boxes")
-        run.click(make_track_fn(models, max_frames), [video, state, model, threshold],
+        run.click(make_track_fn(models, limits, results), [video, state, model, threshold],
                   [result, plot, downloads, status], concurrency_limit=1, api_name="track")
     return demo
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    env = os.environ
-    p = argparse.ArgumentParser(description="LoRAT web demo")
-    p.add_argument("--host", default=env.get("LORAT_HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(env.get("LORAT_PORT", "7860")))
-    p.add_argument("--weights", nargs="+", default=[w for w in env.get("LORAT_WEIGHTS", "").split(",") if w],
-                   help="single-file weights (several: a model menu); default: the bundled demo model")
-    p.add_argument("--device", default=env.get("LORAT_DEVICE", "auto"))
-    p.add_argument("--max-frames", type=int, default=int(env.get("LORAT_MAX_FRAMES", "3000")))
-    p.add_argument("--max-upload-mb", type=int, default=int(env.get("LORAT_MAX_UPLOAD_MB", "200")))
+# ---- settings and start-up -----------------------------------------------------------------------
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)")
+    return value
+
+
+# setting: (environment variables, first found wins; conversion; default). A flag beats all of them.
+_ENVIRONMENT: dict[str, tuple[tuple[str, ...], Callable[[str], object], object]] = {
+    "host": (("LORAT_HOST", "GRADIO_SERVER_NAME"), str, "127.0.0.1"),
+    "port": (("LORAT_PORT", "GRADIO_SERVER_PORT"), _port, 7860),
+    "weights": (("LORAT_WEIGHTS",), lambda text: [w for w in text.split(",") if w], []),
+    "device": (("LORAT_DEVICE",), str, "auto"),
+    "max_frames": (("LORAT_MAX_FRAMES",), _positive_int, 3000),
+    "max_side": (("LORAT_MAX_SIDE",), _positive_int, 1920),
+    "max_upload_mb": (("LORAT_MAX_UPLOAD_MB",), _positive_int, 200),
+}
+
+
+def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> argparse.Namespace:
+    """Settings from flags, else the environment (``_ENVIRONMENT``), else defaults; a bad value exits 2."""
+    env = os.environ if env is None else env
+    p = argparse.ArgumentParser(description="LoRAT web demo (settings: flag > environment > default)")
+    p.add_argument("--host", help="address to serve on (LORAT_HOST, GRADIO_SERVER_NAME; 127.0.0.1)")
+    p.add_argument("--port", type=_port, help="port (LORAT_PORT, GRADIO_SERVER_PORT; 7860)")
+    p.add_argument("--weights", nargs="+", help="single-file weights, several give a model menu "
+                                                "(LORAT_WEIGHTS, comma-separated; the bundled demo model)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (LORAT_DEVICE; auto)")
+    p.add_argument("--max-frames", type=_positive_int, help="longer videos are refused (LORAT_MAX_FRAMES; 3000)")
+    p.add_argument("--max-side", type=_positive_int,
+                   help="videos with a longer frame side are refused (LORAT_MAX_SIDE; 1920)")
+    p.add_argument("--max-upload-mb", type=_positive_int, help="upload size limit (LORAT_MAX_UPLOAD_MB; 200)")
     args = p.parse_args(argv)
+    for name, (variables, convert, default) in _ENVIRONMENT.items():
+        if getattr(args, name) is None:
+            setattr(args, name, _from_environment(p, env, variables, convert, default))
+    return args
+
+
+def _from_environment(parser: argparse.ArgumentParser, env: Mapping[str, str], variables: Sequence[str],
+                      convert: Callable[[str], object], default: object) -> object:
+    for variable in variables:
+        if env.get(variable):
+            try:
+                return convert(env[variable])
+            except argparse.ArgumentTypeError as err:
+                parser.error(f"{variable}: {err}")
+    return default
+
+
+def _log_to_stderr() -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s lorat.app: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (docker stop, kill) stops the server like Ctrl-C, so the clean-up in ``main`` runs."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    _log_to_stderr()
     note = ""
     try:
         if not args.weights:
             args.weights = [str(default_weights())]
             print(default_weights_notice(Path(args.weights[0])))
-            if not env.get("LORAT_WEIGHTS"):
-                note = (f"Model: the bundled demo model `{Path(args.weights[0]).name}`, a small CPU model trained "
-                        f"for this demo, not the paper's (see the README for the official weights).")
+            note = (f"Model: the bundled demo model `{Path(args.weights[0]).name}`, a small CPU model trained "
+                    f"for this demo, not the paper's (see the README for the official weights).")
         models = Models(args.weights, args.device)
     except lorat.LoratError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    demo = build_app(models, args.max_frames, note)
-    demo.queue(max_size=32, default_concurrency_limit=1)
-    demo.launch(server_name=args.host, server_port=args.port, max_file_size=f"{args.max_upload_mb}mb",
-                show_error=False)
+    results = ResultFolders()
+    try:
+        demo = build_app(models, Limits(args.max_frames, args.max_side), results, note)
+        demo.queue(max_size=32, default_concurrency_limit=1)
+        _stop_on_sigterm()
+        demo.launch(server_name=args.host, server_port=args.port, max_file_size=f"{args.max_upload_mb}mb",
+                    show_error=False)
+    finally:
+        results.close()
     return 0
 
 

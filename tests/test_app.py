@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -32,10 +33,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _folders_with_results(tmp: Path) -> list[Path]:
+    """Folders holding the app's own result files (Gradio's cache, ``gradio/``, is not the app's)."""
+    return sorted({p.parent for p in tmp.rglob("tracked.mp4") if "gradio" not in p.relative_to(tmp).parts})
+
+
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    """The app serving the official-tiny model, and a 16-frame clip."""
+    """The app serving the official-tiny model, and a 16-frame clip.
+
+    The app's temp dir (``TMPDIR``) is a fresh folder so its files can be counted; its output is
+    collected in ``log`` (read all along, so a full pipe never blocks the app).
+    """
     root = tmp_path_factory.mktemp("app")
+    tmp = tmp_path_factory.mktemp("app_tmp")
     from lorat.config import load_config
 
     model, cfg = load_model(TINY / "lorat_trainable.safetensors", load_config(TINY / "config.yaml"),
@@ -46,10 +57,14 @@ def app(tmp_path_factory):
         for path in sorted((TINY / "sequence").glob("*.png")):
             writer.write(cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB))
     port = _free_port()
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", TMPDIR=str(tmp))
+    env.pop("GRADIO_TEMP_DIR", None)
     proc = subprocess.Popen([sys.executable, "apps/gradio_app.py", "--weights", str(weights), "--device", "cpu",
                              "--port", str(port), "--max-frames", "100"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log: list[str] = []
+    reader = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)
+    reader.start()
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -58,14 +73,17 @@ def app(tmp_path_factory):
             break
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(proc.stdout.read()) from None
+                reader.join(timeout=10)
+                raise RuntimeError("".join(log)) from None
             time.sleep(0.5)
     else:
         proc.kill()
         raise RuntimeError("the app did not start")
-    yield {"url": url, "clip": clip, "weights": weights}
-    proc.terminate()
+    yield {"url": url, "clip": clip, "weights": weights, "tmp": tmp, "log": log}
+    proc.terminate()  # SIGTERM: the app removes its result folders on the way out
     proc.wait(timeout=30)
+    reader.join(timeout=10)
+    assert _folders_with_results(tmp) == [], "the app left result files behind after SIGTERM"
 
 
 def _expected_boxes(weights, clip, box):
@@ -78,6 +96,19 @@ def _expected_boxes(weights, clip, box):
             break
         frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
     return np.array([r.box for r in tracker.track_video(frames, box)])
+
+
+def _assert_video_plays(page, selector: str) -> None:
+    """The ``<video>`` under ``selector`` decodes (no MediaError) and its time advances when played."""
+    video = f"{selector} video"
+    page.locator(video).wait_for(timeout=60_000)
+    page.wait_for_function("s => { const v = document.querySelector(s); return v.error || v.readyState >= 2; }",
+                           arg=video, timeout=60_000)
+    error = page.evaluate("s => { const e = document.querySelector(s).error; return e && e.code; }", video)
+    assert not error, f"the browser cannot play {video} (MediaError code {error})"
+    page.evaluate("s => { const v = document.querySelector(s); v.muted = true; return v.play(); }", video)
+    page.wait_for_function("s => document.querySelector(s).currentTime > 0", arg=video, timeout=30_000)
+    assert page.locator(selector).get_by_text("Video not playable").count() == 0
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium")
@@ -93,7 +124,8 @@ def test_browser_upload_draw_track_download(app):
         page.goto(app["url"])
         example = page.locator(".gallery-item")  # the bundled example (assets/box.mp4)
         example.first.click()
-        page.get_by_text("640x480, 456 frames").wait_for(timeout=60_000)
+        page.get_by_text(re.compile(r"640x480, \d+ frames")).wait_for(timeout=60_000)
+        _assert_video_plays(page, "#video-input")
         page.locator("#video-input button[aria-label='Clear']").first.click()
         page.locator("#video-input input[type=file]").set_input_files(str(app["clip"]))
         page.get_by_text("320x240").wait_for(timeout=60_000)
@@ -112,8 +144,7 @@ def test_browser_upload_draw_track_download(app):
         page.locator("#track").click()
         link = page.locator("#downloads a[download=\"boxes.txt\"]")
         link.first.wait_for(timeout=180_000)
-        page.locator("#result-video video").wait_for(timeout=60_000)
-        assert page.locator("#result-video video").get_attribute("src")
+        _assert_video_plays(page, "#result-video")
         text = page.request.get(link.first.get_attribute("href")).text()
         if shots:
             page.wait_for_timeout(1500)
@@ -166,11 +197,13 @@ def test_bad_inputs_show_errors_and_the_app_keeps_serving(app, tmp_path):
     client = Client(app["url"], verbose=False)
     fake = tmp_path / "not_a_video.mp4"
     fake.write_text("hello")
-    with pytest.raises(AppError, match="Cannot read this video"):
+    with pytest.raises(AppError, match="Cannot read this video") as error:
         client.predict(handle_file(str(fake)), api_name="/load_first_frame")
-    client = _session(app["url"], app["clip"], "900,900,10,10")
-    with pytest.raises(AppError, match="outside the 320x240 frame"):
-        client.predict(handle_file(str(app["clip"])), "tiny", 0.3, api_name="/track")
+    assert "not_a_video.mp4" in str(error.value)
+    assert str(app["tmp"]) not in str(error.value) and "gradio" not in str(error.value)  # no server paths
+    for box in ("900,900,10,10", "nan,10,20,20", "10,10,inf,20"):
+        with pytest.raises(AppError, match="outside the 320x240 frame|finite"):
+            _session(app["url"], app["clip"], box)
     client = Client(app["url"], verbose=False)
     with pytest.raises(AppError, match="Select at least one target"):
         client.predict(handle_file(str(app["clip"])), "tiny", 0.3, api_name="/track")
@@ -178,3 +211,34 @@ def test_bad_inputs_show_errors_and_the_app_keeps_serving(app, tmp_path):
         _session(app["url"], app["clip"], "1,2,3")
     ok = _session(app["url"], app["clip"], "76,77,40,38")  # still serving
     assert ok.predict(handle_file(str(app["clip"])), "tiny", 0.3, api_name="/track")[3].startswith("Tracked 1")
+    deadline = time.time() + 10  # the fixture's reader thread may be a moment behind
+    while not any("refused: Cannot read this video" in line for line in app["log"]) and time.time() < deadline:
+        time.sleep(0.2)
+    refused = [line for line in app["log"] if "refused: Cannot read this video" in line]
+    assert len(refused) == 1 and "not_a_video.mp4" in refused[0]
+    assert not any("Traceback" in line for line in app["log"])  # expected errors: one line each in the log
+
+
+def test_a_video_with_huge_frames_is_refused_at_upload(app, tmp_path):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    wide = tmp_path / "wide.mp4"
+    with VideoWriter(wide, 10, (2000, 16)) as writer:
+        writer.write(np.zeros((16, 2000, 3), np.uint8))
+    with pytest.raises(AppError, match=r"2000x16.*1920"):
+        Client(app["url"], verbose=False).predict(handle_file(str(wide)), api_name="/load_first_frame")
+
+
+def test_result_folders_stay_bounded(app, tmp_path):
+    from gradio_client import handle_file
+
+    short = tmp_path / "short.mp4"
+    with VideoWriter(short, 10, (320, 240)) as writer:
+        for path in sorted((TINY / "sequence").glob("*.png"))[:3]:
+            writer.write(cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB))
+    client = _session(app["url"], short, "76,77,40,38")
+    for _ in range(7):
+        out = client.predict(handle_file(str(short)), "tiny", 0.3, api_name="/track")
+        assert out[3].startswith("Tracked 1") and Path(out[0]).is_file()
+    assert 1 <= len(_folders_with_results(app["tmp"])) <= 4

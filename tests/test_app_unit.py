@@ -1,0 +1,148 @@
+"""The web demo's request handlers and settings, called in-process (no server, no browser)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lorat.video import VideoWriter
+
+from .conftest import ROOT
+
+gr = pytest.importorskip("gradio")
+
+
+@pytest.fixture(scope="module")
+def app():
+    """apps/gradio_app.py imported as a module (``apps`` is not a package)."""
+    spec = importlib.util.spec_from_file_location("lorat_gradio_app", ROOT / "apps" / "gradio_app.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def _state(width: int = 64, height: int = 48) -> dict:
+    return {"boxes": [], "pending": None, "frame": np.zeros((height, width, 3), np.uint8)}
+
+
+def _clip(path: Path, size: tuple[int, int], frames: int = 2) -> Path:
+    with VideoWriter(path, 10, size) as writer:
+        for k in range(frames):
+            writer.write(np.full((size[1], size[0], 3), 40 * k, np.uint8))
+    return path
+
+
+@pytest.mark.parametrize("text", ["nan,10,20,20", "10,inf,20,20", "0,0,inf,10", "0,0,10,-inf", "1e309,0,10,10",
+                                  "-inf,0,10,10", "900,900,10,10", "-30,0,20,20", "0,0,0,10", "1,2,3", "a,b,c,d"])
+def test_a_bad_typed_box_is_refused_and_never_stored(app, text):
+    state = _state()
+    with pytest.raises(gr.Error):
+        app.add_typed_box(text, state)
+    assert state["boxes"] == []
+    image, state, message = app.add_typed_box("10,10,20,20", state)  # the session still works
+    assert image.shape == (48, 64, 3) and state["boxes"] == [[10.0, 10.0, 20.0, 20.0]]
+
+
+def test_a_typed_box_partly_outside_is_clipped_to_the_frame(app):
+    image, state, message = app.add_typed_box("-1e300,40,2e300,1e300", _state())
+    assert state["boxes"] == [[0.0, 40.0, 64.0, 8.0]]
+    assert "clipped" in message
+    app.clear_boxes(state)
+    assert app.add_typed_box("50,30,20,20", state)[1]["boxes"] == [[50.0, 30.0, 14.0, 18.0]]
+
+
+def test_host_and_port_come_from_flags_then_lorat_then_gradio_variables(app):
+    def resolve(argv=(), **env):
+        args = app.parse_args(list(argv), env)
+        return args.host, args.port
+
+    assert resolve() == ("127.0.0.1", 7860)
+    assert resolve(GRADIO_SERVER_NAME="0.0.0.0", GRADIO_SERVER_PORT="8080") == ("0.0.0.0", 8080)
+    assert resolve(LORAT_HOST="10.0.0.1", LORAT_PORT="9000", GRADIO_SERVER_NAME="0.0.0.0",
+                   GRADIO_SERVER_PORT="8080") == ("10.0.0.1", 9000)
+    assert resolve(["--host", "::1", "--port", "7000"], LORAT_HOST="10.0.0.1", LORAT_PORT="9000",
+                   GRADIO_SERVER_NAME="0.0.0.0", GRADIO_SERVER_PORT="8080") == ("::1", 7000)
+
+
+@pytest.mark.parametrize("env", [{"GRADIO_SERVER_PORT": "http"}, {"LORAT_PORT": "-1"}, {"LORAT_MAX_SIDE": "0"},
+                                 {"LORAT_MAX_FRAMES": "many"}])
+def test_a_bad_setting_is_one_usage_error(app, env, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        app.parse_args([], env)
+    assert exit_info.value.code == 2
+    assert next(iter(env)) in capsys.readouterr().err
+
+
+def test_the_frame_size_limit_is_checked_at_upload_and_in_track(app, tmp_path):
+    wide = _clip(tmp_path / "wide.mp4", (200, 100))
+    limits = app.Limits(max_frames=100, max_side=150)
+    with pytest.raises(gr.Error, match=r"200x100.*150"):
+        app.make_load_fn(limits)(str(wide))
+
+    class NoModels:  # the size must be refused before any model is used
+        names = ["tiny"]
+
+        def get(self, name):
+            raise AssertionError("a model was used for a video that is too large")
+
+    state = _state(200, 100)
+    state["boxes"] = [[10.0, 10.0, 20.0, 20.0]]
+    track = app.make_track_fn(NoModels(), limits, app.ResultFolders(tmp_path / "results"))
+    with pytest.raises(gr.Error, match=r"200x100.*150"):
+        track(str(wide), state, "tiny", 0.3)
+    frame, state, info = app.make_load_fn(app.Limits(max_frames=100, max_side=200))(str(wide))
+    assert frame.shape == (100, 200, 3) and info.startswith("200x100")
+
+
+def test_error_messages_hide_server_paths(app, tmp_path):
+    fake = tmp_path / "some dir" / "not a video.mp4"
+    fake.parent.mkdir()
+    fake.write_text("hello")
+    with pytest.raises(gr.Error) as error:
+        app.make_load_fn(app.Limits())(str(fake))
+    assert "not a video.mp4" in error.value.message
+    assert str(tmp_path) not in error.value.message and "some dir" not in error.value.message
+    assert app.hide_paths("cannot open /srv/x/y/clip.mp4 (camera/stream)") == "cannot open clip.mp4 (camera/stream)"
+
+
+def test_expected_errors_are_logged_as_one_line_without_a_traceback(app, tmp_path, caplog):
+    with pytest.raises(gr.Error) as error:
+        app.add_typed_box("nan,1,2,3", _state())
+    assert error.value.print_exception is False
+    assert [r.getMessage().count("\n") for r in caplog.records if r.name == "lorat.app"] == [0]
+
+
+def test_result_folders_keep_only_the_newest_and_vanish_on_close(app, tmp_path):
+    results = app.ResultFolders(tmp_path, keep=2)
+    made = [results.new() for _ in range(5)]
+    for folder in made:
+        assert folder.parent == results.root
+    assert sorted(results.root.iterdir()) == made[-2:]
+    results.close()
+    assert not results.root.exists()
+
+
+def test_folders_of_dead_apps_are_removed_at_start_up(app, tmp_path):
+    dead = tmp_path / "lorat_app_999999999_abc"  # above Linux's pid_max: never a live process
+    alive = tmp_path / f"lorat_app_{os.getpid()}_abc"
+    other = tmp_path / "lorat_other"
+    for folder in (dead, alive, other):
+        (folder / "1").mkdir(parents=True)
+    results = app.ResultFolders(tmp_path)
+    assert not dead.exists() and alive.exists() and other.exists() and results.root.exists()
+    results.close()
+
+
+def test_the_app_deletes_gradios_cached_files(app, tmp_path):
+    class OneModel:
+        names = ["tiny"]
+
+    demo = app.build_app(OneModel(), app.Limits(), app.ResultFolders(tmp_path), "")
+    assert demo.delete_cache is not None
