@@ -303,16 +303,21 @@ def _track_frames(tracker: lorat.Tracker, source: FrameSource, boxes: list, writ
     """Track ``boxes`` through ``source`` into ``writer``: rows (frame, target, x, y, w, h, score), scores."""
     total = source.frame_count or max_frames
     rows, scores = [], []
+    results, drawn = None, None
     for index, frame in source:
         if index >= max_frames:
             break
-        if frame is None:
-            continue
-        try:
-            results = tracker.init(frame, boxes) if index == 0 else tracker.track_all(frame)
-        except lorat.LoratError as err:
-            raise _refuse(str(err)) from None
-        writer.write(draw_targets(frame, [r.box for r in results], [r.score for r in results], threshold))
+        if frame is None:  # undecodable: previous boxes with score 0 and the last picture (line k = frame k)
+            if results is None:
+                continue
+            results = [lorat.TrackResult(r.box, 0.0) for r in results]
+        else:
+            try:
+                results = tracker.init(frame, boxes) if results is None else tracker.track_all(frame)
+            except lorat.LoratError as err:
+                raise _refuse(str(err)) from None
+            drawn = draw_targets(frame, [r.box for r in results], [r.score for r in results], threshold)
+        writer.write(drawn)
         rows.extend((index + 1, k + 1, *r.box, r.score) for k, r in enumerate(results))
         scores.append([r.score for r in results])
         progress((index + 1) / total, desc=f"frame {index + 1}/{total}")

@@ -75,7 +75,15 @@ from lorat.results import (
     write_sequence,
     write_trackingnet_zip,
 )
-from lorat.tracker import TrackState, init_state, resolve_device, resolve_dtype, to_frame_tensor, track_step
+from lorat.tracker import (
+    TrackState,
+    ensure_finite,
+    init_state,
+    resolve_device,
+    resolve_dtype,
+    to_frame_tensor,
+    track_step,
+)
 from lorat.video import read_rgb
 
 __all__ = ["main", "track_sequences", "score_results", "init_frame", "tracker_manifest"]
@@ -221,7 +229,7 @@ def track_sequences(model, config, sequences: list[Sequence], folder: Path, offs
                         image = np.zeros((r.size[1], r.size[0], 3), np.uint8)
                     frames.append(to_frame_tensor(image, device))
                 step = track_step(model, state, frames, config.tracking, dtype)
-                boxes = _xywh(step.box.cpu().numpy())
+                boxes = _xywh(ensure_finite(step.box.cpu().numpy()))
                 state = step.state
                 for r, image, xywh in zip(active, images[:len(active)], boxes, strict=True):
                     r.boxes.append(xywh if image is not None else r.boxes[-1])

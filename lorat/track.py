@@ -4,19 +4,31 @@
     python -m lorat.track 0 --show                       # webcam, draw the box(es) with the mouse
     python -m lorat.track frames/ --init 10,10,50,50 --init 200,40,30,30 --save-txt run.txt
 
-Outputs: ``--save-txt PATH`` writes one line per frame, ``x<TAB>y<TAB>w<TAB>h`` (frame 1 = the
-init box), and the scores beside it in ``<stem>_scores.txt``; with several targets, one pair
-of files per target (``<stem>_1.txt`` ...). Lines are flushed as they are written, so whatever
-ends the run (Ctrl-C, a broken stream, an error) leaves every finished frame on disk.
-``--output`` writes an annotated video. In the ``--show`` window: ``q`` quits, ``r`` re-selects
-the targets, space pauses.
+Outputs: ``--save-txt PATH`` writes one line per frame to PATH exactly, ``x<TAB>y<TAB>w<TAB>h``
+(frame 1 = the init box), and the scores beside it in ``<stem>_scores.txt``; with several
+targets, one pair of files per target (``<stem>_1<suffix>``, ``<stem>_1_scores.txt`` ...).
+``--output`` writes an annotated video (.mp4 or .avi). Boxes may start outside the frame
+(``--init -5,10,50,50``); they are clipped to it.
+
+Outputs are checked before the model loads (a folder, an unwritable place, the source itself or
+an image in the source folder, two outputs with one name: one ``error:`` line) and created only
+once the first frame is initialised, so a run that fails at start-up leaves existing files as
+they were. Lines are flushed as they are written, so whatever ends the run (Ctrl-C, a broken
+stream, a full disk, non-finite model outputs) leaves every finished frame on disk. A frame that
+cannot be read or decoded repeats the previous boxes with score 0, keeping line k = frame k.
+In the ``--show`` window: ``q`` quits, ``r`` re-selects the targets, space pauses.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import re
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import TextIO
 
@@ -32,6 +44,7 @@ from lorat.video import FrameSource, VideoWriter, draw_targets, has_display, ope
 __all__ = ["main", "parse_box"]
 
 _WINDOW = "lorat"
+_NEGATIVE_VALUE = re.compile(r"-\.?\d")
 
 
 def parse_box(text: str) -> tuple[float, float, float, float]:
@@ -43,7 +56,27 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
         values = ()
     if len(values) != 4:
         raise LoratError(f"--init expects x,y,w,h (four numbers), got {text!r}")
+    if not all(math.isfinite(v) for v in values):
+        raise LoratError(f"--init {text!r}: the coordinates must be finite numbers (no nan or inf)")
     return values  # type: ignore[return-value]
+
+
+def _attach_negative_values(argv: Sequence[str]) -> list[str]:
+    """``--init -5,10,50,50`` -> ``--init=-5,10,50,50`` (argparse would read the value as an option)."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] == "--init" and _NEGATIVE_VALUE.match(arg):
+            out[-1] = f"--init={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def _output_path(text: str) -> Path:
+    """An output file argument; a trailing slash names a folder, which cannot be written as a file."""
+    if text.endswith(("/", os.sep)):
+        raise LoratError(f"{text} names a folder; give a file name")
+    return Path(text)
 
 
 def _select_boxes(frame_rgb: np.ndarray) -> list[tuple[float, float, float, float]]:
@@ -56,35 +89,119 @@ def _select_boxes(frame_rgb: np.ndarray) -> list[tuple[float, float, float, floa
     return boxes  # type: ignore[return-value]
 
 
-class _TextOutputs:
-    """Per-target box and score files, one line per frame, flushed every frame."""
+# ----------------------------------------------------------------------------- output files
 
-    def __init__(self, path: Path | None, targets: int):
-        self.files: list[tuple[TextIO, TextIO]] = []
-        if path is None:
-            return
+
+def _text_paths(path: Path | None, targets: int) -> list[tuple[Path, Path]]:
+    """(box file, score file) per target: ``path`` itself for one target, ``<stem>_<k><suffix>``
+    for several; the scores beside each box file in ``<stem>_scores.txt``."""
+    if path is None:
+        return []
+    boxes = [path] if targets == 1 else [path.with_name(f"{path.stem}_{k + 1}{path.suffix}") for k in range(targets)]
+    return [(b, b.with_name(f"{b.stem}_scores.txt")) for b in boxes]
+
+
+def _check_outputs(args: argparse.Namespace, targets: int, source: FrameSource) -> None:
+    """Refuse outputs that would destroy the input or each other, or that cannot be written."""
+    paths = [p for pair in _text_paths(args.save_txt, targets) for p in pair]
+    paths += [args.output] if args.output else []
+    in_folder = "or add a frame to " if source.path is not None and source.path.is_dir() else ""
+    seen: dict[Path, Path] = {}
+    for path in paths:
+        if source.would_overwrite(path):
+            raise LoratError(f"{path} would overwrite {in_folder}the source {source.name}; write the results elsewhere")
+        key = path.resolve()
+        if key in seen:
+            raise LoratError(f"{path} is named more than once by --output and --save-txt "
+                             f"(as {seen[key]} and {path}); give them different names")
+        seen[key] = path
+        _check_writable(path)
+
+
+def _check_writable(path: Path) -> None:
+    """Fail now if ``path`` cannot be created, before the model loads; leaves no trace and does not
+    change an existing file."""
+    if path.is_dir():
+        raise LoratError(f"cannot write {path}: {path} is a folder; give a file name")
+    missing = [d for d in reversed(path.parents) if not d.exists()]
+    existed = path.exists() or path.is_symlink()
+    try:
+        for folder in missing:
+            folder.mkdir()
+        with open(path, "a"):  # append mode: an existing file is not truncated
+            pass
+    except OSError as err:
+        raise LoratError(f"cannot write {path}: {err.strerror or err}") from None
+    finally:
+        if not existed:
+            with suppress(OSError):
+                path.unlink()
+        for folder in reversed(missing):
+            with suppress(OSError):
+                folder.rmdir()
+
+
+def _create(path: Path) -> TextIO:
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        for k in range(targets):
-            stem = path.with_suffix("") if targets == 1 else path.with_name(f"{path.stem}_{k + 1}")
-            box_path = stem.with_suffix(path.suffix or ".txt")
-            score_path = stem.with_name(f"{stem.name}_scores.txt")
-            self.files.append((open(box_path, "w"), open(score_path, "w")))  # noqa: SIM115 (closed in close())
+        return open(path, "w")  # noqa: SIM115 (closed in _Outputs.close())
+    except OSError as err:
+        raise LoratError(f"cannot write {path}: {err.strerror or err}") from None
+
+
+def _write_line(file: TextIO, line: str) -> None:
+    try:
+        file.write(line + "\n")
+        file.flush()
+    except OSError as err:
+        raise LoratError(f"cannot write {file.name}: {err.strerror or err}") from None
+
+
+class _Outputs:
+    """The run's files: per-target box and score files (one line per frame, flushed every frame)
+    and the annotated video. Created when tracking starts, not before."""
+
+    def __init__(self, args: argparse.Namespace, targets: int, source: FrameSource):
+        self.texts: list[tuple[TextIO, TextIO]] = []
+        self.video: VideoWriter | None = None
+        try:
+            if args.output:
+                self.video = VideoWriter(args.output, source.fps, (source.width, source.height))
+            for box_path, score_path in _text_paths(args.save_txt, targets):
+                self.texts.append((_create(box_path), _create(score_path)))
+        except BaseException:
+            self.close(quiet=True)
+            raise
 
     @property
     def paths(self) -> list[str]:
-        return [f.name for pair in self.files for f in pair]
+        return [f.name for pair in self.texts for f in pair] + ([str(self.video.path)] if self.video else [])
 
     def write(self, results: Sequence[TrackResult]) -> None:
-        for (boxes, scores), r in zip(self.files, results, strict=True):
-            boxes.write("\t".join(f"{v:.4f}" for v in r.box) + "\n")
-            scores.write(f"{r.score:.6f}\n")
-            boxes.flush()
-            scores.flush()
+        if not self.texts:
+            return
+        for (boxes, scores), r in zip(self.texts, results, strict=True):
+            _write_line(boxes, "\t".join(f"{v:.4f}" for v in r.box))
+            _write_line(scores, f"{r.score:.6f}")
 
-    def close(self) -> None:
-        for pair in self.files:
-            for f in pair:
+    def close(self, quiet: bool = False) -> None:
+        """Close every file; ``quiet`` (the run already failed) drops errors so the first one is reported."""
+        failure: LoratError | None = None
+        for f in (f for pair in self.texts for f in pair):
+            try:
                 f.close()
+            except OSError as err:
+                failure = failure or LoratError(f"cannot write {f.name}: {err.strerror or err}")
+        if self.video is not None:
+            try:
+                self.video.close()
+            except LoratError as err:
+                failure = failure or err
+        if failure is not None and not quiet:
+            raise failure
+
+
+# ----------------------------------------------------------------------------- the command
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -100,8 +217,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="initial box in frame-1 pixels; repeat for several targets (default: draw it)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--dtype", default="auto", help="auto (float16 on CUDA, else float32), float32, float16, bfloat16")
-    p.add_argument("--output", type=Path, help="annotated video (.mp4 or .avi)")
-    p.add_argument("--save-txt", type=Path, help="box file(s), one x\\ty\\tw\\th line per frame")
+    p.add_argument("--output", type=_output_path, help="annotated video (.mp4 or .avi)")
+    p.add_argument("--save-txt", type=_output_path, help="box file(s), one x\\ty\\tw\\th line per frame")
     p.add_argument("--show", action="store_true", help="live window (q quit, r re-select, space pause)")
     p.add_argument("--lost-threshold", type=float, default=0.3, help="score under which a target is marked lost")
     p.add_argument("--no-assignment", action="store_true",
@@ -111,7 +228,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    args = _build_parser().parse_args(_attach_negative_values(sys.argv[1:] if argv is None else argv))
     if args.show and not has_display():
         raise LoratError("--show needs a display (none found: DISPLAY is unset)")
     if args.max_frames is not None and args.max_frames < 1:
@@ -119,8 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     weights = args.weights or default_weights()
     if not args.weights:
         print(default_weights_notice(weights))
-    source = open_source(args.source)  # validate the source before loading the model
+    source = open_source(args.source)  # validate the source and the outputs before loading the model
     try:
+        _check_outputs(args, len(args.init) if args.init else 1, source)
         tracker = Tracker.from_pretrained(weights, args.config, args.backbone_weights, device=args.device,
                                           dtype=args.dtype, assignment=not args.no_assignment)
         return _run(tracker, source, args)
@@ -128,8 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         source.close()
 
 
-def _run(tracker: Tracker, source: FrameSource, args: argparse.Namespace) -> int:
-    frames = iter(source)
+def _start(tracker: Tracker, frames: Iterator[tuple[int, np.ndarray | None]], source: FrameSource,
+           args: argparse.Namespace) -> tuple[np.ndarray, list[TrackResult]]:
+    """Read the first frame and initialise the targets on it: (first frame, initial results)."""
     _, first = next(frames, (0, None))
     if first is None:
         raise LoratError(f"{source.name}: the first frame cannot be read")
@@ -138,30 +257,35 @@ def _run(tracker: Tracker, source: FrameSource, args: argparse.Namespace) -> int
         if not has_display():
             raise LoratError("no --init box given and no display to draw one: pass --init x,y,w,h")
         boxes = _select_boxes(first)
-    results = tracker.init(first, boxes)
-    previous: np.ndarray | None = first
+        _check_outputs(args, len(boxes), source)
+    return first, tracker.init(first, boxes)
+
+
+def _run(tracker: Tracker, source: FrameSource, args: argparse.Namespace) -> int:
+    frames = iter(source)
+    first, results = _start(tracker, frames, source, args)
     n = len(results)
-    texts = _TextOutputs(args.save_txt, n)
-    writer = VideoWriter(args.output, source.fps, (source.width, source.height)) if args.output else None
+    outputs = _Outputs(args, n, source)  # only now: a failed start leaves existing files alone
     total = min(x for x in (source.frame_count, args.max_frames) if x) if (source.frame_count or args.max_frames) \
         else None
     bar = tqdm(total=total, unit="frame", desc="tracking", disable=args.show, dynamic_ncols=True)
     left = [False] * n
-    done, started, stop_reason = 0, time.perf_counter(), None
+    done, started, stop_reason, finished = 0, time.perf_counter(), None, False
+    previous: np.ndarray = first
 
     def emit(index: int, frame: np.ndarray | None, results: list[TrackResult]) -> str | None:
         """Write one frame's results everywhere; return the key pressed in the window."""
-        texts.write(results)
+        outputs.write(results)
         for k, r in enumerate(results):
             gone = r.box[2] <= 0 or r.box[3] <= 0
             if gone and not left[k]:
                 bar.write(f"target {k + 1} left the frame at frame {index + 1}")
             left[k] = gone
         key = None
-        if (writer or args.show) and frame is not None:
+        if (outputs.video or args.show) and frame is not None:
             drawn = draw_targets(frame, [r.box for r in results], [r.score for r in results], args.lost_threshold)
-            if writer:
-                writer.write(drawn)
+            if outputs.video:
+                outputs.video.write(drawn)
             if args.show:
                 key = _show(drawn)
         bar.update(1)
@@ -178,13 +302,9 @@ def _run(tracker: Tracker, source: FrameSource, args: argparse.Namespace) -> int
                 break
             if args.max_frames and done >= args.max_frames:
                 break
-            if key == "r" and previous is not None:
-                new = _select_boxes(previous)
-                if len(new) == n:
-                    tracker.init(previous, new)
-                else:
-                    bar.write(f"re-selection ignored: select exactly {n} box(es)")
-            if frame is None:  # unreadable image: keep the previous boxes, say so
+            if key == "r":
+                _reselect(tracker, previous, n, bar)
+            if frame is None:  # unreadable image or undecodable video frame: keep the previous boxes, say so
                 bar.write(f"warning: frame {index + 1} is unreadable; previous boxes repeated with score 0")
                 results = [TrackResult(r.box, 0.0) for r in results]
             else:
@@ -192,21 +312,31 @@ def _run(tracker: Tracker, source: FrameSource, args: argparse.Namespace) -> int
                 previous = frame
             key = emit(index, frame, results)
             done += 1
+        finished = True
     finally:
         bar.close()
-        texts.close()
-        if writer:
-            writer.close()
+        outputs.close(quiet=not finished)
         if args.show:
             cv2.destroyAllWindows()
+        if not finished and done and outputs.paths:
+            print(f"kept {done} frame(s) in {', '.join(outputs.paths)}")
     for warning in source.warnings or []:
         print(f"warning: {warning}")
     elapsed = time.perf_counter() - started
     print(f"tracked {n} target(s) over {done} frames in {elapsed:.1f}s ({done / max(elapsed, 1e-9):.1f} FPS)"
           + (f"; {stop_reason}" if stop_reason else ""))
-    for path in texts.paths + ([str(writer.path)] if writer else []):
+    for path in outputs.paths:
         print(f"wrote {path}")
     return 0
+
+
+def _reselect(tracker: Tracker, frame: np.ndarray, n: int, bar: tqdm) -> None:
+    """Let the user draw the targets again on the last frame (``r`` in the window)."""
+    new = _select_boxes(frame)
+    if len(new) == n:
+        tracker.init(frame, new)
+    else:
+        bar.write(f"re-selection ignored: select exactly {n} box(es)")
 
 
 def _show(frame_rgb: np.ndarray) -> str | None:

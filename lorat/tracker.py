@@ -47,6 +47,7 @@ from lorat.model import LoRAT
 __all__ = [
     "TrackState", "StepResult", "TrackResult", "Tracker", "init_state", "track_step", "search_crops", "run_model",
     "decode_step", "to_frame_tensor", "template_mask", "hann_window", "resolve_device", "resolve_dtype",
+    "ensure_finite",
 ]
 
 Frame = np.ndarray | torch.Tensor
@@ -267,18 +268,52 @@ class TrackResult:
     score: float
 
 
+def ensure_finite(outputs: np.ndarray) -> np.ndarray:
+    """Return the host copy of a step's boxes / scores, or raise if any value is NaN or inf.
+
+    Raises:
+        LoratError: non-finite outputs (damaged weights, float16 overflow), instead of writing ``nan`` boxes.
+    """
+    if not np.isfinite(outputs).all():
+        raise LoratError("the model produced non-finite boxes or scores (nan or inf): are its weights damaged? "
+                         "(with float16 autocast, also try float32)")
+    return outputs
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"``/None -> CUDA if present, then MPS, else CPU; otherwise as given (checked)."""
+    """``"auto"``/None -> CUDA if present, then MPS, else CPU; otherwise as given, checked to exist here.
+
+    Raises:
+        LoratError: not a device name, a device type other than cpu/cuda/mps, or one this machine lacks.
+    """
     if device is None or str(device) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LoratError("--device cuda requested but CUDA is not available on this machine")
-    return device
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise LoratError(f"unknown device {str(device)!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise LoratError(f"unsupported device {str(device)!r}; use auto, cpu, cuda, cuda:N or mps")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LoratError(f"device {str(device)!r} requested but CUDA is not available on this machine")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise LoratError(f"device {str(device)!r} does not exist: this machine has {count} CUDA device(s) "
+                             f"(cuda:0 to cuda:{count - 1})")
+    if dev.type == "mps" and not _mps_available():
+        raise LoratError(f"device {str(device)!r} requested but MPS is not available on this machine "
+                         "(it needs Apple silicon and a PyTorch build with MPS)")
+    return dev
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps and mps.is_available())
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
@@ -358,7 +393,7 @@ class Tracker:
             The initial results (the given boxes, clipped to the frame, score 1.0).
 
         Raises:
-            LoratError: a box with zero/negative size, non-finite, or outside the frame.
+            LoratError: a box with non-finite values, zero/negative size, or outside the frame.
         """
         image = to_frame_tensor(frame, self.device)
         h, w = image.shape[-2:]
@@ -368,7 +403,9 @@ class Tracker:
         xyxy = xywh_to_xyxy(torch.from_numpy(boxes))
         for i, (b, raw) in enumerate(zip(xyxy, boxes, strict=True)):
             label = f"init box {i + 1} ({', '.join(f'{v:g}' for v in raw)})"
-            if not torch.isfinite(b).all() or raw[2] <= 0 or raw[3] <= 0:
+            if not np.isfinite(raw).all():
+                raise LoratError(f"{label} has non-finite values (nan or inf)")
+            if raw[2] <= 0 or raw[3] <= 0:
                 raise LoratError(f"{label} must have a positive width and height")
             if not is_valid_xyxy(clip_xyxy(b, w, h)):
                 raise LoratError(f"{label} lies outside the {w}x{h} frame")
@@ -377,7 +414,11 @@ class Tracker:
         return [TrackResult(tuple(float(v) for v in xyxy_to_xywh(b)), 1.0) for b in xyxy]
 
     def track_all(self, frame: Frame) -> list[TrackResult]:
-        """Advance every target by one frame; one batched forward pass."""
+        """Advance every target by one frame; one batched forward pass.
+
+        Raises:
+            LoratError: the model's boxes or scores are not finite (damaged weights, fp16 overflow).
+        """
         if self.state is None:
             raise LoratError("call init(frame, box) before track(frame)")
         image = to_frame_tensor(frame, self.device)
@@ -386,6 +427,7 @@ class Tracker:
         self.state = step.state
         packed = torch.cat([xyxy_to_xywh(step.box), step.score[:, None].to(step.box.dtype)], dim=1)
         packed = packed.cpu().numpy()  # the only device -> host copy of the frame
+        ensure_finite(packed)
         return [TrackResult(tuple(float(v) for v in row[:4]), float(row[4])) for row in packed]
 
     def track(self, frame: Frame) -> TrackResult:

@@ -2,8 +2,9 @@
 
 Sources stream one frame at a time (a video is never held in memory): a video file, a folder of
 images (sorted by name), a webcam index (``"0"``) or a stream URL (``rtsp://...``). Frames come
-out as HWC uint8 **RGB** arrays; an unreadable image in a folder comes out as ``None`` so the
-caller can report it and keep going.
+out as HWC uint8 **RGB** arrays; an unreadable image in a folder, or a frame of a video file that
+cannot be decoded, comes out as ``None`` so the caller can report it and keep going (frame k stays
+index k).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ __all__ = ["FrameSource", "open_source", "read_rgb", "VideoWriter", "draw_target
            "has_display"]
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+# Consecutive undecodable frames of a video file skipped before the stream counts as ended. A
+# failed read at the end of a file costs microseconds, so the bound can be generous: 10 s at 30 fps.
+MAX_SKIPPED_FRAMES = 300
 _COLOURS = [(0, 200, 0), (255, 128, 0), (0, 128, 255), (255, 0, 255), (0, 220, 220), (128, 0, 255)]
 
 
@@ -48,6 +52,7 @@ class FrameSource:
         width, height: frame size in px.
         fps: frames per second (30 when the source does not say).
         frame_count: number of frames if known (files, folders), else None (streams).
+        path: the video file or image folder read; None for cameras and streams.
         warnings: messages about unreadable or missing frames, appended while iterating.
     """
 
@@ -56,6 +61,7 @@ class FrameSource:
     height: int
     fps: float
     frame_count: int | None
+    path: Path | None = None
     _capture: cv2.VideoCapture | None = None
     _files: Sequence[Path] = ()
     _first: np.ndarray | None = None
@@ -63,37 +69,86 @@ class FrameSource:
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray | None]]:
         self.warnings = self.warnings if self.warnings is not None else []
-        if self._capture is None:
-            for i, path in enumerate(self._files):
-                image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-                if image is None:
-                    self.warnings.append(f"frame {i + 1} ({path.name}) is unreadable")
-                    yield i, None
-                    continue
-                if image.shape[:2] != (self.height, self.width):
-                    self.warnings.append(f"frame {i + 1} ({path.name}) is {image.shape[1]}x{image.shape[0]}, "
-                                         f"not {self.width}x{self.height}; resized")
-                    image = cv2.resize(image, (self.width, self.height))
-                yield i, cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-            return
+        return self._images() if self._capture is None else self._decoded()
+
+    def _images(self) -> Iterator[tuple[int, np.ndarray | None]]:
+        for i, path in enumerate(self._files):
+            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if image is None:
+                self.warnings.append(f"frame {i + 1} ({path.name}) is unreadable")
+                yield i, None
+                continue
+            if image.shape[:2] != (self.height, self.width):
+                self.warnings.append(f"frame {i + 1} ({path.name}) is {image.shape[1]}x{image.shape[0]}, "
+                                     f"not {self.width}x{self.height}; resized")
+                image = cv2.resize(image, (self.width, self.height))
+            yield i, cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+    def _decoded(self) -> Iterator[tuple[int, np.ndarray | None]]:
+        """Decode the capture. A video file whose frame count is known is read past frames that
+        fail to decode (up to :data:`MAX_SKIPPED_FRAMES` in a row): they come out as ``None`` once a
+        later frame decodes, so index k stays frame k; failures at the end are just the end.
+
+        This counts one failed read per lost frame, which is what OpenCV's FFmpeg backend does when
+        a frame's data is damaged. When the container itself is damaged (an AVI chunk header, an
+        MP4 sample table), the demuxer may drop frames without a failed read, and the numbering
+        after that point can shift. H.264/HEVC decoders usually conceal damage instead of failing:
+        the frames come out, disfigured until the next keyframe."""
         index = 0
         if self._first is not None:
             yield 0, self._first
             self._first = None
             index = 1
+        failed = 0  # frames that failed to decode since the last good one
         while True:
             ok, image = self._capture.read()
-            if not ok or image is None:
-                if self.frame_count and index < self.frame_count:
-                    self.warnings.append(f"{self.name}: stream ended at frame {index} of {self.frame_count} "
-                                         f"(truncated or corrupt video)")
+            if ok and image is not None:
+                for missing in range(index, index + failed):
+                    self.warnings.append(f"{self.name}: frame {missing + 1} cannot be decoded (damaged video?)")
+                    yield missing, None
+                index, failed = index + failed, 0
+                yield index, cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+                index += 1
+            elif self._may_follow(index + failed) and failed < MAX_SKIPPED_FRAMES:
+                failed += 1
+            else:
+                self._check_complete(index)
                 return
-            yield index, cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-            index += 1
+
+    def _may_follow(self, position: int) -> bool:
+        """Whether the file may hold frames after the one at ``position`` that just failed to decode."""
+        return self.path is not None and self.frame_count is not None and position + 1 < self.frame_count
+
+    def _check_complete(self, decoded: int) -> None:
+        """Warn when a file ended with frames missing. OpenCV's frame count comes from the container
+        (its header, or duration x fps) and is often one more than the frames that decode (the
+        original ``assets/box.mp4`` said 456 and decoded 455), so a shortfall of one frame is
+        not reported: only a real loss is."""
+        if self.frame_count and decoded < self.frame_count - 1:
+            self.warnings.append(f"{self.name}: stream ended at frame {decoded} of {self.frame_count} "
+                                 f"(truncated or corrupt video)")
+
+    def would_overwrite(self, output: str | os.PathLike) -> bool:
+        """Whether writing ``output`` would destroy this source's input: its video file, or an image
+        in its folder (an existing frame, or a new image that would become one)."""
+        if self.path is None:
+            return False
+        output = Path(output)
+        if self._capture is None:
+            return output.resolve().parent == self.path.resolve() and output.suffix.lower() in IMAGE_EXTENSIONS
+        return _same_file(output, self.path)
 
     def close(self) -> None:
         if self._capture is not None:
             self._capture.release()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name the same file (symbolic and hard links included)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return a.resolve() == b.resolve()
 
 
 def open_source(source: str | int | os.PathLike) -> FrameSource:
@@ -117,12 +172,12 @@ def open_source(source: str | int | os.PathLike) -> FrameSource:
         if first is None:
             raise LoratError(f"{path}: none of the {len(files)} images can be read")
         h, w = first.shape[:2]
-        return FrameSource(text, w, h, 30.0, len(files), _files=files)
+        return FrameSource(text, w, h, 30.0, len(files), path=path, _files=files)
     capture = cv2.VideoCapture(str(path))
-    return _from_capture(capture, text, live=False)
+    return _from_capture(capture, text, live=False, path=path)
 
 
-def _from_capture(capture: cv2.VideoCapture, name: str, live: bool) -> FrameSource:
+def _from_capture(capture: cv2.VideoCapture, name: str, live: bool, path: Path | None = None) -> FrameSource:
     if not capture.isOpened():
         kind = "camera/stream" if live else "video"
         raise LoratError(f"cannot open {kind} {name} (not a video OpenCV can decode, or unreachable)")
@@ -133,7 +188,7 @@ def _from_capture(capture: cv2.VideoCapture, name: str, live: bool) -> FrameSour
     h, w = first.shape[:2]
     fps = capture.get(cv2.CAP_PROP_FPS)
     count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if not live else 0
-    return FrameSource(name, w, h, fps if 0 < fps < 1000 else 30.0, count if count > 0 else None,
+    return FrameSource(name, w, h, fps if 0 < fps < 1000 else 30.0, count if count > 0 else None, path=path,
                        _capture=capture, _first=cv2.cvtColor(first, cv2.COLOR_BGR2RGB))
 
 
@@ -146,7 +201,12 @@ class VideoWriter:
 
     def __init__(self, path: str | os.PathLike, fps: float, size: tuple[int, int]):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_dir():
+            raise LoratError(f"cannot write video {self.path}: it is a folder")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise LoratError(f"cannot write video {self.path}: {_reason(err)}") from None
         self.frames = 0
         self.size = size
         self._ffmpeg = None
@@ -169,8 +229,21 @@ class VideoWriter:
             raise LoratError(f"cannot write video {self.path} (unsupported extension? use .mp4 or .avi)")
 
     def write(self, frame_rgb: np.ndarray) -> None:
+        """Append one frame.
+
+        Raises:
+            LoratError: the file cannot be written (disk full, ffmpeg stopped); frames already
+                written stay in the file once it is closed.
+        """
         if frame_rgb.shape[1::-1] != tuple(self.size):  # a stray frame of another size: fit it
             frame_rgb = cv2.resize(frame_rgb, tuple(self.size))
+        try:
+            self._encode(frame_rgb)
+        except OSError as err:
+            raise LoratError(f"cannot write video {self.path}: {_reason(err)}") from None
+        self.frames += 1
+
+    def _encode(self, frame_rgb: np.ndarray) -> None:
         if self._ffmpeg is not None:
             h, w = frame_rgb.shape[:2]
             if (w, h) != self._even:
@@ -179,21 +252,29 @@ class VideoWriter:
             self._ffmpeg.send(np.ascontiguousarray(frame_rgb))
         else:
             self._writer.write(cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2BGR))
-        self.frames += 1
 
     def close(self) -> None:
-        if self._ffmpeg is not None:
-            self._ffmpeg.close()
-            self._ffmpeg = None
-        if self._writer is not None:
-            self._writer.release()
-            self._writer = None
+        """Finish the file (idempotent)."""
+        ffmpeg, writer = self._ffmpeg, self._writer
+        self._ffmpeg = self._writer = None
+        try:
+            if ffmpeg is not None:
+                ffmpeg.close()
+            if writer is not None:
+                writer.release()
+        except OSError as err:
+            raise LoratError(f"cannot finish video {self.path}: {_reason(err)}") from None
 
     def __enter__(self) -> VideoWriter:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _reason(err: OSError) -> str:
+    """The first line of an OS error (imageio-ffmpeg appends the whole ffmpeg command to its own)."""
+    return err.strerror or str(err).strip().split("\n")[0] or type(err).__name__
 
 
 def draw_targets(frame_rgb: np.ndarray, boxes: Sequence[Sequence[float]], scores: Sequence[float],

@@ -146,3 +146,31 @@ def test_the_app_deletes_gradios_cached_files(app, tmp_path):
 
     demo = app.build_app(OneModel(), app.Limits(), app.ResultFolders(tmp_path), "")
     assert demo.delete_cache is not None
+
+
+def test_an_undecodable_frame_keeps_line_k_for_frame_k(app):
+    """A video frame that cannot be decoded repeats the previous boxes with score 0 and the last picture."""
+    from lorat import TrackResult
+
+    class Tracker:
+        def init(self, frame, boxes):
+            return [TrackResult(tuple(boxes[0]), 1.0)]
+
+        def track_all(self, frame):
+            return [TrackResult((float(frame[0, 0, 0]), 1.0, 5.0, 5.0), 0.9)]
+
+    class Writer:
+        frames: list = []
+
+        def write(self, frame):
+            self.frames.append(frame)
+
+    frames = [np.full((8, 8, 3), v, np.uint8) for v in (0, 1, 2, 3)]
+    source = type("Source", (), {"frame_count": 4, "__iter__": lambda self: iter(
+        [(0, frames[0]), (1, frames[1]), (2, None), (3, frames[3])])})()
+    writer = Writer()
+    rows, scores = app._track_frames(Tracker(), source, [[0.0, 0.0, 4.0, 4.0]], writer, 0.3, 100, lambda *a, **k: None)
+    assert [r[0] for r in rows] == [1, 2, 3, 4]
+    assert rows[2][2:] == (1.0, 1.0, 5.0, 5.0, 0.0) and rows[3][2] == 3.0
+    assert [s[0] for s in scores] == [1.0, 0.9, 0.0, 0.9]
+    assert len(writer.frames) == 4 and writer.frames[2] is writer.frames[1]

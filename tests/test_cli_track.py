@@ -1,15 +1,20 @@
 """``python -m lorat.track`` as users run it, on the official fixture and on bad inputs."""
 
+import errno
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+import torch
 
+import lorat.track
 from lorat.errors import run_cli
 from lorat.track import main
+from lorat.video import VideoWriter, open_source
 
 from .conftest import ROOT, TINY
 
@@ -129,3 +134,288 @@ def test_bench_prints_json(capsys):
     assert result["frames"] == 6 and result["model_fps"] > 0 and result["tracking_fps"] > 0
     assert set(result["split_ms"]) == {"decode", "crop", "model", "postprocess"}
     assert result["peak_memory_mb"]["process_rss"] > 0
+
+
+# ----------------------------------------------------------------------------- output matrix
+
+SHORT = 6  # frames in the short sources of the matrix
+
+
+def _write_avi(path: Path, frames: list[Path]) -> Path:
+    """An MJPG .avi of the given image files (a video OpenCV writes and reads everywhere)."""
+    first = cv2.imread(str(frames[0]))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, first.shape[1::-1])
+    for frame in frames:
+        writer.write(cv2.imread(str(frame)))
+    writer.release()
+    return path
+
+
+@pytest.fixture(scope="module")
+def short_sources(tmp_path_factory) -> dict[str, Path]:
+    """The first SHORT fixture frames as an image folder and as a video file."""
+    root = tmp_path_factory.mktemp("short")
+    frames = sorted((TINY / "sequence").glob("*.png"))[:SHORT]
+    (root / "frames").mkdir()
+    for frame in frames:
+        shutil.copy(frame, root / "frames" / frame.name)
+    return {"folder": root / "frames", "video": _write_avi(root / "clip.avi", frames)}
+
+
+def _video_frames(path: Path) -> int:
+    capture = cv2.VideoCapture(str(path))
+    count = 0
+    while capture.read()[0]:
+        count += 1
+    capture.release()
+    return count
+
+
+TWO = ["--init", "76,77,40,38", "--init", "150,100,30,30"]
+ONE = TWO[:2]
+
+
+@pytest.mark.parametrize("source, boxes, outputs", [
+    ("folder", ONE, []),
+    ("folder", ONE, ["--output", "out.mp4"]),
+    ("folder", ONE, ["--save-txt", "out.txt"]),
+    ("folder", ONE, ["--output", "out.mp4", "--save-txt", "out.txt"]),
+    ("folder", ONE, ["--show"]),
+    ("folder", TWO, ["--output", "out.mp4"]),
+    ("folder", TWO, ["--output", "out.avi", "--save-txt", "out.txt"]),
+    ("video", ONE, ["--output", "out.avi"]),
+    ("video", ONE, []),
+    ("video", TWO, ["--save-txt", "out.txt", "--show"]),
+], ids=lambda v: ",".join(v) if isinstance(v, list) else v)
+def test_output_matrix(source, boxes, outputs, short_sources, tmp_path, capsys, monkeypatch):
+    """Every combination of outputs runs to the end and writes one line / one video frame per frame."""
+    monkeypatch.setattr(lorat.track, "has_display", lambda: True)  # --show without a screen: no window
+    monkeypatch.setattr(lorat.track, "_show", lambda frame: None)
+    monkeypatch.setattr(cv2, "destroyAllWindows", lambda: None)
+    args = [str(tmp_path / a) if a.startswith("out.") else a for a in outputs]
+    code = run_cli(main, [str(short_sources[source]), *MODEL_ARGS, *boxes, *args])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr
+    assert f"over {SHORT} frames" in stdout and "Traceback" not in stderr
+    targets = len(boxes) // 2
+    written = sorted(p.name for p in tmp_path.iterdir())
+    expected = []
+    if "--save-txt" in outputs:
+        stems = ["out"] if targets == 1 else [f"out_{k + 1}" for k in range(targets)]
+        expected += [f"{s}.txt" for s in stems] + [f"{s}_scores.txt" for s in stems]
+        for name in expected:
+            assert len((tmp_path / name).read_text().splitlines()) == SHORT, name
+            assert f"wrote {tmp_path / name}" in stdout
+    video = next((a for a in outputs if a.startswith("out.")
+                  and a.endswith((".mp4", ".avi"))), None)
+    if video:
+        expected.append(video)
+        assert _video_frames(tmp_path / video) == SHORT
+        assert f"wrote {tmp_path / video}" in stdout
+    assert written == sorted(expected)
+
+
+def test_output_only_as_a_user_runs_it(short_sources, tmp_path):
+    """The quick-start shape without --save-txt, in a subprocess: exit 0, a playable video, no traceback."""
+    code, stdout, stderr = _run(short_sources["video"], *MODEL_ARGS, *ONE, "--output", tmp_path / "out.mp4")
+    assert code == 0, stderr
+    assert "Traceback" not in stderr and "warning" not in stdout + stderr
+    assert _video_frames(tmp_path / "out.mp4") == SHORT
+    assert f"wrote {tmp_path / 'out.mp4'}" in stdout
+
+
+# ----------------------------------------------------------------------------- outputs that must be refused
+
+
+def _bad_output_cases(tmp: Path, sources: dict[str, Path]) -> dict[str, tuple[list[str], str]]:
+    """Case name -> (source and options, expected message)."""
+    video, folder = sources["video"], sources["folder"]
+    alias = Path(video.parent.name, video.name)
+    return {
+        "output under /proc": ([str(folder), "--output", "/proc/out.mp4"], "cannot write /proc/out.mp4"),
+        "save-txt under /proc": ([str(folder), "--save-txt", "/proc/lorat/boxes.txt"],
+                                 "cannot write /proc/lorat/boxes.txt"),
+        "output is a folder": ([str(folder), "--output", str(tmp / "adir")], f"{tmp / 'adir'} is a folder"),
+        "save-txt is a folder": ([str(folder), "--save-txt", str(tmp / "adir")], f"{tmp / 'adir'} is a folder"),
+        "save-txt ends in /": ([str(folder), "--save-txt", str(tmp / "new") + "/"], "names a folder"),
+        "output is the source": ([str(video), "--output", str(video)], "would overwrite the source"),
+        "save-txt is the source": ([str(video), "--save-txt", str(video)], "would overwrite the source"),
+        "save-txt is the source by another path": ([str(video), "--save-txt", str(video.parent / ".." / alias)],
+                                                   "would overwrite the source"),
+        "save-txt is a frame": ([str(folder), "--save-txt", str(folder / "00000001.png")],
+                                "would overwrite or add a frame to the source"),
+        "save-txt is a new image in the folder": ([str(folder), "--save-txt", str(folder / "boxes.jpg")],
+                                                  "would overwrite or add a frame to the source"),
+        "outputs collide": ([str(folder), "--output", str(tmp / "o.avi"), "--save-txt", str(tmp / "o.avi")],
+                            "more than once"),
+        "bad device": ([str(folder), "--device", "banana"], "unknown device 'banana'"),
+        "nan box": ([str(folder), "--init", "nan,77,40,38"], "finite"),
+    }
+
+
+BAD_OUTPUTS = list(_bad_output_cases(Path("/t"), {"video": Path("/v/clip.avi"), "folder": Path("/f")}))
+
+
+@pytest.mark.parametrize("case", BAD_OUTPUTS)
+def test_bad_outputs_give_one_clear_line(case, short_sources, tmp_path, capsys):
+    """Refused before the model loads: one error line, exit 2, the source and the folder untouched."""
+    (tmp_path / "adir").mkdir()
+    argv, message = _bad_output_cases(tmp_path, short_sources)[case]
+    before = {p: p.read_bytes() for p in [short_sources["video"], *short_sources["folder"].iterdir()]}
+    listing = sorted(tmp_path.iterdir())
+    code = run_cli(main, [*argv[:1], *MODEL_ARGS, *ONE, *argv[1:]])
+    stderr = capsys.readouterr().err
+    assert code == 2, stderr
+    assert message in stderr and stderr.count("\n") == 1 and stderr.startswith("error: "), stderr
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(tmp_path.iterdir()) == listing
+    assert not Path("/proc/lorat").exists()
+
+
+def test_mps_device_when_absent(capsys):
+    if torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    assert run_cli(main, [str(TINY / "sequence"), *MODEL_ARGS, *ONE, "--device", "mps"]) == 2
+    stderr = capsys.readouterr().err
+    assert "MPS is not available" in stderr and stderr.count("\n") == 1
+
+
+def test_negative_init_coordinates_are_accepted(tmp_path, short_sources):
+    out = tmp_path / "o.txt"
+    assert main([str(short_sources["folder"]), *MODEL_ARGS, "--init", "-5,10,50,50", "--init", "-8 20 40 40",
+                 "--save-txt", str(out), "--max-frames", "2"]) == 0
+    assert (tmp_path / "o_1.txt").read_text().startswith("0.0000\t10.0000\t45.0000\t50.0000")
+    assert (tmp_path / "o_2.txt").read_text().startswith("0.0000\t20.0000\t32.0000\t40.0000")
+
+
+def test_save_txt_writes_exactly_the_path_given(tmp_path, short_sources):
+    main([str(short_sources["folder"]), *MODEL_ARGS, *ONE, "--save-txt", str(tmp_path / "boxes"), "--max-frames", "3"])
+    main([str(short_sources["folder"]), *MODEL_ARGS, *TWO, "--save-txt", str(tmp_path / "run.csv"),
+          "--max-frames", "3"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "boxes", "boxes_scores.txt", "run_1.csv", "run_1_scores.txt", "run_2.csv", "run_2_scores.txt"]
+    assert len((tmp_path / "boxes").read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize("failure", [
+    ["--init", "900,77,40,38"],                      # box outside the frame: fails in tracker.init
+    [*ONE, "--weights", str(TINY / "meta.json")],    # not weights: fails while loading the model
+    [*ONE, "--output", "/proc/out.mp4"],             # an output that cannot be written
+])
+def test_failed_start_leaves_existing_outputs_alone(failure, tmp_path, short_sources, capsys):
+    (tmp_path / "o.txt").write_text("keep me\n")
+    (tmp_path / "o_scores.txt").write_text("keep me too\n")
+    (tmp_path / "o.mp4").write_bytes(b"an old video")
+    output = [] if "--output" in failure else ["--output", str(tmp_path / "o.mp4")]
+    code = run_cli(main, [str(short_sources["folder"]), *MODEL_ARGS, *failure, "--save-txt", str(tmp_path / "o.txt"),
+                          *output])
+    assert code == 2 and capsys.readouterr().err.count("\n") == 1
+    assert (tmp_path / "o.txt").read_text() == "keep me\n"
+    assert (tmp_path / "o_scores.txt").read_text() == "keep me too\n"
+    assert (tmp_path / "o.mp4").read_bytes() == b"an old video"
+
+
+# ----------------------------------------------------------------------------- faults during the run
+
+
+def test_video_write_error_mid_run_keeps_the_lines(tmp_path, short_sources, capsys, monkeypatch):
+    original = VideoWriter._encode
+
+    def encode(self, frame):
+        if self.frames == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original(self, frame)
+
+    monkeypatch.setattr(VideoWriter, "_encode", encode)
+    code = run_cli(main, [str(short_sources["folder"]), *MODEL_ARGS, *ONE, "--save-txt", str(tmp_path / "o.txt"),
+                          "--output", str(tmp_path / "o.mp4")])
+    stderr = capsys.readouterr().err
+    assert code == 2
+    assert f"error: cannot write video {tmp_path / 'o.mp4'}: No space left on device" in stderr
+    assert "Traceback" not in stderr
+    assert len((tmp_path / "o.txt").read_text().splitlines()) == 4
+    assert _video_frames(tmp_path / "o.mp4") == 3  # the frames before the failure stay playable
+
+
+def test_text_write_error_mid_run(tmp_path, short_sources, capsys, monkeypatch):
+    """A full disk (``/dev/full``) under the score file: a clear error, the box lines kept."""
+    import builtins
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        if str(path).endswith("_scores.txt") and "w" in mode:
+            return builtins.open("/dev/full", mode, *args, **kwargs)
+        return builtins.open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(lorat.track, "open", fake_open, raising=False)
+    code = run_cli(main, [str(short_sources["folder"]), *MODEL_ARGS, *ONE, "--save-txt", str(tmp_path / "o.txt")])
+    stderr = capsys.readouterr().err
+    assert code == 2 and "No space left on device" in stderr and "Traceback" not in stderr
+    assert len((tmp_path / "o.txt").read_text().splitlines()) == 1
+
+
+def test_non_finite_model_outputs_stop_with_the_lines_kept(tmp_path, short_sources, capsys, monkeypatch):
+    import lorat.tracker
+
+    original, calls = lorat.tracker.run_model, []
+
+    def run_model(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls.append(1)
+        return {k: torch.full_like(v, float("nan")) if len(calls) >= 3 else v for k, v in out.items()}
+
+    monkeypatch.setattr(lorat.tracker, "run_model", run_model)
+    code = run_cli(main, [str(short_sources["folder"]), *MODEL_ARGS, *ONE, "--save-txt", str(tmp_path / "o.txt")])
+    stdout, stderr = capsys.readouterr()
+    assert code == 2 and "non-finite" in stderr and "Traceback" not in stderr
+    lines = (tmp_path / "o.txt").read_text().splitlines()
+    assert len(lines) == 3 and "nan" not in "".join(lines)
+    assert "kept 3 frame(s)" in stdout
+
+
+# ----------------------------------------------------------------------------- damaged videos
+
+
+def _avi_chunks(data: bytes) -> list[tuple[int, int]]:
+    """(offset, size) of the frame payloads of an AVI file, in order (the 'movi' list)."""
+    pos, end = data.index(b"movi") + 4, data.index(b"idx1")
+    chunks = []
+    while pos + 8 <= end:
+        size = int.from_bytes(data[pos + 4:pos + 8], "little")
+        if data[pos + 2:pos + 4] in (b"dc", b"db"):
+            chunks.append((pos + 8, size))
+        pos += 8 + size + size % 2
+    return chunks
+
+
+def test_video_damaged_in_the_middle_is_tracked_to_the_end(tmp_path, capsys):
+    """Frame 9's JPEG data is destroyed (the AVI structure is intact): OpenCV cannot decode it, the
+    frames after it decode again, and line k stays frame k."""
+    frames = sorted((TINY / "sequence").glob("*.png"))
+    data = bytearray(_write_avi(tmp_path / "clip.avi", frames).read_bytes())
+    offset, size = _avi_chunks(bytes(data))[8]
+    data[offset:offset + size] = bytes(size)
+    (tmp_path / "damaged.avi").write_bytes(data)
+    code = run_cli(main, [str(tmp_path / "damaged.avi"), *MODEL_ARGS, *ONE, "--save-txt", str(tmp_path / "o.txt")])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr
+    lines = (tmp_path / "o.txt").read_text().splitlines()
+    assert len(lines) == 16 and lines[8] == lines[7]
+    scores = np.loadtxt(tmp_path / "o_scores.txt")
+    assert scores[8] == 0 and scores[9] > 0
+    assert "frame 9" in stdout + stderr and "stream ended" not in stdout + stderr
+    intact, damaged = open_source(str(tmp_path / "clip.avi")), open_source(str(tmp_path / "damaged.avi"))
+    for (i, good), (j, frame) in zip(intact, damaged, strict=True):  # same frames at the same indices
+        assert i == j and (frame is None if i == 8 else np.array_equal(frame, good)), i
+    intact.close()
+    damaged.close()
+
+
+def test_frame_count_off_by_one_is_not_a_warning(tmp_path):
+    """Containers often count one frame more than they decode; only a real shortfall is reported."""
+    clip = _write_avi(tmp_path / "clip.avi", sorted((TINY / "sequence").glob("*.png"))[:4])
+    for claimed, warned in ((4, False), (5, False), (7, True)):
+        source = open_source(str(clip))
+        source.frame_count = claimed
+        assert len(list(source)) == 4
+        source.close()
+        assert bool(source.warnings) == warned, (claimed, source.warnings)

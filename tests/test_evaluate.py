@@ -384,3 +384,20 @@ def test_read_sequence_and_times(tmp_path):
     times.write_text("0.5\ninf\n")
     with pytest.raises(DatasetError, match=r"a_time.txt:2: "):
         read_times(times)
+
+
+def test_non_finite_model_outputs_stop_the_run(setup, tmp_path):
+    """A model whose outputs are NaN (weights damaged in memory) stops with an error, never writes nan boxes."""
+    from lorat.checkpoint import load_model
+    from lorat.data.sequences import read_dataset
+    from lorat.errors import LoratError
+    from lorat.evaluate import track_sequences
+
+    data, weights = setup
+    model, config = load_model(weights)
+    with torch.no_grad():
+        model.head.reg_mlp.layers[0].weight.fill_(float("nan"))
+    sequences = read_dataset("lasot", str(data), "test", for_training=False)
+    with pytest.raises(LoratError, match="non-finite boxes or scores"):
+        track_sequences(model, config, sequences, tmp_path / "run", 0.0, 2, None, progress=False)
+    assert not list((tmp_path / "run").glob("*.txt"))

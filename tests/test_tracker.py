@@ -9,7 +9,7 @@ from lorat.checkpoint import build_lorat, load_model
 from lorat.config import config_from_dict
 from lorat.errors import LoratError
 from lorat.lora import merge_lora
-from lorat.tracker import Tracker, TrackState, init_state, to_frame_tensor, track_step
+from lorat.tracker import Tracker, TrackState, init_state, resolve_device, to_frame_tensor, track_step
 
 from . import reference
 from .helpers import bright_spot_model, textured_clip, write_dinov2
@@ -135,13 +135,41 @@ def test_target_leaving_the_frame():
     ((10, 10, 0, 20), "positive width and height"),
     ((10, 10, 20, -5), "positive width and height"),
     ((700, 10, 20, 20), "outside the 320x240 frame"),
-    ((float("nan"), 10, 20, 20), "positive width and height"),
+    ((float("nan"), 10, 20, 20), "non-finite"),
+    ((10, 10, float("inf"), 20), "non-finite"),
 ])
 def test_bad_init_boxes(tmp_path, box, message):
     model, cfg = _random_tracker_model(tmp_path)
     frames, _ = textured_clip(1)
     with pytest.raises(LoratError, match=message):
         Tracker(model, cfg).init(frames[0], box)
+
+
+def test_non_finite_outputs_raise(tmp_path):
+    """Damaged weights make NaN boxes and scores: an error, never a NaN result."""
+    model, cfg = _random_tracker_model(tmp_path)
+    with torch.no_grad():
+        model.head.reg_mlp.layers[-1].bias.fill_(float("nan"))
+    frames, boxes = textured_clip(2)
+    tracker = Tracker(model, cfg)
+    tracker.init(frames[0], boxes[0])
+    with pytest.raises(LoratError, match="non-finite boxes or scores"):
+        tracker.track(frames[1])
+
+
+@pytest.mark.parametrize("device, message", [
+    ("banana", "unknown device 'banana'"),
+    ("cuda:", "unknown device 'cuda:'"),
+    ("meta", "unsupported device 'meta'"),
+    ("cuda:99", "cuda"),
+    ("mps", "MPS is not available"),
+])
+def test_bad_devices(device, message):
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    with pytest.raises(LoratError, match=message):
+        resolve_device(device)
+    assert resolve_device("cpu") == torch.device("cpu")
 
 
 def test_frame_formats_agree(tmp_path):
