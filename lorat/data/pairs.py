@@ -11,6 +11,10 @@ One sample (``PairDataset[k]``) is a dict of tensors:
     ``target_box`` (4,) float32 normalised x1y1x2y2 of the target in the search crop;
     ``positive`` (Hx, Wx) bool, the response cells overlapping the target;
     ``skipped`` int64, unreadable images met (and replaced) while making it.
+
+A sample that meets :data:`MAX_UNREADABLE` unreadable images, or finds no usable pair in
+:data:`MAX_ATTEMPTS` tries, raises :class:`UnusableDataError` (a :class:`DatasetError`) rather
+than training on nothing: a dataset whose images are all unreadable stops at its first sample.
 """
 
 from __future__ import annotations
@@ -27,13 +31,30 @@ from lorat.boxes import rasterize
 from lorat.config import ModelConfig, TrainConfig
 from lorat.crop import box_to_crop, crop_frames, nominal_crop_params, normalize_crops
 from lorat.data.augment import color_jitter, deit3, hflip
-from lorat.data.sequences import Sequence
+from lorat.data.sequences import DatasetError, Sequence
 from lorat.tracker import template_mask
 from lorat.video import read_rgb
 
-__all__ = ["Source", "PairDataset", "epoch_picker", "jittered_search_params", "search_labels"]
+__all__ = ["Source", "PairDataset", "UnusableDataError", "epoch_picker", "jittered_search_params", "search_labels"]
 
 _MAX_TRIES = 12  # official: counter from -1, gives up past 10
+MAX_ATTEMPTS = 1000  # pairs tried for one sample (each failure draws a random replacement sequence)
+MAX_UNREADABLE = 100  # unreadable images one sample may meet before the data is declared unusable
+
+
+class UnusableDataError(DatasetError):
+    """No training pair could be made: the images are unreadable, or no box gives a valid crop.
+
+    Raised in a DataLoader worker, it reaches the main process as ``UnusableDataError(text)``
+    where ``text`` holds the worker's whole traceback; only the original one-line message is
+    kept, so the user still sees one clear line.
+    """
+
+    def __init__(self, message: str):
+        marker = f"{type(self).__name__}: "
+        if message.startswith("Caught ") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
 
 
 @dataclass
@@ -138,17 +159,24 @@ class PairDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, int(k)])
         d, s = (int(v) for v in self.picker[k])
         skipped = 0
-        for _ in range(1000):
-            sample, bad = self._make(self.sources[d].sequences[s], rng)
-            skipped += bad
+        for _ in range(MAX_ATTEMPTS):
+            sample, unreadable = self._make(self.sources[d].sequences[s], rng)
             if sample is not None:
                 sample["skipped"] = torch.tensor(skipped)
                 return sample
+            if unreadable is not None:
+                skipped += 1
+                if skipped >= MAX_UNREADABLE:
+                    raise UnusableDataError(f"could not make training pair {k}: {skipped} images were unreadable "
+                                            f"(the last: {unreadable}); check the dataset's image files")
             d = int(rng.choice(len(self.sources), p=self.weights))  # official: random replacement
             s = int(rng.integers(len(self.sources[d].sequences)))
-        raise RuntimeError("could not make a training pair in 1000 attempts; are the images readable?")
+        names = ", ".join(source.name for source in self.sources)
+        raise UnusableDataError(f"could not make training pair {k} in {MAX_ATTEMPTS} attempts from {names}: no "
+                                f"frame gives a target box that fits a crop (boxes outside the images or too small?)")
 
-    def _make(self, seq: Sequence, rng: np.random.Generator) -> tuple[dict | None, int]:
+    def _make(self, seq: Sequence, rng: np.random.Generator) -> tuple[dict | None, str | None]:
+        """One try: (the sample, None), (None, path of an unreadable image) or (None, None)."""
         cfg, train = self.model_cfg, self.train_cfg
         track = seq.tracks[int(rng.integers(len(seq.tracks)))]
         present = np.flatnonzero(track.present)
@@ -160,13 +188,13 @@ class PairDataset(Dataset):
         if z_image is None or x_image is None:
             bad = seq.frames[z] if z_image is None else seq.frames[x]
             warnings.warn(f"unreadable image skipped: {bad}", stacklevel=2)
-            return None, 1
+            return None, str(bad)
         z_box, x_box = _clean_box(track.boxes[z], z_image), _clean_box(track.boxes[x], x_image)
         if z_box is None or x_box is None:
-            return None, 0
+            return None, None
         params = jittered_search_params(x_box, cfg, self.search_factor, train, rng)
         if params is None:
-            return None, 0
+            return None, None
         z_t = torch.from_numpy(z_image).permute(2, 0, 1)
         x_t = torch.from_numpy(x_image).permute(2, 0, 1)
         zs, zt = nominal_crop_params(torch.from_numpy(z_box[None]), self.template_factor, cfg.template_size)
@@ -188,7 +216,7 @@ class PairDataset(Dataset):
         zb = np.clip(zb, 0, list(cfg.template_size) * 2)
         xb = np.clip(xb, 0, list(cfg.search_size) * 2)
         if not (zb[0] < zb[2] and zb[1] < zb[3] and xb[0] < xb[2] and xb[1] < xb[3]):
-            return None, 0
+            return None, None
         mask = template_mask(torch.from_numpy(zb[None]), cfg.template_size, cfg.template_grid)[0]
         inputs = normalize_crops(torch.stack([z_img]) * 255.0), normalize_crops(torch.stack([x_img]) * 255.0)
         return {
@@ -197,4 +225,4 @@ class PairDataset(Dataset):
             "z_feat_mask": mask,
             "target_box": torch.from_numpy((xb / np.array(list(cfg.search_size) * 2)).astype(np.float32)),
             "positive": torch.from_numpy(search_labels(xb, cfg.search_size, cfg.search_grid)),
-        }, 0
+        }, None

@@ -1,0 +1,337 @@
+"""Resume after a stop or a kill at any point is bit-exact; bad resumes fail with one error line.
+
+Every run here is the same tiny recipe (2 epochs of 2 steps, drop-path on, validation and a
+checkpoint every epoch, a metrics row every step). A kill -9 is simulated in-process by raising
+:class:`_Killed` at a chosen point: like a real kill it skips every save that would have come
+next, and leaves on disk exactly what had been written (flushed) until then.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import lorat.train as train
+from lorat.config import TrainConfig, load_config
+from lorat.data.pairs import PairDataset, Source, UnusableDataError
+from lorat.data.sequences import read_dataset
+from lorat.errors import run_cli
+from lorat.train import main
+
+from .conftest import ROOT
+
+DEBUG = str(ROOT / "configs" / "debug.yaml")
+
+
+class _Killed(BaseException):
+    """A simulated kill -9: not an Exception, so nothing in the trainer handles it."""
+
+
+def _recipe(synthetic: Path, *extra: str) -> list[str]:
+    return [DEBUG, "--data", f"lasot={synthetic}", "--val-data", f"lasot={synthetic}",
+            "--set", "train.samples_per_epoch=4", "--set", "train.batch_size=2", "--set", "train.epochs=2",
+            "--set", "train.val_samples=2", "--set", "train.checkpoint_every=1",
+            "--set", "model.backbone.drop_path=0.1",  # as in l224.yaml: draws from the global torch RNG
+            "--set", "model.template_size=[56,56]", "--set", "model.search_size=[112,112]",
+            "--log-every", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(synthetic, tmp_path_factory) -> Path:
+    """The uninterrupted run every other run must reproduce exactly."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    assert run_cli(main, _recipe(synthetic, "--output", str(run))) == 0
+    return run
+
+
+def _same(a, b, where: str) -> None:
+    """Recursive exact equality of (nested) state: tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        equal = isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+        assert equal, f"{where} differs"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            _same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def _rows(path: Path, drop: str | None = None) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        row.pop(drop, None)
+    return rows
+
+
+def _checkpoint_tensors(path: Path) -> tuple[dict, dict]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+
+
+def assert_same_run(expected: Path, got: Path) -> None:
+    """Weights, AdamW, GradScaler, RNG states, step, logs and checkpoints all equal."""
+    a = torch.load(expected / "state.pt", weights_only=True)
+    b = torch.load(got / "state.pt", weights_only=True)
+    _same(a, b, "state.pt")
+    assert _rows(expected / "metrics.csv", "samples_per_s") == _rows(got / "metrics.csv", "samples_per_s")
+    assert (expected / "val.csv").read_text() == (got / "val.csv").read_text()
+    epochs = sorted(p.name for p in (expected / "checkpoint").iterdir())
+    assert sorted(p.name for p in (got / "checkpoint").iterdir()) == epochs
+    for epoch in epochs:
+        files = sorted(p.name for p in (expected / "checkpoint" / epoch).iterdir())
+        assert sorted(p.name for p in (got / "checkpoint" / epoch).iterdir()) == files
+        for name in files:
+            _same(_checkpoint_tensors(expected / "checkpoint" / epoch / name),
+                  _checkpoint_tensors(got / "checkpoint" / epoch / name), f"{epoch}/{name}")
+
+
+def _train_calls(monkeypatch, action) -> None:
+    """Run ``action(n)`` inside the loss of the n-th training step (1-based; validation not counted)."""
+    calls = {"n": 0}
+    loss = train.lorat_loss
+
+    def wrapped(*args, **kwargs):
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            action(calls["n"])
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(train, "lorat_loss", wrapped)
+
+
+# ----------------------------------------------------------------------------- stops and kills
+
+
+@pytest.mark.parametrize("stops", [[1, 3], [2]], ids=["mid-epochs", "epoch-end"])
+def test_stop_after_then_resume_is_bit_exact(synthetic, reference, tmp_path, stops):
+    run = tmp_path / "run"
+    assert run_cli(main, _recipe(synthetic, "--output", str(run), "--stop-after", str(stops[0]))) == 0
+    assert run_cli(main, ["--resume", str(run), "--stop-after", str(stops[0])]) == 0  # already there: no step
+    assert torch.load(run / "state.pt", weights_only=True)["step"] == stops[0]
+    for stop in stops[1:]:
+        assert run_cli(main, ["--resume", str(run), "--stop-after", str(stop)]) == 0
+    assert run_cli(main, ["--resume", str(run)]) == 0
+    assert_same_run(reference, run)
+
+
+@pytest.mark.parametrize("at", [2, 3], ids=["epoch-end", "mid-epoch"])
+def test_sigint_then_resume_is_bit_exact(synthetic, reference, tmp_path, monkeypatch, at):
+    """Ctrl-C during step ``at``: that step finishes, the state is saved (validation skipped)."""
+    run = tmp_path / "run"
+
+    def ctrl_c(n: int) -> None:
+        if n == at:
+            signal.raise_signal(signal.SIGINT)
+
+    _train_calls(monkeypatch, ctrl_c)
+    assert run_cli(main, _recipe(synthetic, "--output", str(run))) == 130
+    assert torch.load(run / "state.pt", weights_only=True)["step"] == at
+    monkeypatch.undo()
+    assert run_cli(main, ["--resume", str(run)]) == 0
+    assert_same_run(reference, run)  # torch_rng included
+
+
+def test_kill_after_the_final_step_before_its_checkpoint(synthetic, reference, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    save = train._save_checkpoint
+
+    def killed_at_the_end(out, epoch, *args, **kwargs):
+        if epoch == 2:
+            raise _Killed
+        return save(out, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(train, "_save_checkpoint", killed_at_the_end)
+    with pytest.raises(_Killed):
+        run_cli(main, _recipe(synthetic, "--output", str(run)))
+    monkeypatch.undo()
+    assert run_cli(main, ["--resume", str(run)]) == 0
+    assert (run / "checkpoint" / "epoch_002" / "lorat.safetensors").is_file()
+    assert_same_run(reference, run)
+
+
+def test_kill_mid_epoch_drops_the_rows_logged_after_the_state(synthetic, reference, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+
+    def kill(n: int) -> None:
+        if n == 4:  # step 3's row is in metrics.csv, the state is at step 2
+            raise _Killed
+
+    _train_calls(monkeypatch, kill)
+    with pytest.raises(_Killed):
+        run_cli(main, _recipe(synthetic, "--output", str(run)))
+    monkeypatch.undo()
+    assert [r["step"] for r in _rows(run / "metrics.csv")] == ["1", "2", "3"]
+    with open(run / "metrics.csv", "a") as f:
+        f.write("4,1,1.0e-0")  # a row cut short by the kill
+    with open(run / "val.csv", "a") as f:
+        f.write("2,1.0,1.0,1.0\n")  # what an older version, validating before saving the state, could leave
+    assert run_cli(main, ["--resume", str(run)]) == 0
+    assert [r["step"] for r in _rows(run / "metrics.csv")] == ["1", "2", "3", "4"]
+    assert_same_run(reference, run)
+
+
+def test_a_fresh_run_after_a_kill_before_the_first_state_starts_clean(synthetic, reference, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+
+    def kill(n: int) -> None:
+        if n == 2:
+            raise _Killed
+
+    _train_calls(monkeypatch, kill)
+    with pytest.raises(_Killed):
+        run_cli(main, _recipe(synthetic, "--output", str(run)))
+    monkeypatch.undo()
+    assert not (run / "state.pt").exists() and len(_rows(run / "metrics.csv")) == 1
+    assert run_cli(main, _recipe(synthetic, "--output", str(run))) == 0  # the same command again
+    assert_same_run(reference, run)
+
+
+def test_skipped_image_count_survives_a_resume(synthetic, tmp_path):
+    root = tmp_path / "broken"
+    shutil.copytree(synthetic, root)
+    for path in sorted(root.rglob("*.jpg"))[::3]:
+        path.write_bytes(b"not a jpeg")
+    recipe = [DEBUG, "--data", f"lasot={root}", "--set", "train.val_samples=0",
+              "--set", "train.samples_per_epoch=8", "--set", "train.batch_size=2", "--set", "train.epochs=1",
+              "--set", "model.template_size=[56,56]", "--set", "model.search_size=[112,112]", "--log-every", "1"]
+    assert run_cli(main, [*recipe, "--output", str(tmp_path / "straight")]) == 0
+    assert run_cli(main, [*recipe, "--output", str(tmp_path / "split"), "--stop-after", "2"]) == 0
+    assert run_cli(main, ["--resume", str(tmp_path / "split")]) == 0
+    straight = _rows(tmp_path / "straight" / "metrics.csv", "samples_per_s")
+    assert int(straight[-1]["skipped_images"]) > int(straight[1]["skipped_images"]) > 0
+    assert _rows(tmp_path / "split" / "metrics.csv", "samples_per_s") == straight
+
+
+def test_resume_writes_a_missing_final_checkpoint_and_validation(reference, tmp_path, capsys):
+    """What a kill between state.pt and the last checkpoint (or a deleted folder) leaves."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    shutil.rmtree(run / "checkpoint" / "epoch_002")
+    lines = (run / "val.csv").read_text().splitlines(keepends=True)
+    (run / "val.csv").write_text("".join(lines[:-1]))
+    assert run_cli(main, ["--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "epoch_002" in out and "finished at step 4/4" in out
+    assert_same_run(reference, run)
+
+
+def test_resume_override_persists_and_extends_the_run(synthetic, reference, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    assert run_cli(main, ["--resume", str(run), "--set", "train.epochs=3", "--stop-after", "5"]) == 0
+    assert torch.load(run / "state.pt", weights_only=True)["step"] == 5
+    # the next resume keeps 3 epochs: config.yaml holds what the run is now
+    assert run_cli(main, ["--resume", str(run)]) == 0
+    state = torch.load(run / "state.pt", weights_only=True)
+    assert state["step"] == 6 and json.loads(state["config"])["train"]["epochs"] == 3
+    assert (run / "checkpoint" / "epoch_003" / "lorat.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------- byte-stable outputs
+
+
+def test_identical_runs_write_identical_bytes(synthetic, tmp_path):
+    def run(name: str) -> Path:
+        out = tmp_path / name
+        args = [DEBUG, "--data", f"lasot={synthetic}", "--set", "train.finetune=lora",
+                "--set", "train.samples_per_epoch=2", "--set", "train.batch_size=2", "--set", "train.epochs=1",
+                "--set", "train.val_samples=0", "--set", "model.template_size=[56,56]",
+                "--set", "model.search_size=[112,112]", "--output", str(out)]
+        assert run_cli(main, args) == 0
+        return out
+
+    a, b = run("a"), run("b")
+    assert (a / "state.pt").read_bytes() == (b / "state.pt").read_bytes()
+    for name in ("model.safetensors", "lorat.safetensors"):
+        path = Path("checkpoint") / "epoch_001" / name
+        assert (a / path).read_bytes() == (b / path).read_bytes(), path
+
+
+# ----------------------------------------------------------------------------- clear errors
+
+
+def _error(capsys, argv: list[str]) -> str:
+    assert run_cli(main, argv) == 2
+    err = capsys.readouterr().err  # the progress bar may come first, on its own line
+    assert err.endswith("\n") and err.count("error: ") == 1 and "Traceback" not in err, err
+    line = err.splitlines()[-1]
+    assert line.startswith("error: "), err
+    return line
+
+
+@pytest.mark.parametrize("content", [None, b"", b"\x8a\x17 random bytes \x00\xff" * 40], ids=["truncated", "empty",
+                                                                                              "random"])
+def test_resume_with_a_damaged_state_is_an_error(reference, tmp_path, capsys, content):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    data = (run / "state.pt").read_bytes()
+    (run / "state.pt").write_bytes(data[: len(data) // 2] if content is None else content)
+    assert "state.pt" in _error(capsys, ["--resume", str(run)])
+
+
+@pytest.mark.parametrize("content", [None, "{not json", '["a list"]', '{"data": 5}'])
+def test_resume_without_a_readable_args_json_is_an_error(reference, tmp_path, capsys, content):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    if content is None:
+        (run / "args.json").unlink()
+    else:
+        (run / "args.json").write_text(content)
+    assert "args.json" in _error(capsys, ["--resume", str(run)])
+
+
+def test_resume_refuses_overrides_that_change_the_model(reference, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    before = (run / "state.pt").read_bytes()
+    for key, value in [("model.backbone.embed_dim", "32"), ("train.finetune", "lora"),
+                       ("train.batch_size", "4")]:
+        assert f"{key}" in _error(capsys, ["--resume", str(run), "--set", f"{key}={value}"])
+    assert (run / "state.pt").read_bytes() == before
+    assert "embed_dim: 64" in (run / "config.yaml").read_text()
+
+
+def test_all_unreadable_images_stop_with_a_clear_error(synthetic, tmp_path, capsys):
+    root = tmp_path / "broken"
+    shutil.copytree(synthetic, root)
+    for path in root.rglob("*.jpg"):
+        path.write_bytes(b"not a jpeg")
+    for workers in ("0", "2"):
+        err = _error(capsys, [DEBUG, "--data", f"lasot={root}", "--set", "train.val_samples=0",
+                              "--set", "train.samples_per_epoch=4", "--set", "train.batch_size=2",
+                              "--set", f"train.num_workers={workers}", "--output", str(tmp_path / f"r{workers}")])
+        assert "unreadable" in err and ".jpg" in err and "Traceback" not in err
+        assert not (tmp_path / f"r{workers}" / "state.pt").exists()
+
+
+@pytest.mark.parametrize("device", ["banana", "mps", "cuda:99" if torch.cuda.is_available() else "cuda"])
+def test_bad_device_is_an_error(synthetic, tmp_path, capsys, device):
+    err = _error(capsys, _recipe(synthetic, "--output", str(tmp_path / "run"), "--device", device))
+    assert device in err
+
+
+def test_pairs_that_cannot_be_made_raise_a_one_line_dataset_error(synthetic):
+    cfg = load_config(ROOT / "configs" / "debug.yaml")
+    impossible = TrainConfig(min_object_size=1000)  # no jittered crop keeps the target that large
+    ds = PairDataset([Source("lasot", read_dataset("lasot", synthetic), 1.0)], cfg.model, (2.0, 4.0), impossible, 2,
+                     seed=0)
+    ds.set_epoch(0)
+    with pytest.raises(UnusableDataError, match="could not make training pair 1 in 1000 attempts from lasot"):
+        ds[1]
+    # as a DataLoader worker hands it to the main process: only the original message is kept
+    relayed = UnusableDataError("Caught UnusableDataError in DataLoader worker process 0.\nOriginal Traceback (most "
+                                "recent call last):\n  File ...\nlorat.data.pairs.UnusableDataError: the message\n")
+    assert str(relayed) == "the message"
