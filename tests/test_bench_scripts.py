@@ -6,6 +6,7 @@ import sys
 
 import cv2
 import numpy as np
+import pytest
 
 from lorat.checkpoint import save_model
 from lorat.data.sequences import read_dataset
@@ -20,6 +21,7 @@ def _script(*args):
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_compare_scores_the_static_box_like_the_metrics(synthetic, tmp_path):
     cfg = tiny_config()
     weights = save_model(LoRAT(cfg.model).eval(), cfg, tmp_path / "tiny.safetensors")
@@ -39,6 +41,7 @@ def test_compare_scores_the_static_box_like_the_metrics(synthetic, tmp_path):
     assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_contact_sheet(tmp_path):
     out = tmp_path / "sheet.png"
     run = _script("bench/contact_sheet.py", ROOT / "assets" / "box.mp4", out, "--frames", "3", "--columns", "2",

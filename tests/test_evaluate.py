@@ -175,6 +175,7 @@ def test_cli_errors(setup, tmp_path, capsys):
     assert "folder not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_torchrun_shards_sequences(setup, tmp_path):
     import os
     import subprocess

@@ -172,6 +172,7 @@ def test_lora_checkpoint_is_official_format(synthetic, tmp_path):
     assert not any("base_layer" in k or "patch_embed" in k for k in official)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one(synthetic, tmp_path):
     common = ["configs/debug.yaml", "--data", f"lasot={synthetic}", "--set", "train.val_samples=0",
               "--set", "train.samples_per_epoch=16", "--set", "train.batch_size=8", "--set", "train.epochs=1",
@@ -224,6 +225,7 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, synthetic, capsys):
     assert int(rows[-1].split(",")[-1]) > 0
 
 
+@pytest.mark.slow
 def test_sigterm_saves_resumable_state_and_elastic_restart_resumes(synthetic, tmp_path):
     import signal
     import time
