@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -53,7 +54,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from lorat.checkpoint import build_training_model, peft_to_official_keys, save_model
+from lorat.checkpoint import build_training_model, load_model, peft_to_official_keys, save_model
 from lorat.config import Config, TrainConfig, config_to_dict, load_config
 from lorat.data.pairs import PairDataset, Source
 from lorat.data.sequences import DATASETS, DatasetError, read_dataset
@@ -323,6 +324,7 @@ def _read_args(path: Path) -> dict[str, Any]:
 
     valid = (isinstance(saved, dict) and strings(saved.get("data")) and strings(saved.get("val_data", []))
              and isinstance(saved.get("backbone_weights"), str | None)
+             and isinstance(saved.get("init_weights"), str | None)
              and isinstance(saved.get("log_every", 10), int))
     if not valid:
         raise LoratError(f"{path} does not hold a run's arguments (data and val_data lists, backbone_weights)")
@@ -469,6 +471,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="validation dataset (default: GOT-10k val if GOT-10k is given, else none)")
     p.add_argument("--backbone-weights", help="DINOv2 file, or torchvision MobileNetV2 for a mobilenetv2 stem "
                                                 "(without it the backbone starts random)")
+    p.add_argument("--init-weights", type=Path, metavar="FILE",
+                   help="start from this single-file model (same architecture; train.finetune full): fine-tuning")
     p.add_argument("--output", type=Path, help="output folder")
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -498,6 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_resume_config(config, state, state_path)
         data, val_data = saved_args["data"], saved_args.get("val_data", [])
         backbone = saved_args.get("backbone_weights")
+        init = saved_args.get("init_weights")
         log_every = args.log_every or saved_args.get("log_every", 10)
     else:
         if args.config is None:
@@ -506,6 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise LoratError(f"{out} already holds a run ({state_path}); use --resume {out} or another --output")
         config = load_config(args.config, args.set)
         data, val_data, backbone = args.data, args.val_data, args.backbone_weights
+        init = str(args.init_weights) if args.init_weights else None
         log_every = args.log_every or 10
     if not data:
         raise LoratError("give at least one --data NAME=PATH")
@@ -516,9 +522,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _train(config, _parse_data(data, "--data"), _parse_data(val_data, "--val-data"), backbone, out,
                       dist_env, state, args,
-                      {"data": data, "val_data": val_data, "backbone_weights": backbone, "log_every": log_every})
+                      {"data": data, "val_data": val_data, "backbone_weights": backbone, "log_every": log_every,
+                       "init_weights": init})
     finally:
         dist_env.close()
+
+
+def _load_init_weights(model: LoRAT, config: Config, path: Path) -> None:
+    """Copy a single-file model's weights into the training model (fine-tuning start).
+
+    Raises:
+        LoratError: LoRA fine-tuning (the file holds merged weights), or a file made for another model.
+    """
+    if config.train.finetune != "full":
+        raise LoratError("--init-weights needs train.finetune full (the file holds merged weights, not adapters)")
+    start, start_config = load_model(path)
+    if dataclasses.replace(start_config.model, variant=config.model.variant) != config.model:
+        raise LoratError(f"--init-weights {path}: made for model {start_config.model.variant}, which differs from "
+                         f"the config's {config.model.variant} (only the variant name may differ)")
+    with torch.no_grad():
+        model.load_state_dict(start.state_dict())
 
 
 def _update(net: torch.nn.Module, model: LoRAT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -565,13 +588,16 @@ def _train(config: Config, data, val_data, backbone, out: Path, env: _Dist, stat
                          f"to adapt: use train.finetune full")
     torch.manual_seed(cfg.seed)  # identical random init (backbone without weights, head, LoRA) everywhere
     model = build_training_model(config, backbone)
+    if saved_args.get("init_weights") and state is None:
+        _load_init_weights(model, config, Path(saved_args["init_weights"]))
     model.to(device)
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.warmup_lr,
                                   betas=(0.9, 0.999), eps=1e-8)
     amp = {"auto": torch.float16 if device.type == "cuda" else None, "float16": torch.float16,
            "bfloat16": torch.bfloat16, "none": None}[cfg.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16 and device.type == "cuda")
-    full_state = backbone is None  # without backbone weights to start from, state.pt holds every weight
+    # state.pt holds every weight unless the frozen ones can be rebuilt from the backbone file alone
+    full_state = backbone is None or bool(saved_args.get("init_weights"))
     step, skipped_total = 0, 0
     if state is not None:
         _restore_state(state, model, optimizer, scaler, full_state, out / "state.pt")

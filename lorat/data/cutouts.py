@@ -1,0 +1,395 @@
+"""``python -m lorat.data.cutouts OUT --stamps DIR --photos DIR``: clips of real cut-out objects.
+
+Each clip moves one object with a real silhouette (an RGBA cut-out, e.g. the photographs among
+Debian's ``tuxpaint-stamps-default`` images) through a scene that looks like video: a
+photograph or a plain wall as background, seen by a camera that pans, shakes and zooms; a
+skin-coloured forearm that holds the object or crosses it; other cut-outs as distractors (some
+of them look-alikes of the target); lighting drift, motion blur, defocus, sensor noise and JPEG
+artefacts; frames from 176x144 to 640x480. The object turns in the image plane, turns out of it
+(it narrows, and shows its mirror view after a half turn), breathes in scale and stretches.
+
+The ground-truth box is the bounding box of the object's visible alpha mask (parts hidden by a
+hand or a distractor still count, as in human annotations; parts outside the frame do not), so
+background shows inside the box as with real objects. ``--frames 1`` writes still images: the
+official recipe's static-image pairs (two jittered crops of one photo), as COCO gives them.
+
+Layout: LaSOT's (``OUT/<category>/<category>-<k>/{img/%08d.jpg, groundtruth.txt,
+full_occlusion.txt, out_of_view.txt}``), readable with ``--data lasot=OUT``. Cut-outs are sorted
+into photographs and drawings by their colour statistics (:func:`is_photograph`); targets are
+photographs, drawings serve as distractors. ``--holdout`` keeps a deterministic share of the
+photographs out of training clips (``--use heldout`` makes validation clips from them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from lorat.data.synthetic import _photo_crop, load_photos
+from lorat.errors import LoratError, run_cli
+
+__all__ = ["Cutout", "load_cutouts", "is_photograph", "make_clip", "write_dataset", "main"]
+
+SIZES = ((176, 144), (320, 240), (480, 360), (640, 480))  # frame sizes and their odds below
+SIZE_ODDS = (0.2, 0.4, 0.25, 0.15)
+
+
+@dataclass(frozen=True)
+class Cutout:
+    """An object cut out of a picture: (h, w, 4) uint8 RGBA cropped to its mask, and where it came from."""
+
+    rgba: np.ndarray
+    name: str
+    photo: bool
+
+
+def is_photograph(rgba: np.ndarray) -> bool:
+    """Whether an RGBA cut-out looks like a photograph rather than a drawing.
+
+    Drawings are made of flat colour regions: many horizontally adjacent opaque pixels are
+    identical. In photographs (sensor noise, shading) almost none are.
+    """
+    opaque = rgba[..., 3] > 128
+    pairs = opaque[:, 1:] & opaque[:, :-1]
+    if pairs.sum() < 400:
+        return False
+    same = (np.abs(rgba[:, 1:, :3].astype(np.int16) - rgba[:, :-1, :3]).sum(-1) == 0) & pairs
+    return bool(same.sum() / pairs.sum() < 0.05)
+
+
+def load_cutouts(folders: Sequence[Path], max_side: int = 320) -> list[Cutout]:
+    """Every RGBA ``*.png`` under ``folders`` with a real mask, cropped to it (long side <= ``max_side``).
+
+    Raises:
+        LoratError: a folder is missing or holds no usable RGBA image.
+    """
+    cutouts = []
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise LoratError(f"--stamps folder not found: {folder}")
+        found = 0
+        for path in sorted(folder.rglob("*.png")):
+            image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            if image is None or image.ndim != 3 or image.shape[2] != 4:
+                continue
+            rgba = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
+            ys, xs = np.nonzero(rgba[..., 3] > 128)
+            if len(xs) < 400 or (rgba[..., 3] < 128).sum() < 0.05 * rgba[..., 3].size:
+                continue  # too small, or no real silhouette (an opaque rectangle)
+            rgba = rgba[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+            scale = max_side / max(rgba.shape[:2])
+            if scale < 1:
+                rgba = cv2.resize(rgba, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+            cutouts.append(Cutout(rgba, str(path.relative_to(folder)), is_photograph(rgba)))
+            found += 1
+        if not found:
+            raise LoratError(f"--stamps folder {folder} holds no RGBA .png cut-out")
+    return cutouts
+
+
+def held_out(name: str, share: float) -> bool:
+    """Deterministic split of cut-outs by name (the same on every machine)."""
+    return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < share
+
+
+# ----------------------------------------------------------------------------- drawing
+
+
+def _composite(frame: np.ndarray, rgba: np.ndarray, m: np.ndarray, blur: tuple[float, float] = (0.0, 0.0)
+               ) -> np.ndarray:
+    """Alpha-composite ``rgba`` warped by the 2x3 affine ``m`` onto ``frame`` in place.
+
+    ``blur``: motion (dx, dy) in px during the exposure. Returns the warped alpha (H, W) float32 in [0, 1].
+    """
+    H, W = frame.shape[:2]
+    warped = cv2.warpAffine(rgba, m, (W, H), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                            borderValue=(0, 0, 0, 0)).astype(np.float32)
+    length = float(np.hypot(*blur))
+    if length >= 2:
+        k = int(min(length, 31)) | 1
+        kernel = np.zeros((k, k), np.float32)
+        c = k // 2
+        d = np.array(blur) / length
+        cv2.line(kernel, (round(c - d[0] * c), round(c - d[1] * c)), (round(c + d[0] * c), round(c + d[1] * c)), 1.0)
+        kernel /= kernel.sum()
+        warped[..., :3] *= warped[..., 3:] / 255.0  # blur premultiplied colour
+        warped = cv2.filter2D(warped, -1, kernel)
+        alpha = warped[..., 3:] / 255.0
+        colour = warped[..., :3] / np.maximum(alpha, 1e-3)
+    else:
+        alpha = warped[..., 3:] / 255.0
+        colour = warped[..., :3]
+    frame[:] = np.clip(frame * (1 - alpha) + colour * alpha, 0, 255).astype(np.uint8)
+    return alpha[..., 0]
+
+
+def _affine(cx: float, cy: float, src_w: int, src_h: int, w: float, h: float, angle: float, mirror: bool
+            ) -> np.ndarray:
+    """2x3 map from a (src_h, src_w) image to a w x h object turned by ``angle`` degrees about (cx, cy)."""
+    sx, sy = w / src_w, h / src_h
+    a = np.deg2rad(angle)
+    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    scale = np.diag([-sx if mirror else sx, sy])
+    lin = rot @ scale
+    return np.hstack([lin, (np.array([cx, cy]) - lin @ np.array([src_w / 2, src_h / 2]))[:, None]])
+
+
+def _wall(rng: np.random.Generator, W: int, H: int) -> np.ndarray:
+    """A plain wall: one colour, a soft light gradient and a little texture."""
+    base = rng.uniform(60, 245) * rng.uniform(0.85, 1.0, 3)
+    gy, gx = np.mgrid[0:H, 0:W].astype(np.float32)
+    gradient = 1 + rng.uniform(-0.25, 0.25) * (gx / W - 0.5) + rng.uniform(-0.25, 0.25) * (gy / H - 0.5)
+    texture = cv2.GaussianBlur(rng.normal(0, 4, (H, W)).astype(np.float32), (0, 0), 2)
+    return np.clip(base * gradient[..., None] + texture[..., None], 0, 255).astype(np.uint8)
+
+
+def _skin(rng: np.random.Generator) -> np.ndarray:
+    """A skin colour (RGB float), from light to dark."""
+    hsv = np.uint8([[[rng.uniform(5, 20), rng.uniform(60, 150), rng.uniform(70, 240)]]])
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0].astype(np.float32)
+
+
+def _arm(rng: np.random.Generator, length: int, width: int) -> np.ndarray:
+    """A forearm with a fist and often a sleeve: (h, w, 4) RGBA, pointing up, the hand at the top,
+    shaded across its width."""
+    hand = int(width * rng.uniform(1.2, 1.6))
+    h, w = length + hand, hand + 4
+    canvas = np.zeros((h, w, 4), np.uint8)
+    colour = _skin(rng)
+    cv2.ellipse(canvas, (w // 2, hand // 2 + 2), (hand // 2, int(hand * 0.6)), 0, 0, 360, (*colour.tolist(), 255), -1)
+    cv2.rectangle(canvas, ((w - width) // 2, hand // 2), ((w + width) // 2, h - 1), (*colour.tolist(), 255), -1)
+    for k in range(1, 4):  # knuckle creases
+        x = (w - hand) // 2 + k * hand // 4
+        cv2.line(canvas, (x, 3), (x, hand // 3), (*(colour * 0.8).tolist(), 255), max(1, hand // 24))
+    if rng.random() < 0.7:  # a sleeve from some way down the forearm
+        top = int(hand + rng.uniform(0.5, 2.5) * width)
+        sleeve = rng.uniform(20, 235, 3).tolist()
+        cv2.rectangle(canvas, (0, top), (w - 1, h - 1), (*sleeve, 255), -1)
+    shade = 0.75 + 0.35 * np.sin(np.linspace(0, np.pi, w))[None, :, None]
+    noise = rng.normal(1, 0.03, (h, w, 1))
+    canvas[..., :3] = np.clip(canvas[..., :3] * shade * noise, 0, 255).astype(np.uint8)
+    return canvas
+
+
+class _Path:
+    """A smooth 2-D random walk inside a box, with bounces: positions in px."""
+
+    def __init__(self, rng: np.random.Generator, start: np.ndarray, speed: float, low: np.ndarray, high: np.ndarray):
+        self.rng, self.p, self.low, self.high = rng, start.astype(np.float64), low, high
+        angle = rng.uniform(0, 2 * np.pi)
+        self.v = speed * np.array([np.cos(angle), np.sin(angle)])
+        self.speed = speed
+
+    def step(self) -> np.ndarray:
+        self.v = 0.9 * self.v + self.rng.normal(0, 0.35 * max(self.speed, 0.3), 2)
+        self.p = self.p + self.v
+        for i in range(2):
+            if not self.low[i] <= self.p[i] <= self.high[i]:
+                self.v[i] = -self.v[i]
+                self.p[i] = np.clip(self.p[i], self.low[i], self.high[i])
+        return self.p.copy()
+
+
+@dataclass
+class _Actor:
+    """A cut-out on a path, with its pose over time."""
+
+    cutout: Cutout
+    path: _Path
+    size: float  # long side in px
+    stretch: float  # width / height multiplier applied to the natural aspect
+    angle0: float
+    spin: float  # in-plane rotation amplitude (deg)
+    turn: float  # out-of-plane turning rate (rad / frame); 0: none
+    breathe: float  # scale amplitude
+    phase: np.ndarray
+
+    def pose(self, t: int) -> tuple[np.ndarray, float, float, float, bool]:
+        """(centre, w, h, angle, mirror) at frame ``t``."""
+        centre = self.path.step()
+        ch, cw = self.cutout.rgba.shape[:2]
+        s = self.size * (1 + self.breathe * np.sin(self.phase[0] + 0.05 * t))
+        aspect = cw / ch * self.stretch
+        w, h = (s, s / aspect) if aspect >= 1 else (s * aspect, s)
+        facing = np.cos(self.phase[1] + self.turn * t)
+        w *= max(abs(facing), 0.3) if self.turn else 1.0
+        angle = self.angle0 + self.spin * np.sin(self.phase[2] + 0.04 * t)
+        return centre, w, h, angle, bool(self.turn and facing < 0)
+
+
+def _actor(rng: np.random.Generator, cutout: Cutout, W: int, H: int, size: float, speed: float) -> _Actor:
+    margin = np.array([0.1 * W, 0.1 * H])
+    path = _Path(rng, rng.uniform(margin * 2, [W, H] - margin * 2), speed, margin, np.array([W, H]) - margin)
+    stretch = float(np.exp(rng.normal(0, 0.25))) if rng.random() < 0.5 else 1.0
+    return _Actor(cutout, path, size, stretch, rng.uniform(-20, 20), rng.uniform(0, 35) if rng.random() < 0.6 else 0,
+                  rng.uniform(0.01, 0.06) if rng.random() < 0.4 else 0.0, rng.uniform(0, 0.3), rng.uniform(0, 6.3, 3))
+
+
+def _draw(frame: np.ndarray, actor: _Actor, t: int, previous: np.ndarray | None
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """Draw an actor at frame ``t``; returns (its alpha mask, its centre)."""
+    centre, w, h, angle, mirror = actor.pose(t)
+    ch, cw = actor.cutout.rgba.shape[:2]
+    m = _affine(centre[0], centre[1], cw, ch, w, h, angle, mirror)
+    blur = tuple(centre - previous) if previous is not None else (0.0, 0.0)
+    return _composite(frame, actor.cutout.rgba, m, blur), centre
+
+
+def make_clip(rng: np.random.Generator, frames: int, targets: Sequence[Cutout], others: Sequence[Cutout],
+              photos: Sequence[np.ndarray], size: tuple[int, int] | None = None
+              ) -> Iterator[tuple[np.ndarray, tuple[int, int, int, int] | None, bool]]:
+    """Yield ``(frame_rgb, box, fully_occluded)`` for one clip; ``box`` is 0-based ``(x, y, w, h)``
+    of the target's visible mask, or None when the target is out of the frame.
+
+    Args:
+        targets: cut-outs the target is drawn from (photographs).
+        others: cut-outs for distractors (anything).
+        photos: RGB photographs for backgrounds.
+        size: (W, H); default one of :data:`SIZES`.
+    """
+    W, H = size or SIZES[int(rng.choice(len(SIZES), p=SIZE_ODDS))]
+    # camera: a larger background seen through a moving, shaking, zooming window
+    margin = rng.uniform(1.15, 1.5)
+    BW, BH = int(W * margin), int(H * margin)
+    background = _wall(rng, BW, BH) if not photos or rng.random() < 0.25 else _photo_crop(rng, list(photos), BW, BH)
+    pan = rng.normal(0, 0.8, 2) if rng.random() < 0.6 else np.zeros(2)
+    shake = rng.uniform(0, 2.5) if rng.random() < 0.5 else 0.0
+    zoom_rate = rng.uniform(-0.002, 0.002)
+    cam = np.array([(BW - W) / 2, (BH - H) / 2])
+    # the target: 50 px at least, up to 60 % of the frame's short side
+    long_side = float(np.clip(rng.uniform(0.15, 0.6) * min(W, H), 40, None))
+    target = _actor(rng, targets[int(rng.integers(len(targets)))], W, H, long_side, rng.uniform(0.3, 5.0))
+    distractors = []
+    for _ in range(int(rng.choice(3, p=(0.35, 0.4, 0.25)))):
+        if rng.random() < 0.35:  # a look-alike: the same object, recoloured
+            tint = rng.uniform(0.75, 1.25, 3)
+            rgba = target.cutout.rgba.copy()
+            rgba[..., :3] = np.clip(rgba[..., :3] * tint, 0, 255).astype(np.uint8)
+            cutout = Cutout(rgba, target.cutout.name + "~", True)
+        else:
+            cutout = others[int(rng.integers(len(others)))]
+        distractors.append((_actor(rng, cutout, W, H, long_side * rng.uniform(0.6, 1.4), rng.uniform(0.5, 4.0)),
+                            rng.random() < 0.4))  # in front of the target?
+    # a forearm holding the target (it follows it) or crossing the frame
+    arm = None
+    if rng.random() < 0.6:
+        width = int(np.clip(long_side * rng.uniform(0.3, 0.55), 10, None))
+        arm = (_arm(rng, int(max(W, H) * 1.2), width), rng.random() < 0.65, rng.uniform(-60, 60),
+               rng.uniform(0.2, 0.45), int(rng.integers(0, max(1, frames))))
+    light = (rng.uniform(0, 0.25), rng.uniform(0.01, 0.05), rng.uniform(0, 6.3), rng.uniform(0.9, 1.1, 3))
+    noise = rng.uniform(0, 7)
+    defocus = rng.uniform(0.6, 1.6) if rng.random() < 0.25 else 0.0
+    previous: dict[int, np.ndarray] = {}
+    for t in range(frames):
+        cam = cam + pan + (rng.normal(0, shake, 2) if shake else 0)
+        cam = np.clip(cam, 0, [BW - W, BH - H])
+        z = 1 + zoom_rate * t
+        m = np.array([[z, 0, -cam[0] * z], [0, z, -cam[1] * z]], np.float32)
+        frame = cv2.warpAffine(background, m, (W, H), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+        for k, (actor, front) in enumerate(distractors):
+            if not front:
+                _, previous[k] = _draw(frame, actor, t, previous.get(k))
+        alpha, previous[-1] = _draw(frame, target, t, previous.get(-1))
+        visible = alpha > 0.5
+        hidden = np.zeros_like(visible)
+        for k, (actor, front) in enumerate(distractors):
+            if front:
+                a, previous[k] = _draw(frame, actor, t, previous.get(k))
+                hidden |= a > 0.5
+        if arm is not None:
+            image, holding, angle, reach, start = arm
+            if holding:  # the fist on the target's lower part, the arm towards the bottom of the frame
+                centre = previous[-1] + [0, long_side * reach]
+            else:  # crossing: sweeps from one side to the other, once
+                progress = (t - start) / max(frames / 3, 10)
+                centre = np.array([(-0.3 + 1.6 * progress) * W, previous[-1][1] + long_side * (reach - 0.3)])
+            ah, aw = image.shape[:2]
+            top = centre - np.array([aw / 2, image.shape[1] * 0.35])
+            rot = cv2.getRotationMatrix2D((aw / 2, aw / 2), angle, 1.0)
+            rot[:, 2] += top
+            a = _composite(frame, image, rot)
+            hidden |= a > 0.5
+        if light[0]:
+            gain = (1 + light[0] * np.sin(light[2] + light[1] * t)) * light[3]
+            frame = np.clip(frame * gain, 0, 255).astype(np.uint8)
+        if defocus:
+            frame = cv2.GaussianBlur(frame, (0, 0), defocus)
+        if noise:
+            frame = np.clip(frame + rng.normal(0, noise, frame.shape), 0, 255).astype(np.uint8)
+        ys, xs = np.nonzero(visible)
+        if len(xs) < 16:
+            yield frame, None, False
+            continue
+        box = (int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1))
+        yield frame, box, bool((visible & ~hidden).sum() < 0.1 * visible.sum())
+
+
+def write_dataset(out: Path, sequences: int, frames: int, targets: Sequence[Cutout], others: Sequence[Cutout],
+                  photos: Sequence[np.ndarray], seed: int = 0, category: str = "cutout", progress: bool = True
+                  ) -> list[Path]:
+    """Write ``sequences`` clips in the LaSOT layout (1-based ``groundtruth.txt``; absent: ``0,0,0,0``
+    with ``out_of_view`` 1). JPEG quality varies by clip (40-92). Returns the clip folders."""
+    folders = []
+    for k in tqdm(range(1, sequences + 1), desc="clips", unit="clip", disable=not progress):
+        rng = np.random.default_rng([seed, k])
+        folder = out / category / f"{category}-{k}"
+        (folder / "img").mkdir(parents=True, exist_ok=True)
+        quality = int(rng.uniform(40, 92))
+        boxes, occluded, gone = [], [], []
+        for t, (frame, box, covered) in enumerate(make_clip(rng, frames, targets, others, photos), 1):
+            cv2.imwrite(str(folder / "img" / f"{t:08d}.jpg"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR),
+                        [cv2.IMWRITE_JPEG_QUALITY, quality])
+            boxes.append(box or (-1, -1, 0, 0))
+            occluded.append(covered)
+            gone.append(box is None)
+        (folder / "groundtruth.txt").write_text("".join(f"{x + 1},{y + 1},{w},{h}\n" for x, y, w, h in boxes))
+        (folder / "full_occlusion.txt").write_text(",".join(str(int(c)) for c in occluded) + "\n")
+        (folder / "out_of_view.txt").write_text(",".join(str(int(g)) for g in gone) + "\n")
+        folders.append(folder)
+    return folders
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lorat.data.cutouts",
+                                     description="Write a LaSOT-layout dataset of clips of real cut-out objects.")
+    parser.add_argument("out", type=Path, help="output folder")
+    parser.add_argument("--stamps", action="append", type=Path, required=True, metavar="DIR",
+                        help="folder of RGBA .png cut-outs (searched recursively); repeatable")
+    parser.add_argument("--photos", action="append", type=Path, default=[], metavar="DIR",
+                        help="folder of photographs for backgrounds; repeatable (without: plain walls)")
+    parser.add_argument("--sequences", type=int, default=20)
+    parser.add_argument("--frames", type=int, default=60, help="frames per clip (1: still images)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--category", default="cutout", help="category folder name")
+    parser.add_argument("--holdout", type=float, default=0.1, metavar="SHARE",
+                        help="share of the photographic cut-outs kept out of training clips (by name; default 0.1)")
+    parser.add_argument("--use", choices=("train", "heldout"), default="train",
+                        help="draw targets from the training or the held-out cut-outs")
+    args = parser.parse_args(argv)
+    if args.sequences < 1 or args.frames < 1:
+        raise LoratError("--sequences and --frames must be at least 1")
+    if not 0 <= args.holdout < 1:
+        raise LoratError(f"--holdout must be in [0, 1), got {args.holdout}")
+    cutouts = load_cutouts(args.stamps)
+    keep_heldout = args.use == "heldout"
+    targets = [c for c in cutouts if c.photo and held_out(c.name, args.holdout) == keep_heldout]
+    if not targets:
+        raise LoratError(f"no photographic cut-out for --use {args.use} among {len(cutouts)} in {args.stamps}")
+    others = [c for c in cutouts if not (c.photo and held_out(c.name, args.holdout))]
+    photos = load_photos(args.photos) if args.photos else []
+    write_dataset(args.out, args.sequences, args.frames, targets, others, photos, args.seed, args.category)
+    print(f"wrote {args.sequences} clips of {args.frames} frames to {args.out} "
+          f"({len(targets)} target cut-outs, {len(others)} distractors, {len(photos)} photos)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

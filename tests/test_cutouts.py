@@ -1,0 +1,119 @@
+"""Generated clips of cut-out objects (lorat.data.cutouts): masks, boxes, layout, training pairs, fine-tuning."""
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from lorat.checkpoint import build_training_model, save_model
+from lorat.config import config_from_dict, config_to_dict
+from lorat.data.cutouts import Cutout, held_out, is_photograph, load_cutouts, main, make_clip
+from lorat.data.pairs import PairDataset, Source
+from lorat.data.sequences import read_dataset
+from lorat.errors import LoratError, run_cli
+
+from .helpers import tiny_config
+
+
+def _ellipse(colour=(0, 255, 0), size=(120, 40), noise=0.0, seed=0) -> np.ndarray:
+    """An RGBA cut-out: a filled ellipse (optionally noisy, like a photograph) on a transparent canvas."""
+    w, h = size
+    rgba = np.zeros((h + 20, w + 20, 4), np.uint8)
+    cv2.ellipse(rgba, (w // 2 + 10, h // 2 + 10), (w // 2, h // 2), 0, 0, 360, (*colour, 255), -1)
+    if noise:
+        rng = np.random.default_rng(seed)
+        rgba[..., :3] = np.clip(rgba[..., :3] + rng.normal(0, noise, rgba[..., :3].shape), 0, 255).astype(np.uint8)
+    return rgba
+
+
+def test_photographs_and_drawings_told_apart():
+    assert not is_photograph(_ellipse())  # flat colour: a drawing
+    assert is_photograph(_ellipse(colour=(120, 90, 60), noise=8))  # sensor noise and shading: a photograph
+
+
+def test_load_cutouts_crops_to_the_mask_and_skips_non_cutouts(tmp_path):
+    cv2.imwrite(str(tmp_path / "ellipse.png"), cv2.cvtColor(_ellipse(noise=8), cv2.COLOR_RGBA2BGRA))
+    cv2.imwrite(str(tmp_path / "opaque.png"), np.full((50, 60, 4), 255, np.uint8))  # no silhouette
+    cv2.imwrite(str(tmp_path / "rgb.png"), np.full((50, 60, 3), 128, np.uint8))  # no alpha at all
+    (found,) = load_cutouts([tmp_path])
+    assert found.name == "ellipse.png" and found.photo
+    ys, xs = np.nonzero(found.rgba[..., 3] > 128)
+    assert (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1) == (0, 0, *found.rgba.shape[:2])
+    with pytest.raises(LoratError, match="not found"):
+        load_cutouts([tmp_path / "nope"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LoratError, match="no RGBA"):
+        load_cutouts([tmp_path / "empty"])
+
+
+def test_box_is_the_visible_mask_of_the_turning_object():
+    """A long green ellipse that turns and stretches: every box edge touches the object's pixels."""
+    target = Cutout(_ellipse(size=(150, 30)), "green", True)
+    other = Cutout(_ellipse(colour=(250, 0, 250), size=(40, 40)), "magenta", False)
+    all_four, three, boxes = 0, 0, 0
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        for frame, box, _ in make_clip(rng, 12, [target], [other], [], size=(320, 240)):
+            assert frame.shape == (240, 320, 3) and frame.dtype == np.uint8
+            if box is None:
+                continue
+            x, y, w, h = box
+            assert 0 <= x and 0 <= y and x + w <= 320 and y + h <= 240 and w > 0 and h > 0
+            g = frame.astype(int)
+            green = (g[..., 1] > g[..., 0] + 40) & (g[..., 1] > g[..., 2] + 40)
+            edges = [green[y:y + h, x:x + 2], green[y:y + h, x + w - 2:x + w], green[y:y + 2, x:x + w],
+                     green[y + h - 2:y + h, x:x + w]]
+            sides = sum(e.any() for e in edges)
+            all_four += sides == 4
+            three += sides >= 3
+            boxes += 1
+    # a hand holding the object may hide one side (the box still covers it, as a human's would)
+    assert boxes >= 30 and three >= 0.95 * boxes and all_four >= 0.6 * boxes
+
+
+def test_written_clips_and_stills_make_training_pairs(tmp_path):
+    stamps = tmp_path / "stamps"
+    stamps.mkdir()
+    for k, colour in enumerate([(200, 120, 40), (40, 160, 220), (90, 200, 90)]):
+        image = _ellipse(colour=colour, size=(80 + 20 * k, 50), noise=8, seed=k)
+        cv2.imwrite(str(stamps / f"thing{k}.png"), cv2.cvtColor(image, cv2.COLOR_RGBA2BGRA))
+    out = tmp_path / "data"
+    assert run_cli(main, [str(out), "--stamps", str(stamps), "--sequences", "2", "--frames", "6",
+                          "--holdout", "0"]) == 0
+    assert run_cli(main, [str(out), "--stamps", str(stamps), "--sequences", "2", "--frames", "1",
+                          "--category", "still", "--holdout", "0"]) == 0
+    sequences = read_dataset("lasot", str(out), "train")
+    assert sorted(len(s) for s in sequences) == [1, 1, 6, 6]
+    cfg = tiny_config()
+    pairs = PairDataset([Source("lasot", sequences, 1.0)], cfg.model, (2.0, 4.0), cfg.train, 8, seed=0)
+    pairs.set_epoch(0)
+    for k in range(8):
+        sample = pairs[k]
+        assert sample["z"].shape[0] == 3 and sample["positive"].any()
+    assert run_cli(main, [str(out), "--stamps", str(stamps), "--use", "heldout", "--holdout", "0"]) == 2
+
+
+def test_holdout_split_is_deterministic():
+    names = [f"animals/thing{k}.png" for k in range(400)]
+    share = sum(held_out(n, 0.1) for n in names) / len(names)
+    assert 0.05 < share < 0.15 and [held_out(n, 0.1) for n in names] == [held_out(n, 0.1) for n in names]
+
+
+def test_init_weights_start_the_training_model(tmp_path):
+    from lorat.train import _load_init_weights
+
+    cfg = config_from_dict(config_to_dict(tiny_config()) | {"train": {"finetune": "full"}})
+    torch.manual_seed(1)
+    start = build_training_model(cfg)
+    path = save_model(start, cfg, tmp_path / "start.safetensors")
+    torch.manual_seed(2)
+    model = build_training_model(cfg)
+    _load_init_weights(model, cfg, path)
+    for k, v in start.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    other = config_from_dict(config_to_dict(cfg) | {"model": config_to_dict(cfg)["model"] | {"search_size": 252}})
+    with pytest.raises(LoratError, match="made for model"):
+        _load_init_weights(build_training_model(other), other, path)
+    lora = config_from_dict(config_to_dict(cfg) | {"train": {"finetune": "lora"}})
+    with pytest.raises(LoratError, match="finetune full"):
+        _load_init_weights(build_training_model(lora), lora, path)
