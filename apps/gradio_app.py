@@ -56,7 +56,6 @@ from lorat.video import FrameSource, VideoWriter, draw_targets, open_source
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "assets" / "box.mp4"
-EXAMPLE_BOX = (257, 160, 141, 175)  # the box in box.mp4's first frame (assets/box_pseudo_gt.txt)
 KEEP_RESULTS = 4  # request folders kept; Gradio has its own copy of the files once a request returns
 CACHE_LIFETIME_S = 3600  # Gradio's cached uploads and results older than this are deleted
 log = logging.getLogger("lorat.app")

@@ -33,5 +33,21 @@ python -m lorat.data.synthetic "$data/photo-large" --sequences 600 --frames 100 
     --photos "$data/photos" --category photo-large --target-size 0.3,0.65 --two-faced 0.5
 ln -sfn ../photo-large/photo-large "$data/demo-train/photo-large"
 python -m lorat.train --resume "$run"
-cp "$run/checkpoint/epoch_024/lorat.safetensors" weights/lorat_demo.safetensors
+# Stage 2 (issue 12): fine-tune on clips of real cut-out objects (the photographs among Debian's
+# tuxpaint-stamps-default images) held by hands, among look-alikes, seen by a moving camera, plus
+# still-image pairs; validation on cut-outs and photos held out of training.
+if [ ! -d "$data/stamps/usr/share/tuxpaint/stamps" ]; then
+    (cd "$data" && apt-get download tuxpaint-stamps-default=2022.06.04-1 && dpkg -x tuxpaint-stamps-default_*.deb stamps)
+fi
+stamps="$data/stamps/usr/share/tuxpaint/stamps"
+python -m lorat.data.cutouts "$data/cut-train" --stamps "$stamps" --photos "$data/photos" \
+    --sequences 900 --frames 50 --seed 21 --category cutout
+python -m lorat.data.cutouts "$data/cut-train" --stamps "$stamps" --photos "$data/photos" \
+    --sequences 300 --frames 1 --seed 22 --category still
+python -m lorat.data.cutouts "$data/cut-val" --stamps "$stamps" --photos "$data/photos-heldout" \
+    --sequences 30 --frames 50 --seed 23 --use heldout                        # held out
+python -m lorat.train configs/demo.yaml --init-weights "$run/checkpoint/epoch_024/lorat.safetensors" \
+    --data lasot="$data/cut-train" --val-data lasot="$data/cut-val" --output "$run-cutouts" \
+    --set train.lr=1.5e-4 --set train.warmup_epochs=0.5 --set train.epochs=14 --set train.checkpoint_every=2
+cp "$run-cutouts/checkpoint/epoch_014/lorat.safetensors" weights/lorat_demo.safetensors
 python -m lorat.info --weights weights/lorat_demo.safetensors
