@@ -48,6 +48,6 @@ python -m lorat.data.cutouts "$data/cut-val" --stamps "$stamps" --photos "$data/
     --sequences 30 --frames 50 --seed 23 --use heldout                        # held out
 python -m lorat.train configs/demo.yaml --init-weights "$run/checkpoint/epoch_024/lorat.safetensors" \
     --data lasot="$data/cut-train" --val-data lasot="$data/cut-val" --output "$run-cutouts" \
-    --set train.lr=1.5e-4 --set train.warmup_epochs=0.5 --set train.epochs=14 --set train.checkpoint_every=2
-cp "$run-cutouts/checkpoint/epoch_014/lorat.safetensors" weights/lorat_demo.safetensors
+    --set train.lr=1.5e-4 --set train.warmup_epochs=0.5 --set train.epochs=16 --set train.checkpoint_every=1
+cp "$run-cutouts/checkpoint/epoch_016/lorat.safetensors" weights/lorat_demo.safetensors
 python -m lorat.info --weights weights/lorat_demo.safetensors
