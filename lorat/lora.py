@@ -16,17 +16,16 @@ Decisions (LORAT_SPEC section 2):
   (patch embedding, position grid, block weights, final norm) is frozen.
 * **Merge.** peft's merge, W' = W + (B @ A) * s with s = alpha / r, the official formula.
 
-This is the one module that imports peft.
+This is the one module that imports peft, and only when adapters are created or merged:
+``import lorat`` (and inference on merged weights) does not load peft and transformers.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft import inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from lorat.config import LoraConfig
@@ -83,9 +82,19 @@ def lora_scaling(cfg: LoraConfig) -> float:
     return cfg.alpha / (math.sqrt(cfg.r) if cfg.rslora else cfg.r)
 
 
+def _lora_layer_type() -> type | None:
+    """peft's LoraLayer class, or None while peft is not imported (then no adapter can exist)."""
+    if "peft" not in sys.modules:
+        return None
+    from peft.tuners.lora import LoraLayer
+
+    return LoraLayer
+
+
 def has_lora(model: nn.Module) -> bool:
     """True if the model currently carries (unmerged) LoRA adapters."""
-    return any(isinstance(m, LoraLayer) for m in model.modules())
+    layer = _lora_layer_type()
+    return layer is not None and any(isinstance(m, layer) for m in model.modules())
 
 
 def mark_trainable(model: nn.Module) -> None:
@@ -104,6 +113,10 @@ def add_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     Adapter parameters are named ``blocks.N.<target>.lora_{A,B}.default.weight``; the base
     linear becomes ``blocks.N.<target>.base_layer``.
     """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
     if has_lora(model):
         raise ValueError("model already has LoRA adapters")
     for block in model.blocks:
@@ -127,9 +140,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
     Afterwards the model is a plain LoRAT whose ``state_dict()`` has the official merged
     inference layout. In place; returns the model.
     """
-    for parent in list(model.modules()):
+    lora_layer = _lora_layer_type()
+    for parent in list(model.modules()) if lora_layer is not None else []:
         for name, child in list(parent.named_children()):
-            if isinstance(child, LoraLayer):
+            if isinstance(child, lora_layer):
                 child.merge()
                 setattr(parent, name, child.get_base_layer())
     for block in model.blocks:
