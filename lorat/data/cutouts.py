@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from lorat.data.synthetic import _photo_crop, load_photos
+from lorat.data.synthetic import _photo_crop, load_photos, write_clip
 from lorat.errors import LoratError, run_cli
 
 __all__ = ["Cutout", "load_cutouts", "is_photograph", "make_clip", "write_dataset", "main"]
@@ -340,20 +340,9 @@ def write_dataset(out: Path, sequences: int, frames: int, targets: Sequence[Cuto
     folders = []
     for k in tqdm(range(1, sequences + 1), desc="clips", unit="clip", disable=not progress):
         rng = np.random.default_rng([seed, k])
-        folder = out / category / f"{category}-{k}"
-        (folder / "img").mkdir(parents=True, exist_ok=True)
         quality = int(rng.uniform(40, 92))
-        boxes, occluded, gone = [], [], []
-        for t, (frame, box, covered) in enumerate(make_clip(rng, frames, targets, others, photos), 1):
-            cv2.imwrite(str(folder / "img" / f"{t:08d}.jpg"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR),
-                        [cv2.IMWRITE_JPEG_QUALITY, quality])
-            boxes.append(box or (-1, -1, 0, 0))
-            occluded.append(covered)
-            gone.append(box is None)
-        (folder / "groundtruth.txt").write_text("".join(f"{x + 1},{y + 1},{w},{h}\n" for x, y, w, h in boxes))
-        (folder / "full_occlusion.txt").write_text(",".join(str(int(c)) for c in occluded) + "\n")
-        (folder / "out_of_view.txt").write_text(",".join(str(int(g)) for g in gone) + "\n")
-        folders.append(folder)
+        clip = make_clip(rng, frames, targets, others, photos)
+        folders.append(write_clip(out / category / f"{category}-{k}", clip, quality))
     return folders
 
 

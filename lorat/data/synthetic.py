@@ -13,7 +13,7 @@ full_occlusion.txt, out_of_view.txt}``, readable with ``--data lasot=OUT``.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import cv2
@@ -23,7 +23,7 @@ from tqdm import tqdm
 from lorat.errors import LoratError, run_cli
 from lorat.video import read_rgb
 
-__all__ = ["main", "make_clip", "load_photos", "write_dataset"]
+__all__ = ["main", "make_clip", "load_photos", "write_dataset", "write_clip"]
 
 
 def _texture(rng: np.random.Generator, h: int, w: int, scale: int) -> np.ndarray:
@@ -256,19 +256,30 @@ def write_dataset(out: Path, sequences: int, frames: int, size: tuple[int, int] 
     folders = []
     for k in tqdm(range(1, sequences + 1), desc="clips", unit="clip", disable=not progress):
         rng = np.random.default_rng([seed, k])
-        folder = out / category / f"{category}-{k}"
-        (folder / "img").mkdir(parents=True, exist_ok=True)
-        boxes, occluded = [], []
-        for t, (frame, box, covered) in enumerate(make_clip(rng, frames, size, photos, target_size, two_faced), 1):
-            cv2.imwrite(str(folder / "img" / f"{t:08d}.jpg"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR),
-                        [cv2.IMWRITE_JPEG_QUALITY, 92])
-            boxes.append(box)
-            occluded.append(covered)
-        (folder / "groundtruth.txt").write_text("".join(f"{x + 1},{y + 1},{w},{h}\n" for x, y, w, h in boxes))
-        (folder / "full_occlusion.txt").write_text(",".join(str(int(c)) for c in occluded) + "\n")
-        (folder / "out_of_view.txt").write_text(",".join("0" for _ in boxes) + "\n")
-        folders.append(folder)
+        clip = make_clip(rng, frames, size, photos, target_size, two_faced)
+        folders.append(write_clip(out / category / f"{category}-{k}", clip, quality=92))
     return folders
+
+
+def write_clip(folder: Path, clip: Iterable[tuple[np.ndarray, tuple[int, int, int, int] | None, bool]],
+               quality: int) -> Path:
+    """Write one clip in the LaSOT layout: ``img/%08d.jpg`` (JPEG ``quality``), ``groundtruth.txt``
+    (1-based ``x,y,w,h``; an absent target ``0,0,0,0``), ``full_occlusion.txt`` and ``out_of_view.txt``.
+
+    ``clip`` yields ``(frame_rgb, 0-based (x, y, w, h) or None when out of view, fully_occluded)``.
+    """
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    boxes, occluded, gone = [], [], []
+    for t, (frame, box, covered) in enumerate(clip, 1):
+        cv2.imwrite(str(folder / "img" / f"{t:08d}.jpg"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR),
+                    [cv2.IMWRITE_JPEG_QUALITY, quality])
+        boxes.append(box or (-1, -1, 0, 0))
+        occluded.append(covered)
+        gone.append(box is None)
+    (folder / "groundtruth.txt").write_text("".join(f"{x + 1},{y + 1},{w},{h}\n" for x, y, w, h in boxes))
+    (folder / "full_occlusion.txt").write_text(",".join(str(int(c)) for c in occluded) + "\n")
+    (folder / "out_of_view.txt").write_text(",".join(str(int(g)) for g in gone) + "\n")
+    return folder
 
 
 def main(argv: Sequence[str] | None = None) -> int:
