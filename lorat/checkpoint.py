@@ -50,6 +50,7 @@ from torch import nn
 
 from lorat.config import Config, LoraConfig, ModelConfig, config_from_dict, config_to_dict
 from lorat.errors import ConfigError, LoratError, WeightsError
+from lorat.files import write_atomic
 from lorat.lora import add_lora, has_lora, merge_lora
 from lorat.model import LoRAT, resample_pos_embed, sincos_pos_embed
 from lorat.stem import imagenet_stem_weights
@@ -581,43 +582,39 @@ def save_model(model: LoRAT, config: Config, path: str | Path, dtype: torch.dtyp
     if path.is_dir():
         raise LoratError(f"{path} is a directory; give a file name, e.g. {path / 'lorat.safetensors'}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_safetensors(sd, path, meta)
-    except (OSError, SafetensorError) as err:
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).split(" at path")[0]
-        raise LoratError(f"cannot write {path}: {reason}") from None
+        save_safetensors(sd, path, meta)  # an OSError is already a LoratError naming the path
+    except SafetensorError as err:
+        raise LoratError(f"cannot write {path}: {str(err).split(' at path')[0]}") from None
     return path
 
 
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> None:
-    """``safetensors.save_file``, byte-stable and atomic.
+    """``safetensors.save_file``, byte-stable and atomic (:func:`lorat.files.write_atomic`).
 
     safetensors keeps the metadata in a hash map, so its order in the header (and the file's
     bytes) varies from process to process; the header is rewritten with the metadata sorted, so
-    identical inputs give identical files. Written to a temporary file and renamed: a kill
-    mid-write never leaves a half file under ``path``.
+    identical inputs give identical files.
     """
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        save_file(dict(tensors), str(tmp), metadata=dict(metadata))
-        with open(tmp, "r+b") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-            header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
-            text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-            text += b" " * (-len(text) % 8)
-            if len(text) == n:  # the usual case: same length, rewrite the header in place
-                f.seek(8)
-                f.write(text)
-            else:
-                copy = tmp.with_name(tmp.name + "2")
-                with open(copy, "wb") as out:
-                    out.write(struct.pack("<Q", len(text)) + text)
-                    shutil.copyfileobj(f, out, 1 << 24)
-                os.replace(copy, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, lambda tmp: _save_sorted_metadata(tensors, tmp, metadata))
+
+
+def _save_sorted_metadata(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> None:
+    save_file(dict(tensors), str(path), metadata=dict(metadata))
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        text += b" " * (-len(text) % 8)
+        if len(text) == n:  # the usual case: same length, rewrite the header in place
+            f.seek(8)
+            f.write(text)
+            return
+        copy = path.with_name(path.name + "2")
+        with open(copy, "wb") as out:
+            out.write(struct.pack("<Q", len(text)) + text)
+            shutil.copyfileobj(f, out, 1 << 24)
+    os.replace(copy, path)
 
 
 def load_state_for_info(path: str | Path) -> tuple[str, int]:

@@ -20,9 +20,7 @@ the results, so that a resumed run never mixes results of two trackers.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -33,6 +31,7 @@ import numpy as np
 
 from lorat.data.sequences import DatasetError, read_boxes
 from lorat.errors import LoratError
+from lorat.files import write_atomic
 
 __all__ = ["FILE_OFFSET", "MANIFEST", "write_sequence", "read_sequence", "read_times", "finished", "claim_folder",
            "rasterize_xywh", "write_got10k_zip", "write_trackingnet_zip"]
@@ -46,26 +45,11 @@ def write_sequence(folder: Path, name: str, boxes: np.ndarray, times: np.ndarray
     path = folder / f"{name}.txt"
     shifted = np.asarray(boxes, dtype=np.float64).copy()
     shifted[:, :2] += offset
-    _write_atomic(folder / f"{name}_time.txt", "".join(f"{t:.6f}\n" for t in times))
-    _write_atomic(path, "".join("\t".join(f"{v:.3f}" for v in row) + "\n" for row in shifted))
+    times_text = "".join(f"{t:.6f}\n" for t in times)
+    write_atomic(folder / f"{name}_time.txt", lambda tmp: tmp.write_text(times_text))
+    boxes_text = "".join("\t".join(f"{v:.3f}" for v in row) + "\n" for row in shifted)
+    write_atomic(path, lambda tmp: tmp.write_text(boxes_text))
     return path
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write a file through a temporary one (readers never see half a file).
-
-    Raises:
-        LoratError: the folder cannot be created or written (names the path).
-    """
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise LoratError(f"cannot write {path}: {err.strerror or err}") from None
 
 
 def _data_lines(path: Path) -> list[tuple[int, str]]:
@@ -181,7 +165,7 @@ def claim_folder(folder: Path, manifest: Mapping[str, Any], ignore: Sequence[str
         return
     if _has_results(folder):
         raise LoratError(f"{folder} holds results but no {MANIFEST}, so they may come from another tracker; {advice}")
-    _write_atomic(path, json.dumps(manifest, indent=2) + "\n")
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
 
 
 def rasterize_xywh(boxes: np.ndarray) -> np.ndarray:

@@ -59,6 +59,7 @@ from lorat.config import Config, TrainConfig, config_to_dict, load_config
 from lorat.data.pairs import PairDataset, Source
 from lorat.data.sequences import DATASETS, DatasetError, read_dataset
 from lorat.errors import LoratError, run_cli
+from lorat.files import write_atomic
 from lorat.loss import lorat_loss
 from lorat.model import LoRAT
 
@@ -266,16 +267,6 @@ def _batches(loader: DataLoader, quiet: bool = False) -> Iterator[Iterator[dict[
 # ----------------------------------------------------------------------------- run folder
 
 
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """``write(tmp)``, then rename it to ``path``: a kill mid-write leaves the previous file intact."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _trim_log(path: Path, last: int) -> None:
     """Keep the header and the complete rows of a CSV log whose first column (step or epoch) is <= ``last``.
 
@@ -298,7 +289,7 @@ def _trim_log(path: Path, last: int) -> None:
     if not kept:
         path.unlink()
     elif kept != lines:
-        _write_atomic(path, lambda tmp: tmp.write_bytes("".join(kept).encode()))
+        write_atomic(path, lambda tmp: tmp.write_bytes("".join(kept).encode()))
 
 
 def _logged_epochs(path: Path) -> set[int]:
@@ -398,7 +389,7 @@ def _save_state(path: Path, model: LoRAT, optimizer, scaler, step: int, config: 
     }
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    _write_atomic(path, lambda tmp: torch.save(state, tmp))
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def _restore_state(state: dict[str, Any], model: LoRAT, optimizer, scaler, full: bool, path: Path) -> None:
@@ -449,7 +440,7 @@ def _save_checkpoint(out: Path, epoch: int, model: LoRAT, config: Config) -> Pat
     if config.train.finetune == "lora":
         trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         official = peft_to_official_keys(trainable, config.model.backbone.ffn == "swiglu")
-        _write_atomic(folder / "model.safetensors", lambda tmp: save_file(official, str(tmp)))
+        write_atomic(folder / "model.safetensors", lambda tmp: save_file(official, str(tmp)))
     save_model(model, config, folder / "lorat.safetensors")  # atomic and byte-stable itself
     old = sorted((out / "checkpoint").glob("epoch_*"))[:-_KEEP_CHECKPOINTS]
     for stale in old:
@@ -606,9 +597,9 @@ def _train(config: Config, data, val_data, backbone, out: Path, env: _Dist, stat
         out.mkdir(parents=True, exist_ok=True)
         config_text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
         if not (out / "config.yaml").is_file() or (out / "config.yaml").read_text() != config_text:
-            _write_atomic(out / "config.yaml", lambda tmp: tmp.write_text(config_text))  # resume: keep its --set
+            write_atomic(out / "config.yaml", lambda tmp: tmp.write_text(config_text))  # resume: keep its --set
         if state is None:
-            _write_atomic(out / "args.json", lambda tmp: tmp.write_text(json.dumps(saved_args, indent=2)))
+            write_atomic(out / "args.json", lambda tmp: tmp.write_text(json.dumps(saved_args, indent=2)))
         _trim_log(out / "metrics.csv", step)  # rows logged after the last saved state (a kill)
         _trim_log(out / "val.csv", step // iters)
     env.barrier()
