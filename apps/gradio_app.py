@@ -51,7 +51,8 @@ import gradio as gr
 import numpy as np
 
 import lorat
-from lorat.checkpoint import default_weights, default_weights_notice
+from lorat.results import box_line
+from lorat.runtime import default_weights, default_weights_notice
 from lorat.video import FrameSource, VideoWriter, draw_targets, open_source
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,26 +71,27 @@ class Limits:
 
 
 class Models:
-    """Weight files loaded once and shared; ``get`` is thread-safe."""
+    """Weight files loaded once and shared; ``tracker`` is thread-safe and gives each request its own
+    :class:`lorat.Tracker` over the shared model, with the dtype chosen at load (float16 on CUDA)."""
 
     def __init__(self, weights: Sequence[str], device: str):
         self.device = device
         self.paths = {Path(w).stem: Path(w) for w in weights}
-        self._loaded: dict[str, tuple[lorat.LoRAT, lorat.Config]] = {}
+        self._loaded: dict[str, lorat.Tracker] = {}
         self._lock = threading.Lock()
         for name in self.paths:  # load at start-up: a bad file fails now, not on the first request
-            self.get(name)
+            self.tracker(name)
 
     @property
     def names(self) -> list[str]:
         return list(self.paths)
 
-    def get(self, name: str) -> tuple[lorat.LoRAT, lorat.Config]:
+    def tracker(self, name: str) -> lorat.Tracker:
         with self._lock:
             if name not in self._loaded:
-                tracker = lorat.Tracker.from_pretrained(self.paths[name], device=self.device)
-                self._loaded[name] = (tracker.model, tracker.config)
-            return self._loaded[name]
+                self._loaded[name] = lorat.Tracker.from_pretrained(self.paths[name], device=self.device)
+            loaded = self._loaded[name]
+        return lorat.Tracker(loaded.model, loaded.config, dtype=loaded.dtype)
 
 
 class ResultFolders:
@@ -299,27 +301,24 @@ def _score_plot(scores: np.ndarray, threshold: float):
 
 def _track_frames(tracker: lorat.Tracker, source: FrameSource, boxes: list, writer: VideoWriter,
                   threshold: float, max_frames: int, progress: gr.Progress) -> tuple[list[tuple], list[list[float]]]:
-    """Track ``boxes`` through ``source`` into ``writer``: rows (frame, target, x, y, w, h, score), scores."""
-    total = source.frame_count or max_frames
-    rows, scores = [], []
-    results, drawn = None, None
-    for index, frame in source:
-        if index >= max_frames:
-            break
-        if frame is None:  # undecodable: previous boxes with score 0 and the last picture (line k = frame k)
-            if results is None:
-                continue
-            results = [lorat.TrackResult(r.box, 0.0) for r in results]
-        else:
-            try:
-                results = tracker.init(frame, boxes) if results is None else tracker.track_all(frame)
-            except lorat.LoratError as err:
-                raise _refuse(str(err)) from None
-            drawn = draw_targets(frame, [r.box for r in results], [r.score for r in results], threshold)
-        writer.write(drawn)
-        rows.extend((index + 1, k + 1, *r.box, r.score) for k, r in enumerate(results))
-        scores.append([r.score for r in results])
-        progress((index + 1) / total, desc=f"frame {index + 1}/{total}")
+    """Track ``boxes`` through ``source`` into ``writer``: rows (frame, target, x, y, w, h, score), scores.
+
+    An undecodable frame repeats the previous boxes with score 0 and the last picture (line k = frame k).
+    """
+    total = min(source.frame_count or max_frames, max_frames)
+    rows, scores, drawn = [], [], None
+    frames = (frame for index, frame in source if index < max_frames)
+    try:
+        for result in tracker.stream(frames, boxes):
+            if result.frame is not None:
+                drawn = draw_targets(result.frame, [r.box for r in result.targets],
+                                     [r.score for r in result.targets], threshold)
+            writer.write(drawn)
+            rows.extend((result.index + 1, k + 1, *r.box, r.score) for k, r in enumerate(result.targets))
+            scores.append([r.score for r in result.targets])
+            progress((result.index + 1) / total, desc=f"frame {result.index + 1}/{total}")
+    except lorat.LoratError as err:
+        raise _refuse(str(err)) from None
     return rows, scores
 
 
@@ -328,12 +327,12 @@ def _write_box_files(out: Path, rows: list[tuple], targets: int) -> list[str]:
     files = []
     for k in range(targets):
         path = out / (f"boxes_{k + 1}.txt" if targets > 1 else "boxes.txt")
-        path.write_text("".join("\t".join(f"{v:.3f}" for v in r[2:6]) + "\n" for r in rows if r[1] == k + 1))
+        path.write_text("".join(box_line(r[2:6]) + "\n" for r in rows if r[1] == k + 1))
         files.append(str(path))
     with open(out / "boxes.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["frame", "target", "x", "y", "w", "h", "score"])
-        w.writerows([r[0], r[1], *(f"{v:.3f}" for v in r[2:6]), f"{r[6]:.4f}"] for r in rows)
+        w.writerows([r[0], r[1], *box_line(r[2:6]).split("\t"), f"{r[6]:.4f}"] for r in rows)
     return files + [str(out / "boxes.csv")]
 
 
@@ -353,7 +352,7 @@ def make_track_fn(models: Models, limits: Limits, results: ResultFolders) -> Cal
             source.close()
             raise _refuse(f"The video has {source.frame_count} frames; this demo accepts at most "
                           f"{limits.max_frames}.")
-        tracker = lorat.Tracker(*models.get(model_name))
+        tracker = models.tracker(model_name)
         out = results.new()
         try:
             with VideoWriter(out / "tracked.mp4", source.fps, (source.width, source.height)) as writer:
@@ -492,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     note = ""
     try:
         if not args.weights:
-            args.weights = [str(default_weights())]
+            args.weights = [str(default_weights("--weights"))]
             print(default_weights_notice(Path(args.weights[0])))
             note = (f"Model: the bundled demo model `{Path(args.weights[0]).name}`, a small CPU model trained "
                     f"for this demo, not the paper's (see the README for the official weights).")

@@ -28,10 +28,12 @@ import cv2
 import numpy as np
 import torch
 
-from lorat.checkpoint import build_lorat, load_model
+from lorat.build import build_lorat
+from lorat.checkpoint import load_model
 from lorat.config import load_config
 from lorat.errors import run_cli
-from lorat.tracker import Tracker, decode_step, resolve_device, resolve_dtype, run_model, search_crops, to_frame_tensor
+from lorat.runtime import resolve_device, resolve_dtype
+from lorat.tracker import Tracker, run_model, search_crops, to_frame_tensor
 
 __all__ = ["main"]
 
@@ -101,41 +103,28 @@ def benchmark(tracker: Tracker, frames: int, iters: int, warmup: int = 10) -> di
 
         # 2. end to end, as a user runs it.
         start = time.perf_counter()
-        n = 0
-        for i, frame in enumerate(_decoded(clip)):
-            if i == 0:
-                tracker.init(frame, box)
-            else:
-                tracker.track(frame)
-            n += 1
+        n = sum(1 for _ in tracker.stream(_decoded(clip), box))
         end_to_end_s = (time.perf_counter() - start) / n
 
-        # 3. the same loop, stage by stage.
+        # 3. the same loop, stage by stage (the step's timer hook synchronises the device per stage).
         split = dict.fromkeys(("decode", "crop", "model", "postprocess"), 0.0)
-        frames_iter = _decoded(clip)
-        tracker.init(next(frames_iter), box)
-        state, steps = tracker.state, 0
-        while True:
-            t0 = time.perf_counter()
-            frame = next(frames_iter, None)
-            if frame is None:
-                break
-            t1 = time.perf_counter()
-            image = to_frame_tensor(frame, device)
-            x, scale, translation = search_crops(state, [image], cfg.model, cfg.tracking)
+        clock = [0.0]
+
+        def lap(stage: str) -> None:
             _sync(device)
-            t2 = time.perf_counter()
-            out = run_model(tracker.model, state, x, dtype)
-            _sync(device)
-            t3 = time.perf_counter()
-            sizes = torch.tensor([[image.shape[-1], image.shape[-2]]], device=device)
-            step = decode_step(out, state, sizes, scale, translation, cfg.tracking, cfg.model.search_size)
-            step.box.cpu()
-            state = step.state
-            t4 = time.perf_counter()
-            for key, dt in zip(split, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
-                split[key] += dt
-            steps += 1
+            now = time.perf_counter()
+            split[stage] += now - clock[0]
+            clock[0] = now
+
+        def timed_frames():
+            decoded = _decoded(clip)
+            yield next(decoded)  # frame 0 initialises: not timed
+            clock[0] = time.perf_counter()
+            for frame in decoded:
+                lap("decode")
+                yield frame
+
+        steps = sum(1 for _ in tracker.stream(timed_frames(), box, timer=lap)) - 1
     memory = {"process_rss": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if device.type == "cuda":
         memory["gpu_allocated"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)

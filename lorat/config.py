@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -153,6 +154,9 @@ def swiglu_hidden_size(embed_dim: int, mlp_ratio: float) -> int:
 # ----------------------------------------------------------------------------- parsing
 
 
+_YAML11_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
 def _convert(value: Any, tp: Any, where: str) -> Any:
     """Check/convert one YAML value against a dataclass field type."""
     origin = typing.get_origin(tp)
@@ -184,6 +188,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _YAML11_FLOAT.match(value):  # PyYAML reads 1e-4 (no dot) as a string
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

@@ -31,6 +31,7 @@ __all__ = [
     "box_to_crop",
     "box_from_crop",
     "normalize_crops",
+    "template_mask",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -184,3 +185,26 @@ def normalize_crops(crops: torch.Tensor) -> torch.Tensor:
     mean = const(IMAGENET_MEAN, torch.float32, crops.device).view(1, 3, 1, 1)
     std = const(IMAGENET_STD, torch.float32, crops.device).view(1, 3, 1, 1)
     return (crops / 255.0 - mean) / std
+
+
+def template_mask(box_in_crop: torch.Tensor, template_size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
+    """Template foreground mask (LORAT_SPEC section 1.5).
+
+    Args:
+        box_in_crop: (N, 4) xyxy target boxes in template-crop pixels.
+        template_size: template crop (W, H) px.
+        grid: template token grid (Hz, Wz).
+
+    Returns:
+        (N, Hz, Wz) int64, 1 on every cell that the box overlaps by more than ~1e-4 of a stride.
+    """
+    hz, wz = grid
+    stride = const([template_size[0] / wz, template_size[1] / hz] * 2, box_in_crop.dtype, box_in_crop.device)
+    cells = rasterize(box_in_crop / stride)
+    limit = const([wz, hz, wz, hz], torch.int64, cells.device)
+    cells = torch.minimum(cells.clamp(min=0), limit)
+    rows = torch.arange(hz, device=cells.device)
+    cols = torch.arange(wz, device=cells.device)
+    in_rows = (rows[None] >= cells[:, 1:2]) & (rows[None] < cells[:, 3:4])
+    in_cols = (cols[None] >= cells[:, 0:1]) & (cols[None] < cells[:, 2:3])
+    return (in_rows[:, :, None] & in_cols[:, None, :]).to(torch.int64)

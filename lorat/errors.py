@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-__all__ = ["LoratError", "ConfigError", "WeightsError", "run_cli"]
+__all__ = ["LoratError", "ConfigError", "WeightsError", "run_cli", "listed"]
 
 
 class LoratError(Exception):
@@ -38,3 +38,9 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def listed(items: list[str], limit: int = 5) -> str:
+    """The first ``limit`` items, comma-separated, with ``(+N more)`` for the rest: for messages."""
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more

@@ -54,12 +54,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from lorat import __version__
-from lorat.boxes import clip_xyxy, is_valid_xyxy
-from lorat.checkpoint import default_weights, load_model
+from lorat.boxes import xyxy_to_xywh
+from lorat.checkpoint import load_model
 from lorat.config import Config, config_to_dict, load_config
 from lorat.data.sequences import DATASETS, DatasetError, Sequence, read_dataset
 from lorat.errors import LoratError, run_cli
@@ -75,15 +74,8 @@ from lorat.results import (
     write_sequence,
     write_trackingnet_zip,
 )
-from lorat.tracker import (
-    TrackState,
-    ensure_finite,
-    init_state,
-    resolve_device,
-    resolve_dtype,
-    to_frame_tensor,
-    track_step,
-)
+from lorat.runtime import Distributed, default_weights, dtype_name, resolve_dtype
+from lorat.tracker import TrackState, ensure_finite, init_boxes, init_state, to_frame_tensor, track_step
 from lorat.video import read_rgb
 
 __all__ = ["main", "track_sequences", "score_results", "init_frame", "tracker_manifest"]
@@ -156,23 +148,18 @@ def _init_frames(sequences: list[Sequence]) -> list[int]:
 
 
 def _init_box(seq: Sequence, index: int, image: np.ndarray | None) -> torch.Tensor:
-    """(1, 4) xyxy float64 init box of frame ``index``, clipped to the frame as ``Tracker.init`` does.
+    """(1, 4) xyxy float64 init box of frame ``index``, checked and clipped by :func:`init_boxes` as
+    ``Tracker.init`` does.
 
     Raises:
         DatasetError: the frame's image cannot be read, or the box lies outside the frame.
     """
     if image is None:
         raise DatasetError(f"{seq.name}: cannot read {seq.frames[index]}, the frame tracking starts on")
-    h, w = image.shape[:2]
-    box = clip_xyxy(torch.from_numpy(seq.tracks[0].boxes[index:index + 1].copy()), w, h)
-    if not bool(is_valid_xyxy(box).all()):
-        raise DatasetError(f"{seq.name}: the ground-truth box of frame {index + 1} lies outside the {w}x{h} frame")
-    return box
-
-
-def _xywh(xyxy: np.ndarray) -> np.ndarray:
-    """(N, 4) xyxy -> (N, 4) xywh."""
-    return np.concatenate([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], axis=1)
+    try:
+        return init_boxes(seq.tracks[0].xywh()[index], image.shape[1], image.shape[0])
+    except LoratError as err:
+        raise DatasetError(f"{seq.name}: the ground truth of frame {index + 1}: {err}") from None
 
 
 class _Running:
@@ -217,22 +204,22 @@ def track_sequences(model, config, sequences: list[Sequence], folder: Path, offs
                 box = _init_box(r.seq, r.index, image)
                 r.size = (image.shape[1], image.shape[0])
                 new_states.append(init_state([to_frame_tensor(image, device)], box, model.cfg, config.tracking))
-                r.boxes.append(_xywh(box.numpy())[0])
+                r.boxes.append(xyxy_to_xywh(box)[0].numpy())
                 bar.update(r.start)
             # sequences already running: one batched step
             if active:
                 frames = []
                 for r, image in zip(active, images[:len(active)], strict=True):
-                    if image is None:
+                    if image is None:  # the tracker's policy: previous box, state kept (Tracker.stream)
                         warnings.warn(f"{r.seq.name}: frame {r.index + 1} unreadable; the previous box is repeated",
                                       stacklevel=1)
                         image = np.zeros((r.size[1], r.size[0], 3), np.uint8)
                     frames.append(to_frame_tensor(image, device))
-                step = track_step(model, state, frames, config.tracking, dtype)
-                boxes = _xywh(ensure_finite(step.box.cpu().numpy()))
+                readable = torch.tensor([image is not None for image in images[:len(active)]])
+                step = track_step(model, state, frames, config.tracking, dtype, readable=readable)
                 state = step.state
-                for r, image, xywh in zip(active, images[:len(active)], boxes, strict=True):
-                    r.boxes.append(xywh if image is not None else r.boxes[-1])
+                for r, xywh in zip(active, ensure_finite(xyxy_to_xywh(step.box).cpu().numpy()), strict=True):
+                    r.boxes.append(xywh)
             elapsed = (time.perf_counter() - start) / max(len(active) + len(joining), 1)
             for r in active + joining:
                 r.times.append(elapsed)
@@ -321,10 +308,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _dtype_name(dtype: torch.dtype | None) -> str:
-    return "float32" if dtype is None else str(dtype).removeprefix("torch.")
-
-
 def tracker_manifest(weights: Path, backbone_weights: Path | None, config: Config,
                      dtype: torch.dtype | None) -> dict:
     """What identifies a tracker's results: weight file hashes, model and tracking config, dtype, lorat version."""
@@ -334,7 +317,7 @@ def tracker_manifest(weights: Path, backbone_weights: Path | None, config: Confi
         "weights": {"file": str(weights), "sha256": _sha256(weights)},
         "backbone_weights": None if backbone_weights is None else {"file": str(backbone_weights),
                                                                    "sha256": _sha256(backbone_weights)},
-        "dtype": _dtype_name(dtype),
+        "dtype": dtype_name(dtype),
         "model": data["model"],
         "tracking": data["tracking"],
     }
@@ -433,18 +416,12 @@ def main(argv: Seq[str] | None = None) -> int:
     if args.repeat < 1 or args.batch < 1:
         raise LoratError("--repeat and --batch must be at least 1")
     name, path, split = _dataset_arg(args.dataset, args.split)
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    sequences = _trackable(name, split, _read(name, path, split), verbose=rank == 0)
-    device = resolve_device(args.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
+    with Distributed(args.device) as env:
+        sequences = _trackable(name, split, _read(name, path, split), verbose=env.main)
         config = load_config(args.config) if args.config else None
-        weights = Path(args.weights) if args.weights else default_weights()
-        model, config = load_model(weights, config, args.backbone_weights, device=device)
-        dtype = resolve_dtype(args.dtype, device)
+        weights = Path(args.weights) if args.weights else default_weights("--weights")
+        model, config = load_model(weights, config, args.backbone_weights, device=env.device)
+        dtype = resolve_dtype(args.dtype, env.device)
         tracker = (args.name or config.model.variant).replace("/", "-")
         if tracker.strip(".") == "":
             raise LoratError(f"--name must be usable as a folder name, got {tracker!r}")
@@ -456,18 +433,14 @@ def main(argv: Seq[str] | None = None) -> int:
             claim_folder(folder, manifest, ignore=MANIFEST_IGNORED)
         offset = FILE_OFFSET.get(name, 0.0)
         for folder in runs:
-            todo = [s for i, s in enumerate(sequences) if i % world == rank and not finished(folder, s.name, len(s))]
-            skipped = sum(1 for i, s in enumerate(sequences) if i % world == rank) - len(todo)
-            if skipped and rank == 0:
-                print(f"{folder}: {skipped} finished sequences skipped (resuming)")
-            track_sequences(model, config, todo, folder, offset, args.batch, dtype, progress=rank == 0)
-        if world > 1:
-            dist.barrier()
-        if rank == 0:
+            mine = [s for i, s in enumerate(sequences) if i % env.world == env.rank]
+            todo = [s for s in mine if not finished(folder, s.name, len(s))]
+            if len(mine) > len(todo) and env.main:
+                print(f"{folder}: {len(mine) - len(todo)} finished sequences skipped (resuming)")
+            track_sequences(model, config, todo, folder, offset, args.batch, dtype, progress=env.main)
+        env.barrier()
+        if env.main:
             _finish(name, split, sequences, runs, tracker, args.output / name)
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
     return 0
 
 

@@ -12,9 +12,11 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from lorat.checkpoint import build_lorat, build_training_model, load_model, load_state_for_info
+from lorat.build import build_lorat, build_training_model
+from lorat.checkpoint import load_model
 from lorat.config import Config, load_config
 from lorat.errors import LoratError, run_cli
+from lorat.weight_files import load_state_for_info
 
 __all__ = ["main", "summarize"]
 

@@ -33,11 +33,20 @@ from lorat.data.sequences import DatasetError, read_boxes
 from lorat.errors import LoratError
 from lorat.files import write_atomic
 
-__all__ = ["FILE_OFFSET", "MANIFEST", "write_sequence", "read_sequence", "read_times", "finished", "claim_folder",
+__all__ = ["FILE_OFFSET", "MANIFEST", "box_line", "write_sequence", "read_sequence", "read_times", "finished",
+           "claim_folder",
            "rasterize_xywh", "write_got10k_zip", "write_trackingnet_zip"]
 
 FILE_OFFSET = {"lasot": 1.0}  # datasets whose files are 1-based (MATLAB toolkit)
 MANIFEST = "tracker.json"  # which tracker wrote a run folder
+
+
+def box_line(box) -> str:
+    """One result-file line: ``x<TAB>y<TAB>w<TAB>h`` with 3 decimals (pytracking's ``%.3f``), no newline.
+
+    The one box format of every command: the CLI, the evaluator and the app write the same text.
+    """
+    return "\t".join(f"{float(v):.3f}" for v in box)
 
 
 def write_sequence(folder: Path, name: str, boxes: np.ndarray, times: np.ndarray, offset: float = 0.0) -> Path:
@@ -47,7 +56,7 @@ def write_sequence(folder: Path, name: str, boxes: np.ndarray, times: np.ndarray
     shifted[:, :2] += offset
     times_text = "".join(f"{t:.6f}\n" for t in times)
     write_atomic(folder / f"{name}_time.txt", lambda tmp: tmp.write_text(times_text))
-    boxes_text = "".join("\t".join(f"{v:.3f}" for v in row) + "\n" for row in shifted)
+    boxes_text = "".join(box_line(row) + "\n" for row in shifted)
     write_atomic(path, lambda tmp: tmp.write_text(boxes_text))
     return path
 

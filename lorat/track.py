@@ -22,12 +22,13 @@ In the ``--show`` window: ``q`` quits, ``r`` re-selects the targets, space pause
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import suppress
 from pathlib import Path
 from typing import TextIO
@@ -36,8 +37,9 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from lorat.checkpoint import default_weights, default_weights_notice
 from lorat.errors import LoratError, run_cli
+from lorat.results import box_line
+from lorat.runtime import default_weights, default_weights_notice
 from lorat.tracker import Tracker, TrackResult
 from lorat.video import FrameSource, VideoWriter, draw_targets, has_display, open_source
 
@@ -181,7 +183,7 @@ class _Outputs:
         if not self.texts:
             return
         for (boxes, scores), r in zip(self.texts, results, strict=True):
-            _write_line(boxes, "\t".join(f"{v:.4f}" for v in r.box))
+            _write_line(boxes, box_line(r.box))
             _write_line(scores, f"{r.score:.6f}")
 
     def close(self, quiet: bool = False) -> None:
@@ -233,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise LoratError("--show needs a display (none found: DISPLAY is unset)")
     if args.max_frames is not None and args.max_frames < 1:
         raise LoratError("--max-frames must be at least 1")
-    weights = args.weights or default_weights()
+    weights = args.weights or default_weights("--weights")
     if not args.weights:
         print(default_weights_notice(weights))
     source = open_source(args.source)  # validate the source and the outputs before loading the model
@@ -246,25 +248,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         source.close()
 
 
-def _start(tracker: Tracker, frames: Iterator[tuple[int, np.ndarray | None]], source: FrameSource,
-           args: argparse.Namespace) -> tuple[np.ndarray, list[TrackResult]]:
-    """Read the first frame and initialise the targets on it: (first frame, initial results)."""
-    _, first = next(frames, (0, None))
-    if first is None:
-        raise LoratError(f"{source.name}: the first frame cannot be read")
-    boxes = args.init
-    if boxes is None:
-        if not has_display():
-            raise LoratError("no --init box given and no display to draw one: pass --init x,y,w,h")
-        boxes = _select_boxes(first)
-        _check_outputs(args, len(boxes), source)
-    return first, tracker.init(first, boxes)
+def _first_boxes(first: np.ndarray | None, source: FrameSource, args: argparse.Namespace) -> list:
+    """The boxes to start on: ``--init``, or drawn on the first frame in a window."""
+    if args.init is not None or first is None:
+        return args.init or []
+    if not has_display():
+        raise LoratError("no --init box given and no display to draw one: pass --init x,y,w,h")
+    boxes = _select_boxes(first)
+    _check_outputs(args, len(boxes), source)
+    return boxes
 
 
 def _run(tracker: Tracker, source: FrameSource, args: argparse.Namespace) -> int:
-    frames = iter(source)
-    first, results = _start(tracker, frames, source, args)
-    n = len(results)
+    frames = (frame for _, frame in source)
+    first = next(frames, None)
+    if first is None:
+        raise LoratError(f"{source.name}: the first frame cannot be read")
+    stream = tracker.stream(itertools.chain([first], frames), _first_boxes(first, source, args))
+    results = next(stream)  # the targets are initialised (a bad box stops here, before any output exists)
+    n = len(results.targets)
     outputs = _Outputs(args, n, source)  # only now: a failed start leaves existing files alone
     total = min(x for x in (source.frame_count, args.max_frames) if x) if (source.frame_count or args.max_frames) \
         else None
@@ -281,6 +283,8 @@ def _run(tracker: Tracker, source: FrameSource, args: argparse.Namespace) -> int
             if gone and not left[k]:
                 bar.write(f"target {k + 1} left the frame at frame {index + 1}")
             left[k] = gone
+        if frame is None:
+            bar.write(f"warning: frame {index + 1} is unreadable; previous boxes repeated with score 0")
         key = None
         if (outputs.video or args.show) and frame is not None:
             drawn = draw_targets(frame, [r.box for r in results], [r.score for r in results], args.lost_threshold)
@@ -294,9 +298,11 @@ def _run(tracker: Tracker, source: FrameSource, args: argparse.Namespace) -> int
         return key
 
     try:
-        key = emit(0, first, results)
-        done = 1
-        for index, frame in frames:
+        while True:
+            key = emit(results.index, results.frame, results.targets)
+            done += 1
+            if results.frame is not None:
+                previous = results.frame
             if key == "q":
                 stop_reason = "stopped by the user"
                 break
@@ -304,14 +310,9 @@ def _run(tracker: Tracker, source: FrameSource, args: argparse.Namespace) -> int
                 break
             if key == "r":
                 _reselect(tracker, previous, n, bar)
-            if frame is None:  # unreadable image or undecodable video frame: keep the previous boxes, say so
-                bar.write(f"warning: frame {index + 1} is unreadable; previous boxes repeated with score 0")
-                results = [TrackResult(r.box, 0.0) for r in results]
-            else:
-                results = tracker.track_all(frame)
-                previous = frame
-            key = emit(index, frame, results)
-            done += 1
+            results = next(stream, None)
+            if results is None:
+                break
         finished = True
     finally:
         bar.close()

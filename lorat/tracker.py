@@ -20,7 +20,7 @@ box and score are copied to the host.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from lorat.assignment import assign_peaks, score_peaks
-from lorat.boxes import clip_xyxy, is_valid_xyxy, rasterize, xywh_to_xyxy, xyxy_to_xywh
+from lorat.boxes import clip_xyxy, is_valid_xyxy, xywh_to_xyxy, xyxy_to_xywh
 from lorat.checkpoint import load_model
 from lorat.config import Config, ModelConfig, TrackingConfig, load_config
 from lorat.crop import (
@@ -40,17 +40,20 @@ from lorat.crop import (
     geometry_dtype,
     nominal_crop_params,
     normalize_crops,
+    template_mask,
 )
 from lorat.errors import LoratError
 from lorat.model import LoRAT
+from lorat.runtime import resolve_device, resolve_dtype
 
 __all__ = [
     "TrackState", "StepResult", "TrackResult", "Tracker", "init_state", "track_step", "search_crops", "run_model",
-    "decode_step", "to_frame_tensor", "template_mask", "hann_window", "resolve_device", "resolve_dtype",
-    "ensure_finite",
+    "decode_step", "to_frame_tensor", "hann_window", "init_boxes", "ensure_finite", "FrameResults", "StageTimer",
 ]
 
 Frame = np.ndarray | torch.Tensor
+StageTimer = Callable[[str], None]
+"""Called with a stage name (``"crop"``, ``"model"``, ``"postprocess"``) as each stage of a step ends."""
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -76,34 +79,40 @@ def to_frame_tensor(frame: Frame, device: torch.device) -> torch.Tensor:
     raise LoratError(f"expected a numpy array or torch tensor frame, got {type(frame).__name__}")
 
 
+def init_boxes(box: Sequence[float] | Sequence[Sequence[float]] | np.ndarray | torch.Tensor, width: int,
+               height: int) -> torch.Tensor:
+    """Check first-frame boxes and clip them to the frame, as the official pipeline does.
+
+    Args:
+        box: one (x, y, w, h) box or (N, 4) of them, pixels.
+        width, height: the frame's size.
+
+    Returns:
+        (N, 4) float64 xyxy boxes inside ``[0, width] x [0, height]``.
+
+    Raises:
+        LoratError: no box, a box with non-finite values, zero/negative size, or outside the frame.
+    """
+    boxes = torch.as_tensor(np.asarray(box, dtype=np.float64)).reshape(-1, 4)
+    if boxes.numel() == 0:
+        raise LoratError("no init box given")
+    xyxy = clip_xyxy(xywh_to_xyxy(boxes), width, height)
+    for i, (b, raw) in enumerate(zip(xyxy, boxes.tolist(), strict=True)):
+        label = f"init box {i + 1} ({', '.join(f'{v:g}' for v in raw)})"
+        if not np.isfinite(raw).all():
+            raise LoratError(f"{label} has non-finite values (nan or inf)")
+        if raw[2] <= 0 or raw[3] <= 0:
+            raise LoratError(f"{label} must have a positive width and height")
+        if not is_valid_xyxy(b):
+            raise LoratError(f"{label} lies outside the {width}x{height} frame")
+    return xyxy
+
+
 def hann_window(grid: tuple[int, int], device: torch.device) -> torch.Tensor:
     """(H, W) float32 outer product of *symmetric* Hann windows (zeros on the border)."""
     h = torch.hann_window(grid[0], periodic=False, dtype=torch.float64, device=device)
     w = torch.hann_window(grid[1], periodic=False, dtype=torch.float64, device=device)
     return torch.outer(h, w).float()
-
-
-def template_mask(box_in_crop: torch.Tensor, template_size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
-    """Template foreground mask (LORAT_SPEC section 1.5).
-
-    Args:
-        box_in_crop: (N, 4) xyxy target boxes in template-crop pixels.
-        template_size: template crop (W, H) px.
-        grid: template token grid (Hz, Wz).
-
-    Returns:
-        (N, Hz, Wz) int64, 1 on every cell that the box overlaps by more than ~1e-4 of a stride.
-    """
-    hz, wz = grid
-    stride = const([template_size[0] / wz, template_size[1] / hz] * 2, box_in_crop.dtype, box_in_crop.device)
-    cells = rasterize(box_in_crop / stride)
-    limit = const([wz, hz, wz, hz], torch.int64, cells.device)
-    cells = torch.minimum(cells.clamp(min=0), limit)
-    rows = torch.arange(hz, device=cells.device)
-    cols = torch.arange(wz, device=cells.device)
-    in_rows = (rows[None] >= cells[:, 1:2]) & (rows[None] < cells[:, 3:4])
-    in_cols = (cols[None] >= cells[:, 0:1]) & (cols[None] < cells[:, 2:3])
-    return (in_rows[:, :, None] & in_cols[:, None, :]).to(torch.int64)
 
 
 # ----------------------------------------------------------------------------- stateless core
@@ -233,7 +242,8 @@ def decode_step(out: dict[str, torch.Tensor], state: TrackState, frame_sizes: to
 
 def track_step(model: LoRAT, state: TrackState, frames: Sequence[torch.Tensor], track_cfg: TrackingConfig,
                autocast_dtype: torch.dtype | None = None, assign: bool = False, top_k: int = 5,
-               overlap_iou: float = 0.5) -> StepResult:
+               overlap_iou: float = 0.5, readable: torch.Tensor | None = None,
+               timer: StageTimer | None = None) -> StepResult:
     """Advance N sequences by one frame each (stateless; one forward pass).
 
     Args:
@@ -244,15 +254,42 @@ def track_step(model: LoRAT, state: TrackState, frames: Sequence[torch.Tensor], 
         autocast_dtype: ``torch.float16`` / ``torch.bfloat16`` for mixed precision, else float32.
         assign: the N sequences are targets in one video: keep them on different objects
             (:mod:`lorat.assignment`). Off for independent sequences.
+        readable: (N,) bool; where False the frame could not be read (pass any frame of the right
+            size): that sequence keeps its state and its previous box, with score 0.
+        timer: called with ``"crop"`` and ``"model"`` after those stages (benchmarks).
     """
     x, scale, translation = search_crops(state, frames, model.cfg, track_cfg)
+    if timer is not None:
+        timer("crop")
     out = run_model(model, state, x, autocast_dtype)
+    if timer is not None:
+        timer("model")
     sizes = const([[f.shape[-1], f.shape[-2]] for f in frames], torch.int64, state.box.device)
-    return decode_step(out, state, sizes, scale, translation, track_cfg, model.cfg.search_size, assign, top_k,
+    step = decode_step(out, state, sizes, scale, translation, track_cfg, model.cfg.search_size, assign, top_k,
                        overlap_iou)
+    if readable is None:
+        return step
+    keep = readable.to(state.box.device)
+    return StepResult(replace(step.state, box=torch.where(keep[:, None], step.state.box, state.box)),
+                      torch.where(keep[:, None], step.box, state.box), torch.where(keep, step.score, 0.0))
 
 
 # ----------------------------------------------------------------------------- the Tracker
+
+
+@dataclass(frozen=True)
+class FrameResults:
+    """What :meth:`Tracker.stream` yields for each frame.
+
+    Attributes:
+        index: 0-based frame index in the stream.
+        frame: the HWC uint8 RGB frame, or None where it could not be read.
+        targets: one result per target (previous boxes with score 0 on an unreadable frame).
+    """
+
+    index: int
+    frame: Frame | None
+    targets: list[TrackResult]
 
 
 @dataclass(frozen=True)
@@ -278,57 +315,6 @@ def ensure_finite(outputs: np.ndarray) -> np.ndarray:
         raise LoratError("the model produced non-finite boxes or scores (nan or inf): are its weights damaged? "
                          "(with float16 autocast, also try float32)")
     return outputs
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"``/None -> CUDA if present, then MPS, else CPU; otherwise as given, checked to exist here.
-
-    Raises:
-        LoratError: not a device name, a device type other than cpu/cuda/mps, or one this machine lacks.
-    """
-    if device is None or str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if _mps_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise LoratError(f"unknown device {str(device)!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise LoratError(f"unsupported device {str(device)!r}; use auto, cpu, cuda, cuda:N or mps")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise LoratError(f"device {str(device)!r} requested but CUDA is not available on this machine")
-        count = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= count:
-            raise LoratError(f"device {str(device)!r} does not exist: this machine has {count} CUDA device(s) "
-                             f"(cuda:0 to cuda:{count - 1})")
-    if dev.type == "mps" and not _mps_available():
-        raise LoratError(f"device {str(device)!r} requested but MPS is not available on this machine "
-                         "(it needs Apple silicon and a PyTorch build with MPS)")
-    return dev
-
-
-def _mps_available() -> bool:
-    mps = getattr(torch.backends, "mps", None)
-    return bool(mps and mps.is_available())
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype: ``"auto"`` -> float16 on CUDA (official inference), float32 elsewhere."""
-    if isinstance(dtype, torch.dtype):
-        return None if dtype == torch.float32 else dtype
-    if dtype in (None, "auto"):
-        return torch.float16 if device.type == "cuda" else None
-    table = {"float32": None, "fp32": None, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in table:
-        raise LoratError(f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16")
-    if table[dtype] == torch.float16 and device.type == "cpu":
-        raise LoratError("float16 autocast is not supported on the CPU; use float32 or bfloat16")
-    return table[dtype]
 
 
 class Tracker:
@@ -396,25 +382,14 @@ class Tracker:
             LoratError: a box with non-finite values, zero/negative size, or outside the frame.
         """
         image = to_frame_tensor(frame, self.device)
-        h, w = image.shape[-2:]
-        boxes = np.asarray(box, dtype=np.float64).reshape(-1, 4)
-        if boxes.size == 0:
-            raise LoratError("no init box given")
-        xyxy = xywh_to_xyxy(torch.from_numpy(boxes))
-        for i, (b, raw) in enumerate(zip(xyxy, boxes, strict=True)):
-            label = f"init box {i + 1} ({', '.join(f'{v:g}' for v in raw)})"
-            if not np.isfinite(raw).all():
-                raise LoratError(f"{label} has non-finite values (nan or inf)")
-            if raw[2] <= 0 or raw[3] <= 0:
-                raise LoratError(f"{label} must have a positive width and height")
-            if not is_valid_xyxy(clip_xyxy(b, w, h)):
-                raise LoratError(f"{label} lies outside the {w}x{h} frame")
-        xyxy = clip_xyxy(xyxy, w, h)
+        xyxy = init_boxes(box, image.shape[-1], image.shape[-2])
         self.state = init_state([image] * len(xyxy), xyxy, self.model.cfg, self.config.tracking)
         return [TrackResult(tuple(float(v) for v in xyxy_to_xywh(b)), 1.0) for b in xyxy]
 
-    def track_all(self, frame: Frame) -> list[TrackResult]:
+    def track_all(self, frame: Frame, timer: StageTimer | None = None) -> list[TrackResult]:
         """Advance every target by one frame; one batched forward pass.
+
+        ``timer`` (optional) is called after each stage of the step (see :data:`StageTimer`).
 
         Raises:
             LoratError: the model's boxes or scores are not finite (damaged weights, fp16 overflow).
@@ -423,11 +398,14 @@ class Tracker:
             raise LoratError("call init(frame, box) before track(frame)")
         image = to_frame_tensor(frame, self.device)
         step = track_step(self.model, self.state, [image] * len(self.state), self.config.tracking,
-                          self.dtype, assign=self.assignment, top_k=self.top_k, overlap_iou=self.overlap_iou)
+                          self.dtype, assign=self.assignment, top_k=self.top_k, overlap_iou=self.overlap_iou,
+                          timer=timer)
         self.state = step.state
         packed = torch.cat([xyxy_to_xywh(step.box), step.score[:, None].to(step.box.dtype)], dim=1)
         packed = packed.cpu().numpy()  # the only device -> host copy of the frame
         ensure_finite(packed)
+        if timer is not None:
+            timer("postprocess")
         return [TrackResult(tuple(float(v) for v in row[:4]), float(row[4])) for row in packed]
 
     def track(self, frame: Frame) -> TrackResult:
@@ -436,12 +414,29 @@ class Tracker:
             raise LoratError("several targets are being tracked: use track_all(frame)")
         return self.track_all(frame)[0]
 
-    def track_video(self, frames: Iterable[Frame], box: Sequence[float]) -> Iterator[TrackResult]:
-        """Stream results for one target: the first frame initialises, each later frame is tracked."""
+    def stream(self, frames: Iterable[Frame | None], box: Sequence[float] | Sequence[Sequence[float]] | np.ndarray,
+               timer: StageTimer | None = None) -> Iterator[FrameResults]:
+        """Track through a stream of frames, yielding each frame's results as soon as they exist.
+
+        The first frame initialises every target on ``box`` (clipped to the frame, score 1.0); every
+        later frame is tracked. The one policy for a frame that could not be read or decoded
+        (``None`` in ``frames``): the previous boxes are repeated with score 0 and the tracker's
+        state is left as it was, so line k of a result file is always frame k. Calling
+        :meth:`init` between two frames (re-selection) is taken into account from the next one.
+
+        Raises:
+            LoratError: the first frame is missing or unreadable, a bad box (see :meth:`init`), or
+                non-finite model outputs.
+        """
         iterator = iter(frames)
         first = next(iterator, None)
         if first is None:
-            return
-        yield self.init(first, box)[0]
-        for frame in iterator:
-            yield self.track(frame)
+            raise LoratError("the first frame is missing or cannot be read; there is nothing to initialise on")
+        results = self.init(first, box)
+        yield FrameResults(0, first, results)
+        for index, frame in enumerate(iterator, start=1):
+            if frame is None:
+                results = [TrackResult(r.box, 0.0) for r in results]
+            else:
+                results = self.track_all(frame, timer)
+            yield FrameResults(index, frame, results)

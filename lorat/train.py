@@ -33,145 +33,49 @@ import argparse
 import csv
 import dataclasses
 import json
-import math
 import os
-import re
-import shutil
 import signal
 import time
-import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import yaml
-from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from lorat.checkpoint import build_training_model, load_model, peft_to_official_keys, save_model
-from lorat.config import Config, TrainConfig, config_to_dict, load_config
-from lorat.data.pairs import PairDataset, Source
-from lorat.data.sequences import DATASETS, DatasetError, read_dataset
+from lorat.build import build_training_model
+from lorat.checkpoint import load_model
+from lorat.config import Config, config_to_dict, load_config
+from lorat.data.loading import batches, loader, parse_data, sources
+from lorat.data.pairs import PairDataset
+from lorat.data.sequences import DATASETS, DatasetError
 from lorat.errors import LoratError, run_cli
 from lorat.files import write_atomic
 from lorat.loss import lorat_loss
 from lorat.model import LoRAT
+from lorat.optim import make_optimizer, make_scheduler, update
+from lorat.run_folder import (
+    check_resume_config,
+    checkpoint_complete,
+    checkpoint_due,
+    logged_epochs,
+    read_args,
+    read_state,
+    restore_state,
+    save_checkpoint,
+    save_state,
+    trim_log,
+)
+from lorat.runtime import Distributed
 
-__all__ = ["main", "parameter_groups", "learning_rate", "lr_for_step"]
+__all__ = ["main"]
 
-_KEEP_CHECKPOINTS = 5
-
-
-# ----------------------------------------------------------------------------- recipe pieces
-
-
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay for matrices; none for 1-D (after squeeze) / norm parameters and embeddings.
-
-    Officially: LoRA A/B, head ``layers.{0,1}.weight`` and ``head.reg_mlp.layers.2.weight`` decay;
-    head biases, ``head.cls_mlp.layers.2.weight`` (1 x C) and ``token_type_embed`` do not.
-    """
-    decay, no_decay, embed = [], [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if "embed" in name:
-            embed.append(p)
-        elif p.squeeze().ndim <= 1 or "norm" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0},
-              {"params": embed, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def learning_rate(t: int, cfg: TrainConfig, iters_per_epoch: int) -> float:
-    """Warm-up-prefixed cosine (timm ``CosineLRScheduler``, per update, ``warmup_prefix=True``)."""
-    warmup = int(cfg.warmup_epochs * iters_per_epoch)
-    if t < warmup:
-        return cfg.warmup_lr + t * (cfg.lr - cfg.warmup_lr) / warmup
-    total = cfg.epochs * iters_per_epoch
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * (t - warmup) / total))
-
-
-def lr_for_step(step: int, cfg: TrainConfig, iters_per_epoch: int) -> float:
-    """The lr used by optimiser step ``step``: the scheduler is stepped after each update, so
-    steps 0 and 1 both use the initial value and step k >= 1 uses ``learning_rate(k - 1)``."""
-    return learning_rate(max(step - 1, 0), cfg, iters_per_epoch)
-
-
-# ----------------------------------------------------------------------------- processes
-
-
-def _training_device(arg: str, world: int, local_rank: int) -> torch.device:
-    """The device named by ``--device`` (auto, cpu, cuda, cuda:N); under torchrun, the local GPU.
-
-    Raises:
-        LoratError: any other name (``mps`` included: training is CPU or CUDA only), or a CUDA
-            device that is not there.
-    """
-    if arg == "auto":
-        arg = "cuda" if torch.cuda.is_available() else "cpu"
-    if arg == "cpu":
-        return torch.device("cpu")
-    match = re.fullmatch(r"cuda(?::(\d+))?", arg)
-    if match is None:
-        raise LoratError(f"--device {arg!r}: training runs on auto, cpu, cuda or cuda:N"
-                         + (" (Apple mps is not supported)" if arg.startswith("mps") else ""))
-    if not torch.cuda.is_available():
-        raise LoratError(f"--device {arg} requested but CUDA is not available")
-    index = local_rank if world > 1 else int(match.group(1) or 0)
-    if index >= torch.cuda.device_count():
-        raise LoratError(f"--device {arg}: there are only {torch.cuda.device_count()} CUDA devices "
-                         f"(the process needs cuda:{index})")
-    return torch.device("cuda", index)
-
-
-class _Dist:
-    """torchrun environment: rank, world size, device, backend (NCCL on CUDA, Gloo on CPU)."""
-
-    def __init__(self, device_arg: str):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.device = _training_device(device_arg, self.world, int(os.environ.get("LOCAL_RANK", "0")))
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def mean(self, value: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            value = value.clone()
-            dist.all_reduce(value)
-            value /= self.world
-        return value
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def agree(self, flag: bool) -> bool:
-        """Rank 0's ``flag`` on every rank (rank 0 alone reads the run folder)."""
-        if self.world == 1:
-            return flag
-        value = torch.tensor([int(flag)], device=self.device)
-        dist.broadcast(value, 0)
-        return bool(value.item())
-
-    def close(self) -> None:
-        if self.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+_AMP = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "none": None}
+_METRICS_HEADER = ["step", "epoch", "lr", "loss", "cls", "reg", "samples_per_s", "skipped_images"]
 
 
 class _StopFlag:
@@ -189,266 +93,6 @@ class _StopFlag:
     def restore(self) -> None:
         for s, handler in self._old.items():
             signal.signal(s, handler)
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def _parse_data(items: Sequence[str], option: str) -> list[tuple[str, str, str | None]]:
-    out = []
-    for item in items:
-        if "=" not in item:
-            raise LoratError(f"{option} expects NAME=PATH, got {item!r} (names: {', '.join(DATASETS)})")
-        name, path = item.split("=", 1)
-        split = None
-        if name.count(":") == 1:
-            name, split = name.split(":")
-        if name not in DATASETS:
-            raise LoratError(f"{option}: unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-        out.append((name, path, split))
-    return out
-
-
-def _sources(items, cfg: TrainConfig, default_split: str) -> list[Source]:
-    sources = []
-    for name, path, split in items:
-        sequences = read_dataset(name, path, split or default_split)
-        weight = cfg.dataset_weights.get(name, 1.0)
-        sources.append(Source(name, sequences, weight))
-    return sources
-
-
-def _quiet_worker(_: int) -> None:
-    """Data workers ignore Ctrl-C / SIGTERM (sent to the whole process group): the main process
-    finishes the step, saves the state and then shuts the workers down itself."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def _collate(batch: list[dict]) -> dict[str, torch.Tensor]:
-    return {k: torch.stack([b[k] for b in batch]) for k in batch[0]}
-
-
-def _loader(dataset, indices: list[int], batch: int, workers: int, seed: Sequence[int]) -> DataLoader:
-    """A DataLoader over ``dataset[indices]``, in order, with a generator of its own seeded from ``seed``.
-
-    Starting an iterator draws the workers' base seed from the loader's generator, which would
-    otherwise be the global torch RNG that drop-path uses: a resumed run, which starts one more
-    iterator than an uninterrupted one, would then be one draw off.
-    """
-    generator = torch.Generator().manual_seed(int(np.random.SeedSequence(list(seed)).generate_state(1)[0]))
-    return DataLoader(Subset(dataset, indices), batch_size=batch, shuffle=False, num_workers=workers,
-                      collate_fn=_collate, drop_last=False, pin_memory=torch.cuda.is_available(),
-                      worker_init_fn=_quiet_worker if workers else None, generator=generator,
-                      persistent_workers=False, prefetch_factor=4 if workers else None)
-
-
-@contextmanager
-def _batches(loader: DataLoader, quiet: bool = False) -> Iterator[Iterator[dict[str, torch.Tensor]]]:
-    """Iterate ``loader``, shutting its workers down on leaving, whatever the reason.
-
-    The workers ignore SIGTERM (:func:`_quiet_worker`), so an iterator kept alive by a traceback
-    (an error raised in a worker holds one) would leave them running, and the interpreter
-    would wait for them forever at exit. ``quiet``: no "unreadable image" warnings (they are
-    counted instead), in the workers too, which inherit the filter when they start.
-    """
-    with warnings.catch_warnings():
-        if quiet:
-            warnings.simplefilter("ignore", UserWarning)
-        iterator = iter(loader)
-        try:
-            yield iterator
-        finally:
-            shutdown = getattr(iterator, "_shutdown_workers", None)  # multi-process iterators only
-            if shutdown is not None:
-                shutdown()
-
-
-# ----------------------------------------------------------------------------- run folder
-
-
-def _trim_log(path: Path, last: int) -> None:
-    """Keep the header and the complete rows of a CSV log whose first column (step or epoch) is <= ``last``.
-
-    A kill leaves rows logged after the last saved state (a resumed run logs them again) and
-    possibly one row cut short; both go. Rewritten atomically, and only when something goes.
-    """
-    if not path.is_file():
-        return
-    lines = path.read_bytes().decode(errors="replace").splitlines(keepends=True)
-
-    def keep(index: int, line: str) -> bool:
-        if not line.endswith("\n"):
-            return False
-        if index == 0:
-            return True
-        first = line.split(",", 1)[0]
-        return first.isdigit() and int(first) <= last
-
-    kept = [line for i, line in enumerate(lines) if keep(i, line)]
-    if not kept:
-        path.unlink()
-    elif kept != lines:
-        write_atomic(path, lambda tmp: tmp.write_bytes("".join(kept).encode()))
-
-
-def _logged_epochs(path: Path) -> set[int]:
-    """Epochs with a row in ``val.csv``."""
-    if not path.is_file():
-        return set()
-    with open(path, newline="") as f:
-        return {int(row[0]) for row in list(csv.reader(f))[1:] if row and row[0].isdigit()}
-
-
-def _read_args(path: Path) -> dict[str, Any]:
-    """The data arguments a run was started with (``args.json``), checked."""
-    if not path.is_file():
-        raise LoratError(f"{path} not found: --resume needs the data arguments that the run wrote there "
-                         f"when it started")
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LoratError(f"{path} is not readable JSON ({err})") from None
-
-    def strings(value: object) -> bool:
-        return isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-    valid = (isinstance(saved, dict) and strings(saved.get("data")) and strings(saved.get("val_data", []))
-             and isinstance(saved.get("backbone_weights"), str | None)
-             and isinstance(saved.get("init_weights"), str | None)
-             and isinstance(saved.get("log_every", 10), int))
-    if not valid:
-        raise LoratError(f"{path} does not hold a run's arguments (data and val_data lists, backbone_weights)")
-    return saved
-
-
-_STATE_FIELDS: dict[str, type] = {"step": int, "config": str, "weights": dict, "optimizer": dict, "scaler": dict,
-                                  "torch_rng": torch.Tensor}
-
-
-def _read_state(path: Path) -> dict[str, Any]:
-    """``state.pt``, loaded on the CPU and checked: a damaged or foreign file is a LoratError."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as err:
-        raise LoratError(f"cannot read {path}: {err.strerror or err}") from None
-    except Exception as err:  # truncated, empty or random bytes: RuntimeError, EOFError, UnpicklingError, ...
-        raise LoratError(f"{path} is damaged (truncated, empty or not written by lorat.train: "
-                         f"{type(err).__name__}); the run cannot continue from it") from None
-    bad = [key for key, kind in _STATE_FIELDS.items() if not isinstance(state, dict)
-           or not isinstance(state.get(key), kind)]
-    if not bad:
-        try:
-            if not isinstance(json.loads(state["config"]), dict):
-                bad = ["config"]
-        except json.JSONDecodeError:
-            bad = ["config"]
-    if bad:
-        raise LoratError(f"{path} is not a lorat.train state (no valid {bad[0]!r}); the run cannot continue from it")
-    return state
-
-
-# the keys of ``train`` that --resume may not change (besides every ``model`` key), and why
-_FIXED_TRAIN_KEYS = {
-    "train.finetune": "it decides which weights train",
-    "train.freeze_stem": "it decides which weights train",
-    "train.batch_size": "the saved step counts batches of the run's size",
-    "train.samples_per_epoch": "the saved step counts batches of the run's epochs",
-}
-
-
-def _changes(old: Any, new: Any, key: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted key, old, new) for each value that differs between two config dicts (keys in both)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [change for k in sorted(old.keys() & new.keys())
-                for change in _changes(old[k], new[k], f"{key}.{k}" if key else k)]
-    return [] if old == new else [(key, old, new)]
-
-
-def _check_resume_config(config: Config, state: dict[str, Any], path: Path) -> None:
-    """Refuse a resumed config that the saved state cannot follow (the schedule may change)."""
-    for key, old, new in _changes(json.loads(state["config"]), config_to_dict(config)):
-        why = "the saved weights are of the run's model" if key.startswith("model.") else _FIXED_TRAIN_KEYS.get(key)
-        if why:
-            raise LoratError(f"--resume cannot change {key}: the run in {path.parent} has {old!r}, config.yaml and "
-                             f"--set now give {new!r} ({why}); start a new run with --output for that")
-
-
-def _save_state(path: Path, model: LoRAT, optimizer, scaler, step: int, config: Config, full: bool,
-                skipped: int) -> None:
-    """Write the resumable state atomically (a kill mid-write leaves the previous one)."""
-    weights = model.state_dict() if full else {n: p for n, p in model.named_parameters() if p.requires_grad}
-    state = {
-        "step": step,
-        "config": json.dumps(config_to_dict(config)),
-        "weights": {k: v.detach().cpu() for k, v in weights.items()},
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "skipped_images": skipped,
-    }
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    write_atomic(path, lambda tmp: torch.save(state, tmp))
-
-
-def _restore_state(state: dict[str, Any], model: LoRAT, optimizer, scaler, full: bool, path: Path) -> None:
-    """Put the saved weights, AdamW and GradScaler states and RNG states in place."""
-    expected = set(model.state_dict()) if full else {n for n, p in model.named_parameters() if p.requires_grad}
-    unknown, missing = set(state["weights"]) - set(model.state_dict()), expected - set(state["weights"])
-    if unknown or missing:
-        names = sorted(unknown or missing)[:3]
-        raise LoratError(f"{path} does not fit the run's model: {'unknown' if unknown else 'missing'} tensors "
-                         f"{', '.join(names)}")
-    try:
-        model.load_state_dict(state["weights"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"])
-    except (RuntimeError, ValueError, KeyError, TypeError) as err:
-        reason = str(err).strip().splitlines()[-1].strip() if str(err).strip() else type(err).__name__
-        raise LoratError(f"{path} does not fit the run's model: {reason}") from None
-    if "cuda_rng" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _unwrap(model: torch.nn.Module) -> LoRAT:
-    model = model.module if isinstance(model, DistributedDataParallel) else model
-    return getattr(model, "_orig_mod", model)
-
-
-def _checkpoint_due(cfg: TrainConfig, epoch: int) -> bool:
-    """Whether epoch ``epoch`` (0-based) ends with a checkpoint: every ``checkpoint_every``, and the last."""
-    return (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 >= cfg.epochs
-
-
-def _checkpoint_complete(out: Path, epoch: int, config: Config) -> bool:
-    """Whether checkpoint ``epoch`` (1-based) has all its files: the official trainable-only one
-    (LoRA runs) and ours."""
-    folder = out / "checkpoint" / f"epoch_{epoch:03d}"
-    names = (["model.safetensors"] if config.train.finetune == "lora" else []) + ["lorat.safetensors"]
-    return all((folder / name).is_file() for name in names)
-
-
-def _save_checkpoint(out: Path, epoch: int, model: LoRAT, config: Config) -> Path:
-    """Write checkpoint ``epoch`` (1-based), each file atomically; keep the last few."""
-    folder = out / "checkpoint" / f"epoch_{epoch:03d}"
-    folder.mkdir(parents=True, exist_ok=True)
-    if config.train.finetune == "lora":
-        trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        official = peft_to_official_keys(trainable, config.model.backbone.ffn == "swiglu")
-        write_atomic(folder / "model.safetensors", lambda tmp: save_file(official, str(tmp)))
-    save_model(model, config, folder / "lorat.safetensors")  # atomic and byte-stable itself
-    old = sorted((out / "checkpoint").glob("epoch_*"))[:-_KEEP_CHECKPOINTS]
-    for stale in old:
-        shutil.rmtree(stale, ignore_errors=True)
-    return folder
-
-
-# ----------------------------------------------------------------------------- main
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -487,10 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if resume:
         if not state_path.is_file():
             raise LoratError(f"nothing to resume: {state_path} not found")
-        state = _read_state(state_path)
-        saved_args = _read_args(out / "args.json")
+        state = read_state(state_path)
+        saved_args = read_args(out / "args.json")
         config = load_config(out / "config.yaml", args.set)  # schedule overrides allowed (more epochs, workers)
-        _check_resume_config(config, state, state_path)
+        check_resume_config(config, state, state_path)
         data, val_data = saved_args["data"], saved_args.get("val_data", [])
         backbone = saved_args.get("backbone_weights")
         init = saved_args.get("init_weights")
@@ -509,14 +153,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if log_every < 1:
         raise LoratError(f"--log-every must be at least 1, got {log_every}")
     args.log_every = log_every
-    dist_env = _Dist(args.device)
-    try:
-        return _train(config, _parse_data(data, "--data"), _parse_data(val_data, "--val-data"), backbone, out,
-                      dist_env, state, args,
-                      {"data": data, "val_data": val_data, "backbone_weights": backbone, "log_every": log_every,
-                       "init_weights": init})
-    finally:
-        dist_env.close()
+    saved_args = {"data": data, "val_data": val_data, "backbone_weights": backbone, "log_every": log_every,
+                  "init_weights": init}
+    with Distributed(args.device, types=("cpu", "cuda")) as env:
+        return _train(config, parse_data(data, "--data"), parse_data(val_data, "--val-data"), backbone, out, env,
+                      state, args, saved_args)
 
 
 def _load_init_weights(model: LoRAT, config: Config, path: Path) -> None:
@@ -535,64 +176,73 @@ def _load_init_weights(model: LoRAT, config: Config, path: Path) -> None:
         model.load_state_dict(start.state_dict())
 
 
-def _update(net: torch.nn.Module, model: LoRAT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-            batch: dict[str, torch.Tensor], lr: float, env: _Dist, autocast: Callable,
-            grad_clip: float) -> dict[str, torch.Tensor]:
-    """One optimiser step on ``batch`` at learning rate ``lr`` (AMP, global-norm clipping); the losses."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
-    num_pos = env.mean(batch["positive"].sum().float())
-    with autocast():
-        outputs = net(batch["z"], batch["x"], batch["z_feat_mask"])
-        losses = lorat_loss(outputs, batch["target_box"], batch["positive"], num_pos)
-    scaler.scale(losses["loss"]).backward()
-    scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return losses
+@dataclass
+class _Run:
+    """Everything a training loop step touches (built by :func:`_setup`)."""
+
+    config: Config
+    env: Distributed
+    out: Path
+    model: LoRAT                 # the weights (saved, checkpointed)
+    net: torch.nn.Module         # what runs the batches: the model, compiled and/or in DDP
+    optimizer: torch.optim.Optimizer
+    scheduler: Any               # timm CosineLRScheduler, stepped per update
+    scaler: torch.amp.GradScaler
+    autocast: Any
+    train_set: PairDataset
+    val_set: PairDataset | None
+    full_state: bool             # state.pt holds every weight (else the trainable ones only)
+    step: int = 0
+    skipped: int = 0
+
+    @property
+    def iters(self) -> int:
+        return self.config.train.samples_per_epoch // self.config.train.batch_size
+
+    def save_state(self) -> None:
+        save_state(self.out / "state.pt", self.model, self.optimizer, self.scaler, self.step, self.config,
+                   self.full_state, self.skipped)
 
 
-def _train(config: Config, data, val_data, backbone, out: Path, env: _Dist, state: dict[str, Any] | None, args,
-           saved_args: dict) -> int:
+def _setup(config: Config, data, val_data, backbone, out: Path, env: Distributed, state: dict[str, Any] | None,
+           saved_args: dict) -> _Run:
+    """Datasets, model, optimiser, schedule and AMP; the saved state put back; the run folder prepared."""
     cfg = config.train
     if cfg.batch_size % env.world:
         raise LoratError(f"train.batch_size {cfg.batch_size} is not divisible by {env.world} processes")
-    local_batch = cfg.batch_size // env.world
-    iters = cfg.samples_per_epoch // cfg.batch_size
-    total_steps = iters * cfg.epochs
-    device = env.device
-
-    sources = _sources(data, cfg, "train")
-    if not val_data and any(name == "got10k" for name, _, _ in data):
-        val_data = [(name, path, "val") for name, path, _ in data if name == "got10k"]
-    val_sources = _sources(val_data, cfg, "val") if val_data and cfg.val_samples > 0 else []
-    factors = (config.tracking.template_area_factor, config.tracking.search_area_factor)
-    train_set = PairDataset(sources, config.model, factors, cfg, cfg.samples_per_epoch, cfg.seed)
-    val_set = PairDataset(val_sources, config.model, factors, cfg, cfg.val_samples, cfg.seed + 1) \
-        if val_sources else None
-
     if config.model.backbone.stem != "patch" and cfg.finetune == "lora":
         raise LoratError(f"model.backbone.stem {config.model.backbone.stem} has no pretrained transformer "
                          f"to adapt: use train.finetune full")
+    if not val_data and any(name == "got10k" for name, _, _ in data):
+        val_data = [(name, path, "val") for name, path, _ in data if name == "got10k"]
+    val_sources = sources(val_data, cfg, "val") if val_data and cfg.val_samples > 0 else []
+    factors = (config.tracking.template_area_factor, config.tracking.search_area_factor)
+    train_set = PairDataset(sources(data, cfg, "train"), config.model, factors, cfg, cfg.samples_per_epoch, cfg.seed)
+    val_set = PairDataset(val_sources, config.model, factors, cfg, cfg.val_samples, cfg.seed + 1) \
+        if val_sources else None
+
+    device = env.device
     torch.manual_seed(cfg.seed)  # identical random init (backbone without weights, head, LoRA) everywhere
     model = build_training_model(config, backbone)
     if saved_args.get("init_weights") and state is None:
         _load_init_weights(model, config, Path(saved_args["init_weights"]))
     model.to(device)
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.warmup_lr,
-                                  betas=(0.9, 0.999), eps=1e-8)
-    amp = {"auto": torch.float16 if device.type == "cuda" else None, "float16": torch.float16,
-           "bfloat16": torch.bfloat16, "none": None}[cfg.amp]
+    optimizer = make_optimizer(model, cfg)
+    iters = cfg.samples_per_epoch // cfg.batch_size
+    scheduler = make_scheduler(optimizer, cfg, iters)
+    amp = torch.float16 if cfg.amp == "auto" and device.type == "cuda" else _AMP[cfg.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16 and device.type == "cuda")
+    net: torch.nn.Module = torch.compile(model) if cfg.compile else model
+    if env.world > 1:
+        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                      static_graph=True, bucket_cap_mb=100)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
     # state.pt holds every weight unless the frozen ones can be rebuilt from the backbone file alone
-    full_state = backbone is None or bool(saved_args.get("init_weights"))
-    step, skipped_total = 0, 0
+    run = _Run(config, env, out, model, net, optimizer, scheduler, scaler, autocast, train_set, val_set,
+               full_state=backbone is None or bool(saved_args.get("init_weights")))
     if state is not None:
-        _restore_state(state, model, optimizer, scaler, full_state, out / "state.pt")
-        step, skipped_total = int(state["step"]), int(state.get("skipped_images", 0))
+        restore_state(state, model, optimizer, scaler, run.full_state, out / "state.pt")
+        run.step, run.skipped = int(state["step"]), int(state.get("skipped_images", 0))
     if env.main:
         out.mkdir(parents=True, exist_ok=True)
         config_text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
@@ -600,102 +250,126 @@ def _train(config: Config, data, val_data, backbone, out: Path, env: _Dist, stat
             write_atomic(out / "config.yaml", lambda tmp: tmp.write_text(config_text))  # resume: keep its --set
         if state is None:
             write_atomic(out / "args.json", lambda tmp: tmp.write_text(json.dumps(saved_args, indent=2)))
-        _trim_log(out / "metrics.csv", step)  # rows logged after the last saved state (a kill)
-        _trim_log(out / "val.csv", step // iters)
+        trim_log(out / "metrics.csv", run.step)  # rows logged after the last saved state (a kill)
+        trim_log(out / "val.csv", run.step // iters)
     env.barrier()
+    return run
 
-    net: torch.nn.Module = model
-    if cfg.compile:
-        net = torch.compile(net)
-    if env.world > 1:
-        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
-                                      static_graph=True, bucket_cap_mb=100)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
 
-    def save_state() -> None:
-        _save_state(out / "state.pt", model, optimizer, scaler, step, config, full_state, skipped_total)
+def _end_epoch(run: _Run, epoch: int, validate: bool, resuming: bool = False) -> None:
+    """Checkpoint (when due), then state.pt, then validation. ``resuming``: the state is there,
+    write only what its epoch lacks (a kill after state.pt, a deleted folder, a stop by signal)."""
+    cfg, env, out = run.config.train, run.env, run.out
+    if env.main and checkpoint_due(cfg, epoch) and not (resuming and checkpoint_complete(out, epoch + 1, run.config)):
+        tqdm.write(f"checkpoint: {save_checkpoint(out, epoch + 1, run.model, run.config)}")
+    if env.main and not resuming:
+        run.save_state()
+    env.barrier()
+    if validate and run.val_set is not None and env.agree(epoch + 1 not in logged_epochs(out / "val.csv")):
+        _validate(run.net, run.val_set, env, cfg.batch_size // env.world, cfg.num_workers, run.autocast, out, epoch)
 
-    def end_epoch(epoch: int, validate: bool, resuming: bool = False) -> None:
-        """Checkpoint (when due), then state.pt, then validation. ``resuming``: the state is there,
-        write only what its epoch lacks (a kill after state.pt, a deleted folder, a stop by signal)."""
-        if env.main and _checkpoint_due(cfg, epoch) and not (resuming and _checkpoint_complete(out, epoch + 1, config)):
-            tqdm.write(f"checkpoint: {_save_checkpoint(out, epoch + 1, model, config)}")
-        if env.main and not resuming:
-            save_state()
-        env.barrier()
-        if validate and val_set is not None and env.agree(epoch + 1 not in _logged_epochs(out / "val.csv")):
-            _validate(net, val_set, env, local_batch, cfg.num_workers, autocast, out, epoch)
 
-    if state is not None and step and step % iters == 0:
-        end_epoch(step // iters - 1, validate=True, resuming=True)
+class _Log:
+    """``metrics.csv`` rows every ``every`` steps, and the progress bar's numbers (rank 0 only)."""
+
+    def __init__(self, path: Path, every: int, total: int):
+        self.file = open(path, "a", newline="")  # noqa: SIM115 (closed by close())
+        self.writer = csv.writer(self.file)
+        if self.file.tell() == 0:
+            self.writer.writerow(_METRICS_HEADER)
+        self.every, self.total, self.tick = every, total, time.perf_counter()
+
+    def write(self, run: _Run, epoch: int, lr: float, losses: dict[str, torch.Tensor], bar: tqdm) -> None:
+        now = time.perf_counter()
+        speed = run.config.train.batch_size / max(now - self.tick, 1e-9)
+        self.tick = now
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses['loss'].item():.3f}", lr=f"{lr:.2e}", sps=f"{speed:.1f}")
+        if run.step % self.every == 0 or run.step == self.total:
+            values = (f"{losses[k].item():.6f}" for k in ("loss", "cls", "reg"))
+            self.writer.writerow([run.step, epoch, f"{lr:.6e}", *values, f"{speed:.2f}", run.skipped])
+            self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _train(config: Config, data, val_data, backbone, out: Path, env: Distributed, state: dict[str, Any] | None,
+           args: argparse.Namespace, saved_args: dict) -> int:
+    """Set up, then epochs of steps with their bookkeeping, then the closing message; the exit code."""
+    run = _setup(config, data, val_data, backbone, out, env, state, saved_args)
+    cfg, iters = config.train, run.iters
+    total = iters * cfg.epochs
+    end = min(total, args.stop_after or total)
+    if state is not None and run.step and run.step % iters == 0:
+        _end_epoch(run, run.step // iters - 1, validate=True, resuming=True)
     stop = _StopFlag()
-    metrics = open(out / "metrics.csv", "a", newline="") if env.main else None  # noqa: SIM115
-    writer = csv.writer(metrics) if metrics else None
-    if writer and metrics.tell() == 0:
-        writer.writerow(["step", "epoch", "lr", "loss", "cls", "reg", "samples_per_s", "skipped_images"])
+    log = _Log(out / "metrics.csv", args.log_every, total) if env.main else None
     data_error: str | None = None
     try:
-        while step < min(total_steps, args.stop_after or total_steps):
-            epoch, position = divmod(step, iters)
-            train_set.set_epoch(epoch)
-            indices = [b * cfg.batch_size + env.rank * local_batch + i
-                       for b in range(position, iters) for i in range(local_batch)]
-            loader = _loader(train_set, indices, local_batch, cfg.num_workers, (cfg.seed, epoch))
-            net.train()
-            bar = tqdm(total=iters, initial=position, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it",
-                       disable=not env.main, dynamic_ncols=True)
-            tick = time.perf_counter()
-            with _batches(loader, quiet=True) as batches:
-                try:
-                    for batch in batches:
-                        lr = lr_for_step(step, cfg, iters)
-                        losses = _update(net, model, optimizer, scaler, batch, lr, env, autocast, cfg.grad_clip)
-                        step += 1
-                        skipped_total += int(batch["skipped"].sum())
-                        if env.main:
-                            now = time.perf_counter()
-                            speed = cfg.batch_size / max(now - tick, 1e-9)
-                            tick = now
-                            bar.update(1)
-                            bar.set_postfix(loss=f"{losses['loss'].item():.3f}", lr=f"{lr:.2e}", sps=f"{speed:.1f}")
-                            if step % args.log_every == 0 or step == total_steps:
-                                writer.writerow([step, epoch, f"{lr:.6e}", f"{losses['loss'].item():.6f}",
-                                                 f"{losses['cls'].item():.6f}", f"{losses['reg'].item():.6f}",
-                                                 f"{speed:.2f}", skipped_total])
-                                metrics.flush()
-                        if stop.signal is not None or (args.stop_after and step >= args.stop_after):
-                            break
-                except DatasetError as err:  # e.g. every image unreadable: stop here, keeping the steps done
-                    data_error = str(err)  # not the exception: its traceback holds the loader's workers
-            bar.close()
-            stopping = stop.signal is not None or bool(args.stop_after and step >= args.stop_after)
-            if step == (epoch + 1) * iters:  # the epoch is complete, even if we stop right here
-                end_epoch(epoch, validate=stop.signal is None)  # a signal asks to be quick: resume validates
-            if stopping or data_error is not None:
+        while run.step < end and data_error is None:
+            epoch = run.step // iters
+            data_error = _train_epoch(run, stop, log, args.stop_after)
+            if run.step == (epoch + 1) * iters:  # the epoch is complete, even if we stop right here
+                _end_epoch(run, epoch, validate=stop.signal is None)  # a signal asks to be quick: resume validates
+            if stop.signal is not None:
                 break
-        if env.main:
-            if step % iters:  # stopped mid-epoch (an epoch end has just been saved above)
-                save_state()
-            if skipped_total:
-                print(f"warning: {skipped_total} unreadable images were skipped")
+        if env.main and run.step % iters:  # stopped mid-epoch (an epoch end has just been saved above)
+            run.save_state()
+        if env.main and run.skipped:
+            print(f"warning: {run.skipped} unreadable images were skipped")
     finally:
         stop.restore()
-        if metrics:
-            metrics.close()
+        if log is not None:
+            log.close()
     env.barrier()
     if data_error is not None:
-        saved = f"; stopped at step {step}, resumable with --resume {out} once the data is fixed" if step else ""
-        raise LoratError(f"{data_error}{saved}")
+        if run.step:
+            data_error += f"; stopped at step {run.step}, resumable with --resume {out} once the data is fixed"
+        raise LoratError(data_error)
     if stop.signal is not None:
         if env.main:
-            print(f"stopped at step {step}; resumable state in {out / 'state.pt'}; continue with --resume {out}")
+            print(f"stopped at step {run.step}; resumable state in {out / 'state.pt'}; continue with --resume {out}")
         return 130 if stop.signal == signal.SIGINT else 143
     if env.main:
-        print(f"{'finished' if step >= total_steps else 'paused'} at step {step}/{total_steps}; outputs in {out}")
+        print(f"{'finished' if run.step >= total else 'paused'} at step {run.step}/{total}; outputs in {out}")
     return 0
 
 
-def _validate(net, val_set: PairDataset, env: _Dist, local_batch: int, workers: int, autocast, out: Path,
+def _train_epoch(run: _Run, stop: _StopFlag, log: _Log | None, stop_after: int | None) -> str | None:
+    """Train from ``run.step`` to the end of its epoch, or until a stop; returns a data error, if any."""
+    cfg, env = run.config.train, run.env
+    epoch, position = divmod(run.step, run.iters)
+    local = cfg.batch_size // env.world
+    run.train_set.set_epoch(epoch)
+    indices = [b * cfg.batch_size + env.rank * local + i for b in range(position, run.iters) for i in range(local)]
+    run.net.train()
+    bar = tqdm(total=run.iters, initial=position, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it",
+               disable=not env.main, dynamic_ncols=True)
+    if log is not None:
+        log.tick = time.perf_counter()
+    with bar, batches(loader(run.train_set, indices, local, cfg.num_workers, (cfg.seed, epoch)), quiet=True) as stream:
+        try:
+            for batch in stream:
+                # the step (timm's scheduler is stepped after each update: steps 0 and 1 share the first lr)
+                run.scheduler.step_update(max(run.step - 1, 0))
+                lr = run.optimizer.param_groups[0]["lr"]
+                batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
+                num_pos = env.mean(batch["positive"].sum().float())
+                losses = update(run.net, run.optimizer, run.scaler, batch, num_pos, run.autocast, cfg.grad_clip)
+                run.step += 1
+                run.skipped += int(batch["skipped"].sum())
+                # bookkeeping
+                if log is not None:
+                    log.write(run, epoch, lr, losses, bar)
+                if stop.signal is not None or (stop_after and run.step >= stop_after):
+                    break
+        except DatasetError as err:  # e.g. every image unreadable: stop here, keeping the steps done
+            return str(err)  # not the exception: its traceback holds the loader's workers
+    return None
+
+
+def _validate(net, val_set: PairDataset, env: Distributed, local_batch: int, workers: int, autocast, out: Path,
               epoch: int) -> None:
     """Mean loss over the fixed validation pairs (eval mode), written to val.csv."""
     val_set.set_epoch(0)  # the same pairs every epoch
@@ -703,8 +377,8 @@ def _validate(net, val_set: PairDataset, env: _Dist, local_batch: int, workers: 
     per_rank = [i for i in range(n) if i % env.world == env.rank]
     net.eval()
     sums = torch.zeros(3, device=env.device)
-    with torch.no_grad(), _batches(_loader(val_set, per_rank, local_batch, workers, (val_set.seed, 0))) as batches:
-        for batch in batches:
+    with torch.no_grad(), batches(loader(val_set, per_rank, local_batch, workers, (val_set.seed, 0))) as stream:
+        for batch in stream:
             batch = {k: v.to(env.device) for k, v in batch.items()}
             with autocast():
                 losses = lorat_loss(net(batch["z"], batch["x"], batch["z_feat_mask"]), batch["target_box"],

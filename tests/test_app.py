@@ -95,7 +95,7 @@ def _expected_boxes(weights, clip, box):
         if not ok:
             break
         frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-    return np.array([r.box for r in tracker.track_video(frames, box)])
+    return np.array([r.targets[0].box for r in tracker.stream(frames, box)])
 
 
 def _assert_video_plays(page, selector: str) -> None:

@@ -150,14 +150,14 @@ def test_the_app_deletes_gradios_cached_files(app, tmp_path):
 
 def test_an_undecodable_frame_keeps_line_k_for_frame_k(app):
     """A video frame that cannot be decoded repeats the previous boxes with score 0 and the last picture."""
-    from lorat import TrackResult
+    import lorat
+    from lorat.runtime import DEFAULT_WEIGHTS
 
-    class Tracker:
-        def init(self, frame, boxes):
-            return [TrackResult(tuple(boxes[0]), 1.0)]
+    from .helpers import textured_clip
 
-        def track_all(self, frame):
-            return [TrackResult((float(frame[0, 0, 0]), 1.0, 5.0, 5.0), 0.9)]
+    frames, boxes = textured_clip(4, (160, 128))
+    source = type("Source", (), {"frame_count": 4, "__iter__": lambda self: iter(
+        [(0, frames[0]), (1, frames[1]), (2, None), (3, frames[3])])})()
 
     class Writer:
         frames: list = []
@@ -165,12 +165,29 @@ def test_an_undecodable_frame_keeps_line_k_for_frame_k(app):
         def write(self, frame):
             self.frames.append(frame)
 
-    frames = [np.full((8, 8, 3), v, np.uint8) for v in (0, 1, 2, 3)]
-    source = type("Source", (), {"frame_count": 4, "__iter__": lambda self: iter(
-        [(0, frames[0]), (1, frames[1]), (2, None), (3, frames[3])])})()
     writer = Writer()
-    rows, scores = app._track_frames(Tracker(), source, [[0.0, 0.0, 4.0, 4.0]], writer, 0.3, 100, lambda *a, **k: None)
+    tracker = lorat.Tracker.from_pretrained(DEFAULT_WEIGHTS, device="cpu")
+    rows, scores = app._track_frames(tracker, source, [list(boxes[0])], writer, 0.3, 100, lambda *a, **k: None)
     assert [r[0] for r in rows] == [1, 2, 3, 4]
-    assert rows[2][2:] == (1.0, 1.0, 5.0, 5.0, 0.0) and rows[3][2] == 3.0
-    assert [s[0] for s in scores] == [1.0, 0.9, 0.0, 0.9]
+    assert rows[2][2:6] == rows[1][2:6] and rows[2][6] == 0.0 and rows[1][6] > 0
+    assert rows[3][6] > 0 and scores[0] == [1.0]
     assert len(writer.frames) == 4 and writer.frames[2] is writer.frames[1]
+    expected = [r for r in lorat.Tracker.from_pretrained(DEFAULT_WEIGHTS, device="cpu").stream(
+        [frames[0], frames[1], None, frames[3]], boxes[0])]
+    assert [tuple(r[2:6]) for r in rows] == [tuple(r.targets[0].box) for r in expected]
+
+
+def test_each_request_keeps_the_dtype_the_model_was_loaded_with(app, monkeypatch):
+    """The app must run float16 on CUDA as the CLI does: its per-request trackers keep the loaded dtype."""
+    import torch
+
+    import lorat
+    from lorat.runtime import DEFAULT_WEIGHTS
+
+    loaded = lorat.Tracker.from_pretrained(DEFAULT_WEIGHTS, device="cpu", dtype="bfloat16")
+    calls = []
+    monkeypatch.setattr(lorat.Tracker, "from_pretrained", lambda path, device: calls.append(path) or loaded)
+    models = app.Models([str(DEFAULT_WEIGHTS)], "cpu")
+    first, second = models.tracker(models.names[0]), models.tracker(models.names[0])
+    assert first.dtype == second.dtype == torch.bfloat16 and len(calls) == 1
+    assert first is not second and first.model is second.model is loaded.model

@@ -49,7 +49,7 @@ def test_several_targets_one_file_each(tmp_path):
     for k in (1, 2):
         assert len((tmp_path / f"run_{k}.txt").read_text().splitlines()) == 5
         assert len((tmp_path / f"run_{k}_scores.txt").read_text().splitlines()) == 5
-    assert (tmp_path / "run_2.txt").read_text().startswith("150.0000\t100.0000\t30.0000\t30.0000")
+    assert (tmp_path / "run_2.txt").read_text().startswith("150.000\t100.000\t30.000\t30.000")
 
 
 def test_corrupt_frame_in_the_middle_keeps_every_line(tmp_path, capsys):
@@ -284,8 +284,8 @@ def test_negative_init_coordinates_are_accepted(tmp_path, short_sources):
     out = tmp_path / "o.txt"
     assert main([str(short_sources["folder"]), *MODEL_ARGS, "--init", "-5,10,50,50", "--init", "-8 20 40 40",
                  "--save-txt", str(out), "--max-frames", "2"]) == 0
-    assert (tmp_path / "o_1.txt").read_text().startswith("0.0000\t10.0000\t45.0000\t50.0000")
-    assert (tmp_path / "o_2.txt").read_text().startswith("0.0000\t20.0000\t32.0000\t40.0000")
+    assert (tmp_path / "o_1.txt").read_text().startswith("0.000\t10.000\t45.000\t50.000")
+    assert (tmp_path / "o_2.txt").read_text().startswith("0.000\t20.000\t32.000\t40.000")
 
 
 def test_save_txt_writes_exactly_the_path_given(tmp_path, short_sources):

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from lorat.boxes import box_iou, clip_xyxy, rasterize, xywh_to_xyxy, xyxy_to_xywh
-from lorat.crop import box_from_crop, box_to_crop, crop_frames, nominal_crop_params
-from lorat.tracker import template_mask
+from lorat.crop import box_from_crop, box_to_crop, crop_frames, nominal_crop_params, template_mask
 
 from . import reference
 

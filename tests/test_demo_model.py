@@ -8,8 +8,9 @@ import numpy as np
 import torch
 
 from lorat.boxes import box_iou, xywh_to_xyxy
-from lorat.checkpoint import DEFAULT_WEIGHTS, load_model
+from lorat.checkpoint import load_model
 from lorat.data.sequences import read_boxes
+from lorat.runtime import DEFAULT_WEIGHTS
 from lorat.tracker import Tracker
 from lorat.video import open_source
 

@@ -68,7 +68,7 @@ def test_batched_runner_equals_single_tracker(setup, tmp_path):
     gt = np.loadtxt(seq / "groundtruth.txt", delimiter=",")
     frames = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted((seq / "img").glob("*.jpg"))]
     init = gt[0] - [1, 1, 0, 0]
-    single = np.array([r.box for r in tracker.track_video(frames, init)]) + [1, 1, 0, 0]
+    single = np.array([r.targets[0].box for r in tracker.stream(frames, init)]) + [1, 1, 0, 0]
     batched = np.loadtxt(tmp_path / "lasot" / "debug" / "synthetic-2.txt")
     np.testing.assert_allclose(batched, single, atol=2e-3)
 

@@ -9,7 +9,8 @@ from lorat.checkpoint import build_lorat, load_model
 from lorat.config import config_from_dict
 from lorat.errors import LoratError
 from lorat.lora import merge_lora
-from lorat.tracker import Tracker, TrackState, init_state, resolve_device, to_frame_tensor, track_step
+from lorat.runtime import resolve_device
+from lorat.tracker import Tracker, TrackState, init_state, to_frame_tensor, track_step
 
 from . import reference
 from .helpers import bright_spot_model, textured_clip, write_dinov2
@@ -24,7 +25,7 @@ def test_official_fixture_sequence(tiny_dir, tiny_config, tiny_files):
     model, cfg = load_model(tiny_files["trainable"], tiny_config, tiny_files["backbone"])
     tracker = Tracker(model, cfg)
     init = [float(v) for v in (tiny_dir / "init_box.txt").read_text().split(",")]
-    results = list(tracker.track_video(_fixture_frames(tiny_dir), init))
+    results = [r.targets[0] for r in tracker.stream(_fixture_frames(tiny_dir), init)]
     boxes = np.array([r.box for r in results])
     scores = np.array([r.score for r in results])
     np.testing.assert_allclose(boxes, np.loadtxt(tiny_dir / "expected_boxes.txt"), atol=0.05, rtol=0)
@@ -47,7 +48,7 @@ def _random_tracker_model(tmp_path, **model):
 def test_matches_literal_reference_on_other_grids(tmp_path, spec):
     model, cfg = _random_tracker_model(tmp_path, **spec)
     frames, boxes = textured_clip(8)
-    ours = list(Tracker(model, cfg).track_video(frames, boxes[0]))
+    ours = [r.targets[0] for r in Tracker(model, cfg).stream(frames, boxes[0])]
     ref_boxes, ref_scores = reference.track(model, cfg, frames, boxes[0])
     np.testing.assert_allclose(np.array([r.box for r in ours]), ref_boxes, atol=0.05, rtol=0)
     np.testing.assert_allclose(np.array([r.score for r in ours]), ref_scores, atol=1e-4, rtol=0)
@@ -106,12 +107,36 @@ def test_assignment_keeps_look_alikes_apart():
     assert final[True] == ["a", "b"]  # with assignment each keeps its own object
 
 
-def test_single_target_is_unaffected_by_assignment(tmp_path):
+def test_assignment_leaves_targets_that_do_not_compete_alone():
+    """Two different objects far apart: with assignment on, each target gets exactly the boxes a
+    tracker of its own gives (assignment only acts when targets compete for one peak)."""
+    cfg = config_from_dict({"model": {"backbone": {"embed_dim": 8, "depth": 1, "num_heads": 2}}})
+    model = bright_spot_model(cfg)
+    frames = []
+    for t in range(6):
+        frame = np.zeros((240, 320, 3), np.uint8)
+        frame[60 + 2 * t:80 + 2 * t, 40 + 3 * t:60 + 3 * t] = 250  # A, bright
+        frame[150 - t:175 - t, 230 - 2 * t:260 - 2 * t] = 120      # B, dimmer and larger
+        frames.append(frame)
+    a, b = (40, 60, 20, 20), (230, 150, 30, 25)
+    together = [r.targets for r in Tracker(model, cfg, assignment=True).stream(frames, [a, b])]
+    alone_a = [r.targets[0] for r in Tracker(model, cfg).stream(frames, a)]
+    alone_b = [r.targets[0] for r in Tracker(model, cfg).stream(frames, b)]
+    assert [t[0].box for t in together] == [r.box for r in alone_a]
+    assert [t[1].box for t in together] == [r.box for r in alone_b]
+    assert alone_a[-1].box != alone_a[0].box  # it did move
+
+
+def test_stream_repeats_boxes_on_unreadable_frames_and_keeps_the_state(tmp_path):
     model, cfg = _random_tracker_model(tmp_path)
     frames, boxes = textured_clip(5)
-    on = [r.box for r in Tracker(model, cfg, assignment=True).track_video(frames, boxes[0])]
-    off = [r.box for r in Tracker(model, cfg, assignment=False).track_video(frames, boxes[0])]
-    assert on == off
+    full = [r.targets[0] for r in Tracker(model, cfg).stream(frames, boxes[0])]
+    holed = list(Tracker(model, cfg).stream([frames[0], frames[1], None, frames[2], frames[3]], boxes[0]))
+    assert [r.index for r in holed] == [0, 1, 2, 3, 4] and holed[2].frame is None
+    assert holed[2].targets[0].box == full[1].box and holed[2].targets[0].score == 0.0
+    assert [r.targets[0].box for r in holed[3:]] == [r.box for r in full[2:4]]  # the hole changed nothing
+    with pytest.raises(LoratError, match="first frame"):
+        next(Tracker(model, cfg).stream([None, frames[1]], boxes[0]))
 
 
 def test_target_leaving_the_frame():
@@ -124,7 +149,7 @@ def test_target_leaving_the_frame():
         if x < 160:
             f[50:70, x:min(x + 20, 160)] = 255
         frames.append(f)
-    results = list(tracker.track_video(frames, (120, 50, 20, 20)))
+    results = [r.targets[0] for r in tracker.stream(frames, (120, 50, 20, 20))]
     for r in results:  # always inside the frame, never NaN
         x, y, w, h = r.box
         assert np.isfinite(r.box).all() and x >= 0 and y >= 0 and x + w <= 160 + 1e-6 and y + h <= 120 + 1e-6
@@ -175,9 +200,9 @@ def test_bad_devices(device, message):
 def test_frame_formats_agree(tmp_path):
     model, cfg = _random_tracker_model(tmp_path)
     frames, boxes = textured_clip(3)
-    expected = [r.box for r in Tracker(model, cfg).track_video(frames, boxes[0])]
+    expected = [r.targets[0].box for r in Tracker(model, cfg).stream(frames, boxes[0])]
     as_chw = [torch.from_numpy(f).permute(2, 0, 1) for f in frames]
-    assert [r.box for r in Tracker(model, cfg).track_video(as_chw, boxes[0])] == expected
+    assert [r.targets[0].box for r in Tracker(model, cfg).stream(as_chw, boxes[0])] == expected
     with pytest.raises(LoratError, match="HxWx3"):
         Tracker(model, cfg).init(np.zeros((10, 10)), (1, 1, 2, 2))
     with pytest.raises(LoratError, match="init"):
@@ -196,7 +221,7 @@ def test_gpu_tracking_matches_cpu(tiny_dir, tiny_config, tiny_files, monkeypatch
     expected = np.loadtxt(tiny_dir / "expected_boxes.txt")
     gpu = Tracker.from_pretrained(tiny_files["trainable"], tiny_config, tiny_files["backbone"], device="cuda",
                                   dtype="float32")
-    boxes = np.array([r.box for r in gpu.track_video(frames, init)])
+    boxes = np.array([r.targets[0].box for r in gpu.stream(frames, init)])
     np.testing.assert_allclose(boxes, expected, atol=0.05, rtol=0)
     ref = load_file(tiny_files["forward"])
     for dtype in (torch.float16, torch.bfloat16):  # mixed precision: the model outputs stay close

@@ -17,7 +17,8 @@ from lorat.data.pairs import PairDataset, Source, epoch_picker, jittered_search_
 from lorat.data.sequences import DatasetError, read_dataset
 from lorat.errors import run_cli
 from lorat.loss import iou_and_giou, lorat_loss
-from lorat.train import learning_rate, lr_for_step, main, parameter_groups
+from lorat.optim import learning_rate, lr_for_step, parameter_groups
+from lorat.train import main
 
 from .conftest import ROOT
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import lorat.optim as optim
 import lorat.train as train
 from lorat.config import TrainConfig, load_config
 from lorat.data.pairs import PairDataset, Source, UnusableDataError
@@ -101,7 +102,7 @@ def assert_same_run(expected: Path, got: Path) -> None:
 def _train_calls(monkeypatch, action) -> None:
     """Run ``action(n)`` inside the loss of the n-th training step (1-based; validation not counted)."""
     calls = {"n": 0}
-    loss = train.lorat_loss
+    loss = optim.lorat_loss
 
     def wrapped(*args, **kwargs):
         if torch.is_grad_enabled():
@@ -109,7 +110,7 @@ def _train_calls(monkeypatch, action) -> None:
             action(calls["n"])
         return loss(*args, **kwargs)
 
-    monkeypatch.setattr(train, "lorat_loss", wrapped)
+    monkeypatch.setattr(optim, "lorat_loss", wrapped)
 
 
 # ----------------------------------------------------------------------------- stops and kills
@@ -146,14 +147,14 @@ def test_sigint_then_resume_is_bit_exact(synthetic, reference, tmp_path, monkeyp
 
 def test_kill_after_the_final_step_before_its_checkpoint(synthetic, reference, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    save = train._save_checkpoint
+    save = train.save_checkpoint
 
     def killed_at_the_end(out, epoch, *args, **kwargs):
         if epoch == 2:
             raise _Killed
         return save(out, epoch, *args, **kwargs)
 
-    monkeypatch.setattr(train, "_save_checkpoint", killed_at_the_end)
+    monkeypatch.setattr(train, "save_checkpoint", killed_at_the_end)
     with pytest.raises(_Killed):
         run_cli(main, _recipe(synthetic, "--output", str(run)))
     monkeypatch.undo()

@@ -244,7 +244,7 @@ def _draw(frame: np.ndarray, actor: _Actor, t: int, previous: np.ndarray | None
 
 
 def make_clip(rng: np.random.Generator, frames: int, targets: Sequence[Cutout], others: Sequence[Cutout],
-              photos: Sequence[np.ndarray], size: tuple[int, int] | None = None
+              photos: Sequence[np.ndarray], size: tuple[int, int] | None = None, arm_odds: float = 0.6
               ) -> Iterator[tuple[np.ndarray, tuple[int, int, int, int] | None, bool]]:
     """Yield ``(frame_rgb, box, fully_occluded)`` for one clip; ``box`` is 0-based ``(x, y, w, h)``
     of the target's visible mask, or None when the target is out of the frame.
@@ -254,6 +254,7 @@ def make_clip(rng: np.random.Generator, frames: int, targets: Sequence[Cutout], 
         others: cut-outs for distractors (anything).
         photos: RGB photographs for backgrounds.
         size: (W, H); default one of :data:`SIZES`.
+        arm_odds: probability of a forearm holding (65 %) or crossing the target.
     """
     W, H = size or SIZES[int(rng.choice(len(SIZES), p=SIZE_ODDS))]
     # camera: a larger background seen through a moving, shaking, zooming window
@@ -280,7 +281,7 @@ def make_clip(rng: np.random.Generator, frames: int, targets: Sequence[Cutout], 
                             rng.random() < 0.4))  # in front of the target?
     # a forearm holding the target (it follows it) or crossing the frame
     arm = None
-    if rng.random() < 0.6:
+    if rng.random() < arm_odds:
         width = int(np.clip(long_side * rng.uniform(0.3, 0.55), 10, None))
         arm = (_arm(rng, int(max(W, H) * 1.2), width), rng.random() < 0.65, rng.uniform(-60, 60),
                rng.uniform(0.2, 0.45), int(rng.integers(0, max(1, frames))))
@@ -333,15 +334,15 @@ def make_clip(rng: np.random.Generator, frames: int, targets: Sequence[Cutout], 
 
 
 def write_dataset(out: Path, sequences: int, frames: int, targets: Sequence[Cutout], others: Sequence[Cutout],
-                  photos: Sequence[np.ndarray], seed: int = 0, category: str = "cutout", progress: bool = True
-                  ) -> list[Path]:
+                  photos: Sequence[np.ndarray], seed: int = 0, category: str = "cutout", progress: bool = True,
+                  arm_odds: float = 0.6) -> list[Path]:
     """Write ``sequences`` clips in the LaSOT layout (1-based ``groundtruth.txt``; absent: ``0,0,0,0``
     with ``out_of_view`` 1). JPEG quality varies by clip (40-92). Returns the clip folders."""
     folders = []
     for k in tqdm(range(1, sequences + 1), desc="clips", unit="clip", disable=not progress):
         rng = np.random.default_rng([seed, k])
         quality = int(rng.uniform(40, 92))
-        clip = make_clip(rng, frames, targets, others, photos)
+        clip = make_clip(rng, frames, targets, others, photos, arm_odds=arm_odds)
         folders.append(write_clip(out / category / f"{category}-{k}", clip, quality))
     return folders
 
@@ -362,9 +363,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="share of the photographic cut-outs kept out of training clips (by name; default 0.1)")
     parser.add_argument("--use", choices=("train", "heldout"), default="train",
                         help="draw targets from the training or the held-out cut-outs")
+    parser.add_argument("--arm-odds", type=float, default=0.6, metavar="P",
+                        help="probability that a forearm holds or crosses the target (default 0.6)")
     args = parser.parse_args(argv)
     if args.sequences < 1 or args.frames < 1:
         raise LoratError("--sequences and --frames must be at least 1")
+    if not 0 <= args.arm_odds <= 1:
+        raise LoratError(f"--arm-odds must be in [0, 1], got {args.arm_odds}")
     if not 0 <= args.holdout < 1:
         raise LoratError(f"--holdout must be in [0, 1), got {args.holdout}")
     cutouts = load_cutouts(args.stamps)
@@ -374,7 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise LoratError(f"no photographic cut-out for --use {args.use} among {len(cutouts)} in {args.stamps}")
     others = [c for c in cutouts if not (c.photo and held_out(c.name, args.holdout))]
     photos = load_photos(args.photos) if args.photos else []
-    write_dataset(args.out, args.sequences, args.frames, targets, others, photos, args.seed, args.category)
+    write_dataset(args.out, args.sequences, args.frames, targets, others, photos, args.seed, args.category,
+                  arm_odds=args.arm_odds)
     print(f"wrote {args.sequences} clips of {args.frames} frames to {args.out} "
           f"({len(targets)} target cut-outs, {len(others)} distractors, {len(photos)} photos)")
     return 0

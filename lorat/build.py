@@ -1,0 +1,142 @@
+"""Building LoRAT models: random, with a pretrained backbone, with LoRA, or from a whole state dict.
+
+Every file is read and checked (:mod:`lorat.fit`) before the model takes memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorat.config import Config, LoraConfig, ModelConfig
+from lorat.convert import DINOV2_FILES, dinov2_to_lorat, official_to_peft_keys
+from lorat.errors import WeightsError
+from lorat.fit import check_fit, check_size, expected_shapes
+from lorat.lora import add_lora
+from lorat.model import LoRAT, sincos_pos_embed
+from lorat.stem import imagenet_stem_weights
+from lorat.weight_files import detect_format, read_weights
+
+__all__ = ["build_lorat", "build_training_model", "build_loaded", "load_backbone", "load_official_trainable"]
+
+
+def build_loaded(cfg: ModelConfig, given: Mapping[str, torch.Tensor], path: Path, what: str,
+                  original: Mapping[str, torch.Tensor], lora: LoraConfig | None = None) -> LoRAT:
+    """Check a whole-model state dict against the config (size, then names and shapes) before
+    allocating the model; then build it (with adapters if ``lora``) and load the weights."""
+    check_size(cfg, original, path, full=True)
+    check_fit(given, expected_shapes(cfg, lora), path, cfg.variant, what, original)
+    model = LoRAT(cfg)
+    if lora is not None:
+        add_lora(model, lora)
+    load_checked(model, given, None, path, what, original)
+    return model
+
+
+def load_checked(model: nn.Module, given: Mapping[str, torch.Tensor], keys: list[str] | None,
+                  path: Path, what: str, original: Mapping[str, torch.Tensor]) -> None:
+    """Load ``given`` into ``model``; it must provide exactly ``keys`` (default: all)."""
+    state = model.state_dict()
+    expected = {k: state[k].shape for k in (keys if keys is not None else state)}
+    check_fit(given, expected, path, model.cfg.variant, what, original)
+    with torch.no_grad():
+        for k, value in given.items():
+            state[k].copy_(value.to(state[k].dtype))
+
+
+def _read_backbone(cfg: ModelConfig, path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """Read a backbone file and check it is the kind ``cfg``'s stem needs (and, for DINOv2, that
+    the file could fill the configured model) before any model is built. Returns (state dict, format)."""
+    sd, meta = read_weights(path)
+    fmt = detect_format(sd, meta)
+    if cfg.backbone.stem == "mobilenetv2":
+        if fmt != "mobilenetv2":
+            raise WeightsError(f"{path}: model {cfg.variant} has a mobilenetv2 stem and needs "
+                               f"torchvision's ImageNet MobileNetV2 state dict, found a {fmt} file")
+        return sd, fmt
+    if fmt != "dinov2":
+        raise WeightsError(
+            f"{path}: expected a DINOv2 backbone file ({DINOV2_FILES.get(cfg.backbone.embed_dim)}"
+            f" or timm's DINOv2 safetensors), found a {fmt} file"
+        )
+    check_size(cfg, sd, path, full=True)
+    return sd, fmt
+
+
+def _load_backbone_weights(model: LoRAT, sd: Mapping[str, torch.Tensor], fmt: str, path: Path) -> None:
+    """Copy a backbone state dict checked by :func:`_read_backbone` into ``model``."""
+    if fmt == "mobilenetv2":
+        keys = [k for k in model.state_dict() if k.startswith("patch_embed.features.")]
+        try:
+            stem = imagenet_stem_weights(sd)
+        except KeyError as err:
+            raise WeightsError(f"{path}: not a complete torchvision MobileNetV2 state dict (no {err.args[0]!r} "
+                               f"among its features.* tensors)") from None
+        load_checked(model, stem, keys, path, "MobileNetV2 stem", sd)
+        return
+    keys = [k for k in model.state_dict() if k != "token_type_embed" and not k.startswith("head.")]
+    load_checked(model, dinov2_to_lorat(sd, model, path), keys, path, "DINOv2 backbone", sd)
+
+
+def load_backbone(model: LoRAT, path: str | Path) -> None:
+    """Load pretrained backbone weights into a plain (not yet LoRA) model, in place.
+
+    A ``patch``-stem model takes a DINOv2 file (official or timm); a ``mobilenetv2``-stem model
+    takes torchvision's ImageNet MobileNetV2 state dict (its first 14 feature blocks).
+    """
+    path = Path(path)
+    _load_backbone_weights(model, *_read_backbone(model.cfg, path), path)
+
+
+def load_official_trainable(model: LoRAT, sd: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Load an official trainable-only checkpoint into a LoRA model (see :func:`add_lora`)."""
+    keys = [n for n, p in model.named_parameters() if p.requires_grad]
+    load_checked(model, official_to_peft_keys(sd), keys, path, "official LoRAT checkpoint", sd)
+
+
+def build_lorat(cfg: ModelConfig, backbone_weights: str | Path | None = None, lora: bool = True,
+                device: torch.device | str | None = None) -> LoRAT:
+    """Build the training model: LoRAT, DINOv2 weights loaded (if given), LoRA added.
+
+    Args:
+        cfg: model config.
+        backbone_weights: DINOv2 file (MobileNetV2 for a ``mobilenetv2`` stem); without it the
+            backbone is randomly initialised. Whenever no DINOv2 grid fills ``pos_embed``, it
+            starts as a fixed 2-D sine-cosine grid (trainable with ``finetune: full``).
+        lora: add peft LoRA adapters and freeze the backbone (the official training build).
+        device: where to allocate; ``"meta"`` builds without memory (parameter counting).
+    """
+    backbone = None
+    if backbone_weights is not None:  # read and checked before the model takes any memory
+        backbone = (*_read_backbone(cfg, Path(backbone_weights)), Path(backbone_weights))
+    with torch.device(device) if device is not None else nullcontext():
+        model = LoRAT(cfg)
+    if backbone is not None:
+        _load_backbone_weights(model, *backbone)
+    if backbone_weights is None or cfg.backbone.stem != "patch":
+        with torch.no_grad():
+            model.pos_embed.copy_(sincos_pos_embed(model.search_grid, cfg.backbone.embed_dim))
+    if lora:
+        with torch.device(device) if device is not None else nullcontext():
+            add_lora(model, cfg.lora)
+    return model
+
+
+def build_training_model(config: Config, backbone_weights: str | Path | None = None,
+                         device: torch.device | str | None = None) -> LoRAT:
+    """The model as ``train.finetune`` trains it, with ``requires_grad`` set accordingly.
+
+    ``lora``: :func:`build_lorat` with adapters (only they, the token-type embedding and the head
+    train). ``full``: every weight trains, except the pretrained part of a ``mobilenetv2`` stem
+    when ``train.freeze_stem`` is set.
+    """
+    tr = config.train
+    model = build_lorat(config.model, backbone_weights, lora=tr.finetune == "lora", device=device)
+    if tr.finetune == "full":
+        for name, p in model.named_parameters():
+            p.requires_grad_(not (tr.freeze_stem and name.startswith("patch_embed.features.")))
+    return model

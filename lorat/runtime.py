@@ -1,0 +1,162 @@
+"""Where and how the code runs: device and dtype choice, torchrun processes, the default weights.
+
+Used by every command (track, evaluate, train, bench, app); nothing here tracks or trains.
+Errors talk about values ("unknown device 'gpu'"); the commands name their own flags.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from lorat.errors import LoratError, WeightsError
+
+__all__ = ["resolve_device", "resolve_dtype", "dtype_name", "Distributed", "DEFAULT_WEIGHTS", "default_weights",
+           "default_weights_notice"]
+
+# The bundled demo model (weights/README.md); LORAT_WEIGHTS overrides it.
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "lorat_demo.safetensors"
+WEIGHTS_VARIABLE = "LORAT_WEIGHTS"
+_DTYPES = {"float32": None, "fp32": None, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps and mps.is_available())
+
+
+def resolve_device(device: str | torch.device | None, types: tuple[str, ...] = ("cpu", "cuda", "mps")
+                   ) -> torch.device:
+    """``"auto"``/None -> CUDA if present, then MPS, else CPU; otherwise as given, checked to exist here.
+
+    Args:
+        types: the device types the caller supports (training: cpu and cuda).
+
+    Raises:
+        LoratError: not a device name, a type outside ``types``, or a device this machine lacks.
+    """
+    names = ", ".join(["auto", *(t + (", cuda:N" if t == "cuda" else "") for t in types)])
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available() and "cuda" in types:
+            return torch.device("cuda")
+        if _mps_available() and "mps" in types:
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise LoratError(f"unknown device {str(device)!r}; use {names}") from None
+    if dev.type not in types:
+        raise LoratError(f"unsupported device {str(device)!r}; use {names}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LoratError(f"device {str(device)!r} requested but CUDA is not available on this machine")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise LoratError(f"device {str(device)!r} does not exist: this machine has {count} CUDA device(s) "
+                             f"(cuda:0 to cuda:{count - 1})")
+    if dev.type == "mps" and not _mps_available():
+        raise LoratError(f"device {str(device)!r} requested but MPS is not available on this machine "
+                         "(it needs Apple silicon and a PyTorch build with MPS)")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype: ``"auto"`` -> float16 on CUDA (official inference), None (float32) elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return None if dtype == torch.float32 else dtype
+    if dtype in (None, "auto"):
+        return torch.float16 if device.type == "cuda" else None
+    if dtype not in _DTYPES:
+        raise LoratError(f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16")
+    if _DTYPES[dtype] == torch.float16 and device.type == "cpu":
+        raise LoratError("float16 autocast is not supported on the CPU; use float32 or bfloat16")
+    return _DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    """``None`` -> ``"float32"``, ``torch.float16`` -> ``"float16"``."""
+    return "float32" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+class Distributed:
+    """This process's place in a torchrun job (or a job of one): rank, world size, its device.
+
+    Under torchrun on CUDA each process takes ``cuda:LOCAL_RANK``; the process group is NCCL on
+    CUDA and Gloo on the CPU. Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, device: str | torch.device | None = "auto", types: tuple[str, ...] = ("cpu", "cuda", "mps")):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = resolve_device(device, types)
+        if self.device.type == "cuda":
+            if self.world > 1:
+                self.device = resolve_device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}", types)
+            torch.cuda.set_device(self.device)
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        """True on rank 0, which alone prints, writes shared files and reads run folders."""
+        return self.rank == 0
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of ``value`` over all processes."""
+        if self.world > 1:
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= self.world
+        return value
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's ``flag`` on every rank."""
+        if self.world == 1:
+            return flag
+        value = torch.tensor([int(flag)], device=self.device)
+        dist.broadcast(value, 0)
+        return bool(value.item())
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def __enter__(self) -> Distributed:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def default_weights(option: str = "") -> Path:
+    """The weights used when none are given: ``$LORAT_WEIGHTS`` or the bundled demo model.
+
+    Args:
+        option: how the calling command takes a weight file (``"--weights"``), for the message.
+
+    Raises:
+        WeightsError: neither exists.
+    """
+    env = os.environ.get(WEIGHTS_VARIABLE)
+    path = Path(env) if env else DEFAULT_WEIGHTS
+    if not path.is_file():
+        where = WEIGHTS_VARIABLE if env else "the bundled demo model"
+        raise WeightsError(f"no weights given and {where} {path} is missing; "
+                           f"{f'pass {option} FILE' if option else 'give a weight file'} (see weights/README.md)")
+    return path
+
+
+def default_weights_notice(path: Path) -> str:
+    """The line a command prints when :func:`default_weights` chose ``path``."""
+    if os.environ.get(WEIGHTS_VARIABLE):
+        return f"using {WEIGHTS_VARIABLE}={path}"
+    return f"using the bundled demo model {path} (a small model, not the paper's; see README)"

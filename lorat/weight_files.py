@@ -1,0 +1,178 @@
+"""Weight files on disk: reading them safely, naming their format, writing byte-stable safetensors.
+
+The formats (LORAT_SPEC section 2.4 and Appendix A) are listed in :mod:`lorat.checkpoint`.
+Files are read with safetensors or ``torch.load(weights_only=True)``; nothing is unpickled
+freely, and tensors holding NaN or inf are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lorat.errors import WeightsError, listed
+from lorat.files import write_atomic
+
+__all__ = ["CONFIG_KEY", "FORMAT_KEY", "FORMAT_VERSION", "read_weights", "detect_format", "save_safetensors",
+           "load_state_for_info"]
+
+
+CONFIG_KEY = "lorat.config"
+
+
+FORMAT_KEY = "lorat.format"
+
+
+FORMAT_VERSION = "1"
+
+
+# First bytes of files people pass by mistake, and of the two PyTorch containers.
+_MAGIC = [(b"PK\x03\x04", 0, "pytorch"), (b"\x80", 0, "pytorch"),  # zip (torch >= 1.6), legacy pickle
+          (b"ftyp", 4, "a video file"), (b"RIFF", 0, "a video file"), (b"\x1aE\xdf\xa3", 0, "a video file"),
+          (b"\x89PNG", 0, "an image file"), (b"\xff\xd8\xff", 0, "an image file"), (b"GIF8", 0, "an image file")]
+
+
+def _sniff(path: Path) -> str | None:
+    """What a non-safetensors file's first bytes say it is: ``"pytorch"``, ``"a video file"``, ... or None."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    return next((kind for magic, at, kind in _MAGIC if head[at:at + len(magic)] == magic), None)
+
+
+def _is_safetensors(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return head[8:9] == b"{" and 0 < n <= path.stat().st_size - 8
+
+
+def _state_dict_of(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    """Accept a plain state dict or one wrapped as {"model": ...} / {"state_dict": ...}."""
+    if isinstance(obj, Mapping):
+        for key in ("model", "state_dict"):
+            if isinstance(obj.get(key), Mapping) and len(obj) <= 4:
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}")
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise WeightsError(f"{path}: contains no tensors")
+    return tensors
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a weight file safely into CPU tensors.
+
+    Returns:
+        (state dict, safetensors metadata or {}). ``module.`` / ``_orig_mod.`` prefixes
+        (DDP, torch.compile) are stripped.
+
+    Raises:
+        WeightsError: missing, empty, truncated or corrupt file, not a weight file at all (a video, an
+            image, random bytes), one holding Python objects, or one with NaN / inf values.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weight file not found: {path}")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"{path}: file is empty")
+    meta: dict[str, str] = {}
+    if _is_safetensors(path):
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = dict(f.metadata() or {})
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as err:  # safetensors raises its own error types
+            raise WeightsError(f"{path}: unreadable safetensors file (truncated or corrupt?): {err}") from None
+    else:
+        kind = _sniff(path)
+        if kind is None:
+            raise WeightsError(f"{path}: not a safetensors or PyTorch weight file (unrecognised content)")
+        if kind != "pytorch":
+            raise WeightsError(f"{path}: is {kind}, not weights; pass a .safetensors or .pth weight file")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise WeightsError(
+                f"{path}: holds Python objects besides tensors; refusing to unpickle it "
+                f"(only weights_only files are read): {str(err).splitlines()[0]}"
+            ) from None
+        except Exception as err:
+            raise WeightsError(
+                f"{path}: not a readable safetensors or PyTorch file (truncated or corrupt?): "
+                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+            ) from None
+        sd = _state_dict_of(obj, path)
+    sd = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in sd.items()}
+    damaged = sorted(k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if damaged:
+        raise WeightsError(f"{path}: non-finite values (NaN or inf) in {len(damaged)} tensors: {listed(damaged)}; "
+                           f"the file is damaged (or saved from a diverged training run)")
+    return sd, meta
+
+
+def detect_format(sd: Mapping[str, torch.Tensor], meta: Mapping[str, str] | None = None) -> str:
+    """Name the format of a state dict: see the module docstring (or ``"unknown"``)."""
+    if meta and CONFIG_KEY in meta:
+        return "lorat"
+    keys = list(sd)
+    has_lora = any(k.endswith((".lora.A", ".lora.B")) for k in keys)
+    has_base = any(k.startswith("patch_embed.") for k in keys)
+    has_head = any(k.startswith("head.cls_mlp.") for k in keys)
+    if has_lora:
+        return "official-full" if has_base else "official-trainable"
+    if has_base and has_head:
+        return "merged"
+    if has_base and any(k.startswith("blocks.") for k in keys):
+        return "dinov2"
+    if any(k.startswith("features.0.") for k in keys) and not has_base:
+        return "mobilenetv2"
+    return "unknown"
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> None:
+    """``safetensors.save_file``, byte-stable and atomic (:func:`lorat.files.write_atomic`).
+
+    safetensors keeps the metadata in a hash map, so its order in the header (and the file's
+    bytes) varies from process to process; the header is rewritten with the metadata sorted, so
+    identical inputs give identical files.
+    """
+    write_atomic(path, lambda tmp: _save_sorted_metadata(tensors, tmp, metadata))
+
+
+def _save_sorted_metadata(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> None:
+    save_file(dict(tensors), str(path), metadata=dict(metadata))
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        text += b" " * (-len(text) % 8)
+        if len(text) == n:  # the usual case: same length, rewrite the header in place
+            f.seek(8)
+            f.write(text)
+            return
+        copy = path.with_name(path.name + "2")
+        with open(copy, "wb") as out:
+            out.write(struct.pack("<Q", len(text)) + text)
+            shutil.copyfileobj(f, out, 1 << 24)
+    os.replace(copy, path)
+
+
+def load_state_for_info(path: str | Path) -> tuple[str, int]:
+    """(format, number of tensors) of a weight file, for reports."""
+    sd, meta = read_weights(path)
+    return detect_format(sd, meta), len(sd)
