@@ -12,6 +12,7 @@ scored with :mod:`lorat.metrics` (pytracking-compatible OPE). Prints a Markdown 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -23,7 +24,7 @@ import numpy as np
 
 from lorat.data.sequences import read_boxes, read_dataset
 from lorat.errors import run_cli
-from lorat.metrics import sequence_curves, summarize
+from lorat.metrics import sequence_curves, summarize_curves
 from lorat.tracker import Tracker
 from lorat.video import open_source, read_rgb
 
@@ -47,25 +48,23 @@ def _clips(args):
 
 
 def _run(kind: str, frames, init: np.ndarray, tracker: Tracker | None) -> tuple[np.ndarray, float]:
-    boxes, start, n = [], time.perf_counter(), 0
-    mil = cv2.TrackerMIL_create() if kind == "mil" else None
-    for i, frame in enumerate(frames):
-        n += 1
-        if i == 0:
-            boxes.append(init)
-            if tracker is not None:
-                tracker.init(frame, init)
-            if mil is not None:
-                mil.init(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), tuple(int(round(v)) for v in init))
-            continue
-        if kind == "lorat":
-            boxes.append(np.array(tracker.track(frame).box))
-        elif kind == "mil":
-            ok, box = mil.update(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    """(T, 4) xywh boxes of one tracker (frame 1: ``init`` for every tracker) and its frames per second."""
+    start = time.perf_counter()
+    if kind == "lorat":
+        boxes = [init] + [np.array(r.targets[0].box) for r in itertools.islice(tracker.stream(frames, init), 1, None)]
+    elif kind == "mil":
+        mil = cv2.TrackerMIL_create()
+        boxes = [init]
+        for i, frame in enumerate(frames):
+            bgr = cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)
+            if i == 0:
+                mil.init(bgr, tuple(int(round(v)) for v in init))
+                continue
+            ok, box = mil.update(bgr)
             boxes.append(np.array(box, dtype=np.float64) if ok else boxes[-1])
-        else:
-            boxes.append(init)
-    return np.array(boxes), n / (time.perf_counter() - start)
+    else:
+        boxes = [init for _ in frames]
+    return np.array(boxes), len(boxes) / (time.perf_counter() - start)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -98,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 gt_, pr = gt, present
             curves[kind].append(sequence_curves(boxes, gt_, pr, dataset))
             speed[kind].append(fps)
-    results = {k: summarize(curves[k]) | {"fps": float(np.mean(speed[k]))} for k in kinds}
+    results = {k: summarize_curves(curves[k]) | {"fps": float(np.mean(speed[k]))} for k in kinds}
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -9,11 +9,21 @@ Public API::
     result = tracker.track(next_frame_rgb)      # TrackResult(box=(x, y, w, h), score=...)
 """
 
-from lorat.checkpoint import build_lorat, load_model, save_model
-from lorat.config import Config, load_config
+import importlib
+from typing import TYPE_CHECKING
+
 from lorat.errors import ConfigError, LoratError, WeightsError
-from lorat.model import LoRAT
-from lorat.tracker import Tracker, TrackResult
+
+if TYPE_CHECKING:  # the public API below is imported on first use, so ``import lorat`` stays light
+    from lorat.build import build_lorat
+    from lorat.checkpoint import load_model, save_model
+    from lorat.config import Config, load_config
+    from lorat.model import LoRAT
+    from lorat.tracker import Tracker, TrackResult
+
+_LAZY = {"build_lorat": "lorat.build", "load_model": "lorat.checkpoint", "save_model": "lorat.checkpoint",
+         "Config": "lorat.config", "load_config": "lorat.config", "LoRAT": "lorat.model", "Tracker": "lorat.tracker",
+         "TrackResult": "lorat.tracker"}
 
 __version__ = "0.1.0"
 
@@ -31,3 +41,12 @@ __all__ = [
     "load_model",
     "save_model",
 ]
+
+
+def __getattr__(name: str):
+    """Import a public name from its module on first use (PEP 562)."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lorat' has no attribute {name!r}")

@@ -15,8 +15,7 @@ import lap
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from lorat.boxes import box_iou
+from torchvision.ops import box_iou
 
 __all__ = ["score_peaks", "assign_peaks"]
 
@@ -62,6 +61,7 @@ def assign_peaks(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float
     flat_scores = scores.detach().double().cpu().reshape(n * k).numpy()
     valid = np.isfinite(flat_scores)
     # Group peaks into objects: connected components of the overlap graph.
+    # (torchvision's IoU is NaN for two empty boxes; NaN > threshold is False, as an IoU of 0 would be)
     overlap = (box_iou(boxes, boxes) > iou_threshold).numpy() & valid[:, None] & valid[None, :]
     group = -np.ones(n * k, dtype=np.int64)
     groups = 0

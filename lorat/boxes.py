@@ -9,22 +9,29 @@ All functions work on the last axis, so any leading batch shape is fine.
 from __future__ import annotations
 
 import torch
+from torchvision.ops import box_convert
 
-__all__ = ["xywh_to_xyxy", "xyxy_to_xywh", "clip_xyxy", "is_valid_xyxy", "rasterize", "box_iou"]
+from lorat.files import RASTER_EPS
+
+__all__ = ["xywh_to_xyxy", "xyxy_to_xywh", "clip_xyxy", "is_valid_xyxy", "rasterize"]
 
 
 def xywh_to_xyxy(box: torch.Tensor) -> torch.Tensor:
-    """(..., 4) xywh -> (..., 4) xyxy, i.e. (x, y, x + w, y + h)."""
-    return torch.cat([box[..., :2], box[..., :2] + box[..., 2:]], dim=-1)
+    """(..., 4) xywh -> (..., 4) xyxy, i.e. (x, y, x + w, y + h) (``torchvision.ops.box_convert``)."""
+    return box_convert(box, "xywh", "xyxy")
 
 
 def xyxy_to_xywh(box: torch.Tensor) -> torch.Tensor:
-    """(..., 4) xyxy -> (..., 4) xywh."""
-    return torch.cat([box[..., :2], box[..., 2:] - box[..., :2]], dim=-1)
+    """(..., 4) xyxy -> (..., 4) xywh (``torchvision.ops.box_convert``)."""
+    return box_convert(box, "xyxy", "xywh")
 
 
 def clip_xyxy(box: torch.Tensor, width: torch.Tensor | float, height: torch.Tensor | float) -> torch.Tensor:
-    """Clip xyxy boxes to [0, width] x [0, height]; ``width``/``height`` broadcast per box."""
+    """Clip xyxy boxes to [0, width] x [0, height]; ``width``/``height`` broadcast per box.
+
+    (``torchvision.ops.clip_boxes_to_image`` takes one integer size for all boxes; a batch of
+    sequences has one frame size per box.)
+    """
     w = torch.as_tensor(width, dtype=box.dtype, device=box.device)
     h = torch.as_tensor(height, dtype=box.dtype, device=box.device)
     x1 = torch.minimum(box[..., 0].clamp(min=0), w)
@@ -46,16 +53,5 @@ def rasterize(box: torch.Tensor) -> torch.Tensor:
     covers more than ~1e-4 of it. Returns int64.
     """
     lo = torch.floor(box[..., :2])
-    hi = torch.floor(box[..., 2:] + 1 - 1e-4)
+    hi = torch.floor(box[..., 2:] + 1 - RASTER_EPS)
     return torch.cat([lo, hi], dim=-1).to(torch.int64)
-
-
-def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pairwise IoU of xyxy boxes: (N, 4) x (M, 4) -> (N, M); empty unions give 0."""
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    area_a = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(-1)
-    area_b = (b[:, 2:] - b[:, :2]).clamp(min=0).prod(-1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(union))

@@ -222,7 +222,7 @@ def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
-def _validate(cfg: Config) -> None:
+def _check_values(cfg: Config) -> None:
     m, b = cfg.model, cfg.model.backbone
     for name, value in [("embed_dim", b.embed_dim), ("depth", b.depth), ("num_heads", b.num_heads),
                         ("patch_size", b.patch_size)]:
@@ -275,7 +275,7 @@ def config_from_dict(data: Mapping[str, Any] | None, where: str = "") -> Config:
         cfg = _build(Config, data, "")
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}" if where else str(err)) from None
-    _validate(cfg)
+    _check_values(cfg)
     return cfg
 
 

@@ -48,7 +48,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Sequence as Seq
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -60,9 +60,9 @@ from lorat import __version__
 from lorat.boxes import xyxy_to_xywh
 from lorat.checkpoint import load_model
 from lorat.config import Config, config_to_dict, load_config
-from lorat.data.sequences import DATASETS, DatasetError, Sequence, read_dataset
-from lorat.errors import LoratError, run_cli
-from lorat.metrics import SequenceCurves, got10k_metrics, sequence_curves, summarize
+from lorat.data.sequences import DATASETS, DatasetError, TrackingSequence, read_dataset
+from lorat.errors import LoratError, listed, run_cli
+from lorat.metrics import P20, P_NORM_02, SequenceCurves, got10k_metrics, sequence_curves, summarize_curves
 from lorat.report import format_table, mean_curves, plot_curves, write_report
 from lorat.results import (
     FILE_OFFSET,
@@ -87,7 +87,7 @@ SUBMISSION_ONLY = {("got10k", "test"), ("trackingnet", "test")}
 MANIFEST_IGNORED = ("weights.file", "backbone_weights.file")  # in tracker.json for people, not compared
 
 
-def _gt(seq: Sequence) -> tuple[np.ndarray, np.ndarray]:
+def _gt(seq: TrackingSequence) -> tuple[np.ndarray, np.ndarray]:
     """(T, 4) xywh ground truth and (T,) presence of a sequence's first track.
 
     Absent frames get a NaN box, as in the official evaluation (LORAT_SPEC 5.1).
@@ -98,18 +98,14 @@ def _gt(seq: Sequence) -> tuple[np.ndarray, np.ndarray]:
     return xywh, track.present
 
 
-def init_frame(seq: Sequence) -> int | None:
+def init_frame(seq: TrackingSequence) -> int | None:
     """Index of the frame a sequence starts on: the first with the target present (None: never)."""
     present = np.flatnonzero(seq.tracks[0].present[:len(seq)])
     return int(present[0]) if len(present) else None
 
 
-def _listed(names: list[str], limit: int = 5) -> str:
-    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
-def _trackable(name: str, split: str, sequences: list[Sequence], verbose: bool = True) -> list[Sequence]:
+def _trackable(name: str, split: str, sequences: list[TrackingSequence], verbose: bool = True
+               ) -> list[TrackingSequence]:
     """The sequences that can be evaluated: those whose target is present on some frame.
 
     The others are left out with a note (``verbose``), for running and scoring alike.
@@ -120,17 +116,17 @@ def _trackable(name: str, split: str, sequences: list[Sequence], verbose: bool =
     """
     never = [s.name for s in sequences if init_frame(s) is None]
     if never and (name, split) in SUBMISSION_ONLY:
-        raise DatasetError(f"{name} {split}: no initial box for {_listed(never)}; the submission needs every sequence")
+        raise DatasetError(f"{name} {split}: no initial box for {listed(never)}; the submission needs every sequence")
     if never and verbose:
         print(f"note: target never visible in {len(never)} sequence(s), left out of running and scoring: "
-              f"{_listed(never)}", file=sys.stderr)
+              f"{listed(never)}", file=sys.stderr)
     kept = [s for s in sequences if init_frame(s) is not None]
     if not kept:
         raise DatasetError(f"dataset {name} ({split}): no sequence with a visible target to evaluate")
     return kept
 
 
-def _init_frames(sequences: list[Sequence]) -> list[int]:
+def _init_frames(sequences: list[TrackingSequence]) -> list[int]:
     """The init frame of every sequence, checked before anything is tracked.
 
     Raises:
@@ -139,15 +135,15 @@ def _init_frames(sequences: list[Sequence]) -> list[int]:
     starts = [init_frame(s) for s in sequences]
     never = [s.name for s, start in zip(sequences, starts, strict=True) if start is None]
     if never:
-        raise DatasetError(f"target never visible, nothing to initialise on: {_listed(never)}")
+        raise DatasetError(f"target never visible, nothing to initialise on: {listed(never)}")
     missing = [f"{s.name}: {s.frames[start]}" for s, start in zip(sequences, starts, strict=True)
                if not s.frames[start].is_file()]
     if missing:
-        raise DatasetError(f"image of the init frame missing for {len(missing)} sequence(s): {_listed(missing, 3)}")
+        raise DatasetError(f"image of the init frame missing for {len(missing)} sequence(s): {listed(missing, 3)}")
     return starts
 
 
-def _init_box(seq: Sequence, index: int, image: np.ndarray | None) -> torch.Tensor:
+def _init_box(seq: TrackingSequence, index: int, image: np.ndarray | None) -> torch.Tensor:
     """(1, 4) xyxy float64 init box of frame ``index``, checked and clipped by :func:`init_boxes` as
     ``Tracker.init`` does.
 
@@ -168,14 +164,14 @@ class _Running:
     Frames before the init frame hold ``nan`` placeholders (no box, no time).
     """
 
-    def __init__(self, seq: Sequence, start: int):
+    def __init__(self, seq: TrackingSequence, start: int):
         self.seq, self.start, self.index = seq, start, start
         self.boxes: list[np.ndarray] = [np.full(4, np.nan)] * start
         self.times: list[float] = [float("nan")] * start
         self.size: tuple[int, int] | None = None
 
 
-def track_sequences(model, config, sequences: list[Sequence], folder: Path, offset: float, batch: int,
+def track_sequences(model, config, sequences: list[TrackingSequence], folder: Path, offset: float, batch: int,
                     dtype, progress: bool = True) -> None:
     """Track sequences (batched, each at its own frame) and write their result files as they finish.
 
@@ -247,7 +243,7 @@ def _fps(path: Path) -> float:
     return float(1 / times.mean()) if len(times) and times.mean() > 0 else float("nan")
 
 
-def score_results(dataset: str, sequences: list[Sequence], folder: Path) -> tuple[dict, list, SequenceCurves]:
+def score_results(dataset: str, sequences: list[TrackingSequence], folder: Path) -> tuple[dict, list, SequenceCurves]:
     """Score one tracker's result folder; returns (summary, per-sequence rows, mean curves).
 
     ``sequences`` should hold only sequences with an init frame (see :func:`init_frame`).
@@ -264,7 +260,7 @@ def score_results(dataset: str, sequences: list[Sequence], folder: Path) -> tupl
     missing = [s.name for s in sequences if not (folder / f"{s.name}.txt").is_file()]
     if missing:
         raise DatasetError(f"{folder}: no result file for {len(missing)} of {len(sequences)} sequences: "
-                           f"{_listed(missing)}")
+                           f"{listed(missing)}")
     offset = FILE_OFFSET.get(dataset, 0.0)
     rows, curves, preds, gts, presents = [], [], [], [], []
     for seq in sequences:
@@ -284,7 +280,7 @@ def score_results(dataset: str, sequences: list[Sequence], folder: Path) -> tupl
         preds.append(pred)
         gts.append(gt)
         presents.append(present)
-    summary = summarize(curves)
+    summary = summarize_curves(curves)
     fps_values = [r[3] for r in rows if r[3] == r[3]]
     if fps_values:
         summary["fps"] = float(1 / np.mean([1 / f for f in fps_values]))
@@ -357,7 +353,7 @@ def _dataset_arg(text: str, split: str | None) -> tuple[str, str, str]:
     return name, path, split
 
 
-def _read(name: str, path: str, split: str) -> list[Sequence]:
+def _read(name: str, path: str, split: str) -> list[TrackingSequence]:
     sequences = read_dataset(name, path, split, for_training=False)
     listing = f"{split}ing_set.txt"
     if name == "lasot" and not (Path(path) / listing).is_file():
@@ -365,7 +361,7 @@ def _read(name: str, path: str, split: str) -> list[Sequence]:
     return sequences
 
 
-def _score_main(argv: Seq[str]) -> int:
+def _score_main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m lorat.evaluate score", description="Score result files.")
     p.add_argument("--dataset", required=True, help="NAME=PATH")
     p.add_argument("--split")
@@ -394,7 +390,7 @@ def _score_main(argv: Seq[str]) -> int:
     return 0
 
 
-def main(argv: Seq[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["score"]:
         return _score_main(argv[1:])
@@ -444,7 +440,8 @@ def main(argv: Seq[str] | None = None) -> int:
     return 0
 
 
-def _finish(name: str, split: str, sequences: list[Sequence], runs: list[Path], tracker: str, out: Path) -> None:
+def _finish(name: str, split: str, sequences: list[TrackingSequence], runs: list[Path], tracker: str,
+            out: Path) -> None:
     """Submission zips, or metrics averaged over the runs (table, json, csv, plots)."""
     if (name, split) in SUBMISSION_ONLY:
         loaded = [{s.name: (read_sequence(f / f"{s.name}.txt", len(s)), read_times(f / f"{s.name}_time.txt", len(s)))
@@ -466,8 +463,9 @@ def _finish(name: str, split: str, sequences: list[Sequence], runs: list[Path], 
         all_curves.append(mean)
     curves = SequenceCurves(*(np.mean([getattr(c, f) for c in all_curves], axis=0)
                               for f in ("success", "precision", "norm_precision")))
-    summary = {"success_auc": float(curves.success.mean()), "precision": float(curves.precision[20]),
-               "norm_precision": float(curves.norm_precision[20]), "runs": len(runs), "sequences": len(sequences)}
+    summary = {"success_auc": float(curves.success.mean()), "precision": float(curves.precision[P20]),
+               "norm_precision": float(curves.norm_precision[P_NORM_02]), "runs": len(runs),
+               "sequences": len(sequences)}
     for key in ("ao", "sr_0.5", "sr_0.75", "fps"):
         if key in summaries[0]:
             summary[key] = float(np.mean([s[key] for s in summaries]))

@@ -9,6 +9,11 @@ from pathlib import Path
 
 from lorat.errors import LoratError
 
+# Image files read as frames (image folders, datasets, photos); lower-case suffixes.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+# The official rasterisation rule: a pixel counts when a box covers more than this much of it.
+RASTER_EPS = 1e-4
+
 __all__ = ["write_atomic"]
 
 

@@ -18,10 +18,10 @@ from lorat.config import Config, load_config
 from lorat.errors import LoratError, run_cli
 from lorat.weight_files import load_state_for_info
 
-__all__ = ["main", "summarize"]
+__all__ = ["main", "model_summary"]
 
 
-def summarize(config: Config) -> dict[str, Any]:
+def model_summary(config: Config) -> dict[str, Any]:
     """Parameter and token counts of a config, computed without allocating weights."""
     cfg = config.model
     train = build_training_model(config, device="meta")
@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.backbone_weights:
         raise LoratError("--backbone-weights needs --weights (the LoRAT checkpoint)")
     assert config is not None
-    summary = summarize(config)
+    summary = model_summary(config)
     if files:
         summary["loaded"] = {"files": files, "parameters": loaded_params,
                              "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}

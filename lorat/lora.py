@@ -22,7 +22,6 @@ This is the one module that imports peft, and only when adapters are created or 
 
 from __future__ import annotations
 
-import math
 import sys
 
 import torch
@@ -35,9 +34,7 @@ __all__ = [
     "add_lora",
     "merge_lora",
     "has_lora",
-    "lora_scaling",
     "mark_trainable",
-    "trainable_state_dict",
     "LORA_TARGETS",
 ]
 
@@ -75,11 +72,6 @@ class SplitQKV(nn.Module):
             if q.bias is not None:
                 out.bias.copy_(torch.cat([q.bias, k.bias, v.bias], dim=0))
         return out
-
-
-def lora_scaling(cfg: LoraConfig) -> float:
-    """Adapter scale s: alpha / r, or alpha / sqrt(r) with rsLoRA."""
-    return cfg.alpha / (math.sqrt(cfg.r) if cfg.rslora else cfg.r)
 
 
 def _lora_layer_type() -> type | None:
@@ -153,7 +145,3 @@ def merge_lora(model: nn.Module) -> nn.Module:
         param.requires_grad_(False)
     return model
 
-
-def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable tensors only, with our (peft) key names."""
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

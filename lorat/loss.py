@@ -19,7 +19,11 @@ __all__ = ["iou_and_giou", "lorat_loss"]
 
 
 def iou_and_giou(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """Element-wise IoU and GIoU of (N, 4) xyxy boxes."""
+    """Element-wise IoU and GIoU of (N, 4) xyxy boxes.
+
+    Not ``torchvision.ops.generalized_box_iou_loss``: that adds eps 1e-7 to the denominators, the
+    official code clamps them at 1e-6, and the IoU is needed too (the classification target).
+    """
     area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
     area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     lt = torch.maximum(a[:, :2], b[:, :2])

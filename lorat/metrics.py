@@ -40,12 +40,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["SequenceCurves", "sequence_curves", "check_predictions", "summarize", "got10k_metrics",
-           "SUCCESS_THRESHOLDS", "PRECISION_THRESHOLDS", "NORM_PRECISION_THRESHOLDS", "ABSENT_AS_MISS"]
+__all__ = ["SequenceCurves", "sequence_curves", "check_predictions", "got10k_metrics", "summarize_curves",
+           "SUCCESS_THRESHOLDS", "PRECISION_THRESHOLDS", "NORM_PRECISION_THRESHOLDS", "ABSENT_AS_MISS", "P20",
+           "P_NORM_02", "SR_05", "SR_075"]
 
 SUCCESS_THRESHOLDS = np.linspace(0, 1, 21)
 PRECISION_THRESHOLDS = np.arange(0, 51, dtype=np.float64)
 NORM_PRECISION_THRESHOLDS = np.linspace(0, 0.5, 51)
+# Indices of the reported points on those curves.
+P20 = 20        # PRECISION_THRESHOLDS[20] = 20 px
+P_NORM_02 = 20  # NORM_PRECISION_THRESHOLDS[20] = 0.2
+SR_05 = 10      # SUCCESS_THRESHOLDS[10] = 0.5 IoU
+SR_075 = 15     # SUCCESS_THRESHOLDS[15] = 0.75 IoU
 ABSENT_AS_MISS = {"lasot", "vasttrack"}  # datasets whose absent frames count as misses everywhere
 PRESENCE_VALIDITY = {"lasot", "lasot_ext", "vasttrack"}  # datasets where presence decides validity
 
@@ -119,7 +125,7 @@ def sequence_curves(pred_xywh: np.ndarray, gt_xywh: np.ndarray, present: np.ndar
     )
 
 
-def summarize(curves: Sequence[SequenceCurves]) -> dict[str, float]:
+def summarize_curves(curves: Sequence[SequenceCurves]) -> dict[str, float]:
     """Dataset summary: ``success_auc``, ``precision`` (@20 px), ``norm_precision`` (@0.20), SR0.5/0.75."""
     if not curves:
         raise ValueError("no sequences to summarize")
@@ -128,10 +134,10 @@ def summarize(curves: Sequence[SequenceCurves]) -> dict[str, float]:
     norm = np.mean([c.norm_precision for c in curves], axis=0)
     return {
         "success_auc": float(success.mean()),
-        "precision": float(precision[20]),
-        "norm_precision": float(norm[20]),
-        "success_rate_0.5": float(success[10]),
-        "success_rate_0.75": float(success[15]),
+        "precision": float(precision[P20]),
+        "norm_precision": float(norm[P_NORM_02]),
+        "success_rate_0.5": float(success[SR_05]),
+        "success_rate_0.75": float(success[SR_075]),
         "sequences": len(curves),
     }
 

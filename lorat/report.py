@@ -11,7 +11,15 @@ from pathlib import Path
 import numpy as np
 
 from lorat.errors import LoratError
-from lorat.metrics import NORM_PRECISION_THRESHOLDS, PRECISION_THRESHOLDS, SUCCESS_THRESHOLDS, SequenceCurves, summarize
+from lorat.metrics import (
+    NORM_PRECISION_THRESHOLDS,
+    P20,
+    P_NORM_02,
+    PRECISION_THRESHOLDS,
+    SUCCESS_THRESHOLDS,
+    SequenceCurves,
+    summarize_curves,
+)
 
 __all__ = ["format_table", "write_report", "plot_curves", "mean_curves"]
 
@@ -58,7 +66,7 @@ def write_report(folder: Path, summary: Mapping,
             w = csv.writer(f)
             w.writerow(["sequence", "success_auc", "precision", "norm_precision", "frames", "fps"])
             for name, c, frames, fps in per_sequence:
-                s = summarize([c])
+                s = summarize_curves([c])
                 w.writerow([name, f"{s['success_auc']:.4f}", f"{s['precision']:.4f}", f"{s['norm_precision']:.4f}",
                             frames, f"{fps:.2f}" if fps == fps else ""])
 
@@ -77,9 +85,10 @@ def plot_curves(folder: Path, curves: Mapping[str, SequenceCurves], title: str =
     with _writing(folder):
         folder.mkdir(parents=True, exist_ok=True)
     specs = [("success", SUCCESS_THRESHOLDS, "Overlap threshold", "Success rate", lambda c: c.mean(), "AUC"),
-             ("precision", PRECISION_THRESHOLDS, "Location error threshold (px)", "Precision", lambda c: c[20], "P@20"),
+             ("precision", PRECISION_THRESHOLDS, "Location error threshold (px)", "Precision",
+              lambda c: c[P20], "P@20"),
              ("norm_precision", NORM_PRECISION_THRESHOLDS, "Normalised location error threshold",
-              "Normalised precision", lambda c: c[20], "P@0.2")]
+              "Normalised precision", lambda c: c[P_NORM_02], "P@0.2")]
     paths = []
     for field, x, xlabel, ylabel, score, label in specs:
         fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=120)

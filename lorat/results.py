@@ -31,7 +31,7 @@ import numpy as np
 
 from lorat.data.sequences import DatasetError, read_boxes
 from lorat.errors import LoratError
-from lorat.files import write_atomic
+from lorat.files import RASTER_EPS, write_atomic
 
 __all__ = ["FILE_OFFSET", "MANIFEST", "box_line", "write_sequence", "read_sequence", "read_times", "finished",
            "claim_folder",
@@ -178,11 +178,12 @@ def claim_folder(folder: Path, manifest: Mapping[str, Any], ignore: Sequence[str
 
 
 def rasterize_xywh(boxes: np.ndarray) -> np.ndarray:
-    """Official submission rounding: x1, y1 floored, x2, y2 -> floor(v + 1 - 1e-4), back to xywh."""
+    """Official submission rounding of (N, 4) xywh boxes, the rule of :func:`lorat.boxes.rasterize` in
+    numpy (NaN rows stay NaN): x1, y1 floored, x2, y2 -> floor(v + 1 - RASTER_EPS), back to xywh."""
     b = np.asarray(boxes, dtype=np.float64)
-    x1, y1 = np.floor(b[:, 0]), np.floor(b[:, 1])
-    x2, y2 = np.floor(b[:, 0] + b[:, 2] + 1 - 1e-4), np.floor(b[:, 1] + b[:, 3] + 1 - 1e-4)
-    return np.stack([x1, y1, x2 - x1, y2 - y1], axis=1)
+    lo = np.floor(b[:, :2])
+    hi = np.floor(b[:, :2] + b[:, 2:] + 1 - RASTER_EPS)
+    return np.concatenate([lo, hi - lo], axis=1)
 
 
 def _csv(rows: np.ndarray, decimals: int) -> str:

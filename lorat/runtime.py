@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING
 
 from lorat.errors import LoratError, WeightsError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["resolve_device", "resolve_dtype", "dtype_name", "Distributed", "DEFAULT_WEIGHTS", "default_weights",
            "default_weights_notice"]
@@ -20,11 +21,13 @@ __all__ = ["resolve_device", "resolve_dtype", "dtype_name", "Distributed", "DEFA
 # The bundled demo model (weights/README.md); LORAT_WEIGHTS overrides it.
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "lorat_demo.safetensors"
 WEIGHTS_VARIABLE = "LORAT_WEIGHTS"
-_DTYPES = {"float32": None, "fp32": None, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_DTYPES = {"float32": None, "fp32": None, "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16",
+           "bf16": "bfloat16"}  # names of torch dtypes: torch is imported when needed, not with this module
 
 
 def _mps_available() -> bool:
+    import torch
+
     mps = getattr(torch.backends, "mps", None)
     return bool(mps and mps.is_available())
 
@@ -39,6 +42,8 @@ def resolve_device(device: str | torch.device | None, types: tuple[str, ...] = (
     Raises:
         LoratError: not a device name, a type outside ``types``, or a device this machine lacks.
     """
+    import torch
+
     names = ", ".join(["auto", *(t + (", cuda:N" if t == "cuda" else "") for t in types)])
     if device is None or str(device) == "auto":
         if torch.cuda.is_available() and "cuda" in types:
@@ -67,15 +72,17 @@ def resolve_device(device: str | torch.device | None, types: tuple[str, ...] = (
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
     """Autocast dtype: ``"auto"`` -> float16 on CUDA (official inference), None (float32) elsewhere."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return None if dtype == torch.float32 else dtype
     if dtype in (None, "auto"):
         return torch.float16 if device.type == "cuda" else None
     if dtype not in _DTYPES:
         raise LoratError(f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16")
-    if _DTYPES[dtype] == torch.float16 and device.type == "cpu":
+    if _DTYPES[dtype] == "float16" and device.type == "cpu":
         raise LoratError("float16 autocast is not supported on the CPU; use float32 or bfloat16")
-    return _DTYPES[dtype]
+    return None if _DTYPES[dtype] is None else getattr(torch, _DTYPES[dtype])
 
 
 def dtype_name(dtype: torch.dtype | None) -> str:
@@ -91,6 +98,9 @@ class Distributed:
     """
 
     def __init__(self, device: str | torch.device | None = "auto", types: tuple[str, ...] = ("cpu", "cuda", "mps")):
+        import torch
+        import torch.distributed as dist
+
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.device = resolve_device(device, types)
@@ -108,6 +118,8 @@ class Distributed:
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         """The mean of ``value`` over all processes."""
+        import torch.distributed as dist
+
         if self.world > 1:
             value = value.clone()
             dist.all_reduce(value)
@@ -115,6 +127,8 @@ class Distributed:
         return value
 
     def barrier(self) -> None:
+        import torch.distributed as dist
+
         if self.world > 1:
             dist.barrier()
 
@@ -122,11 +136,16 @@ class Distributed:
         """Rank 0's ``flag`` on every rank."""
         if self.world == 1:
             return flag
+        import torch
+        import torch.distributed as dist
+
         value = torch.tensor([int(flag)], device=self.device)
         dist.broadcast(value, 0)
         return bool(value.item())
 
     def close(self) -> None:
+        import torch.distributed as dist
+
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -19,6 +19,7 @@ from contextlib import nullcontext
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.models import mobilenet_v2
 
 __all__ = ["MobileNetV2Stem", "STEM_BLOCKS", "imagenet_stem_weights"]
@@ -88,9 +89,9 @@ def imagenet_stem_weights(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     with torch.device("meta"):  # only the structure is needed
         reference = mobilenet_v2().features[:STEM_BLOCKS]
     for _, _, _, bn, w, b in _conv_bn_pairs(reference):
-        scale = kept[b + "weight"] * (kept[b + "running_var"] + bn.eps).rsqrt()
-        kept[w + "weight"] = kept[w + "weight"] * scale[:, None, None, None]
-        kept[w + "bias"] = kept.pop(b + "bias") - kept.pop(b + "running_mean") * scale
-        for key in ("weight", "running_var", "num_batches_tracked"):
-            kept.pop(b + key, None)
+        weight, bias = fuse_conv_bn_weights(kept[w + "weight"], None, kept.pop(b + "running_mean"),
+                                            kept.pop(b + "running_var"), bn.eps, kept.pop(b + "weight"),
+                                            kept.pop(b + "bias"))
+        kept[w + "weight"], kept[w + "bias"] = weight.detach(), bias.detach()
+        kept.pop(b + "num_batches_tracked", None)
     return {f"patch_embed.features.{k}": v for k, v in kept.items()}

@@ -31,7 +31,7 @@ import time
 from collections.abc import Sequence
 from contextlib import suppress
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import cv2
 import numpy as np
@@ -40,8 +40,10 @@ from tqdm import tqdm
 from lorat.errors import LoratError, run_cli
 from lorat.results import box_line
 from lorat.runtime import default_weights, default_weights_notice
-from lorat.tracker import Tracker, TrackResult
 from lorat.video import FrameSource, VideoWriter, draw_targets, has_display, open_source
+
+if TYPE_CHECKING:  # torch is imported once the arguments are parsed: --help stays instant
+    from lorat.tracker import Tracker, TrackResult
 
 __all__ = ["main", "parse_box"]
 
@@ -241,6 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     source = open_source(args.source)  # validate the source and the outputs before loading the model
     try:
         _check_outputs(args, len(args.init) if args.init else 1, source)
+        from lorat.tracker import Tracker
+
         tracker = Tracker.from_pretrained(weights, args.config, args.backbone_weights, device=args.device,
                                           dtype=args.dtype, assignment=not args.no_assignment)
         return _run(tracker, source, args)

@@ -266,7 +266,8 @@ def _end_epoch(run: _Run, epoch: int, validate: bool, resuming: bool = False) ->
         run.save_state()
     env.barrier()
     if validate and run.val_set is not None and env.agree(epoch + 1 not in logged_epochs(out / "val.csv")):
-        _validate(run.net, run.val_set, env, cfg.batch_size // env.world, cfg.num_workers, run.autocast, out, epoch)
+        _validation_loss(run.net, run.val_set, env, cfg.batch_size // env.world, cfg.num_workers, run.autocast, out,
+                         epoch)
 
 
 class _Log:
@@ -369,7 +370,7 @@ def _train_epoch(run: _Run, stop: _StopFlag, log: _Log | None, stop_after: int |
     return None
 
 
-def _validate(net, val_set: PairDataset, env: Distributed, local_batch: int, workers: int, autocast, out: Path,
+def _validation_loss(net, val_set: PairDataset, env: Distributed, local_batch: int, workers: int, autocast, out: Path,
               epoch: int) -> None:
     """Mean loss over the fixed validation pairs (eval mode), written to val.csv."""
     val_set.set_epoch(0)  # the same pairs every epoch

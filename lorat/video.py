@@ -19,11 +19,11 @@ import cv2
 import numpy as np
 
 from lorat.errors import LoratError
+from lorat.files import IMAGE_EXTENSIONS
 
 __all__ = ["FrameSource", "open_source", "read_rgb", "VideoWriter", "draw_targets", "IMAGE_EXTENSIONS",
            "has_display"]
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 # Consecutive undecodable frames of a video file skipped before the stream counts as ended. A
 # failed read at the end of a file costs microseconds, so the bound can be generous: 10 s at 30 fps.
 MAX_SKIPPED_FRAMES = 300

@@ -10,7 +10,7 @@ import pytest
 
 from lorat.checkpoint import save_model
 from lorat.data.sequences import read_dataset
-from lorat.metrics import sequence_curves, summarize
+from lorat.metrics import sequence_curves, summarize_curves
 from lorat.model import LoRAT
 
 from .conftest import ROOT
@@ -33,7 +33,7 @@ def test_compare_scores_the_static_box_like_the_metrics(synthetic, tmp_path):
     for seq in read_dataset("lasot", synthetic, "all", for_training=False):
         gt = seq.tracks[0].xywh()
         curves.append(sequence_curves(np.repeat(gt[:1], len(gt), 0), gt, seq.tracks[0].present, "lasot"))
-    expected = summarize(curves)
+    expected = summarize_curves(curves)
     for key in ("success_auc", "precision", "norm_precision"):
         assert abs(result["static"][key] - expected[key]) < 1e-6
     bad = _script("bench/compare.py", "--video", tmp_path / "missing.mp4", "--gt", tmp_path / "gt.txt",

@@ -6,8 +6,9 @@ import sys
 
 import numpy as np
 import torch
+from torchvision.ops import box_iou
 
-from lorat.boxes import box_iou, xywh_to_xyxy
+from lorat.boxes import xywh_to_xyxy
 from lorat.checkpoint import load_model
 from lorat.data.sequences import read_boxes
 from lorat.runtime import DEFAULT_WEIGHTS

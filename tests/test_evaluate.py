@@ -402,3 +402,36 @@ def test_non_finite_model_outputs_stop_the_run(setup, tmp_path):
     with pytest.raises(LoratError, match="non-finite boxes or scores"):
         track_sequences(model, config, sequences, tmp_path / "run", 0.0, 2, None, progress=False)
     assert not list((tmp_path / "run").glob("*.txt"))
+
+
+def test_border_boxes_give_the_same_boxes_as_the_track_cli(setup, tmp_path):
+    """First boxes partly outside the frame are clipped the same way by every door: the evaluator at
+    batch 1 and 2 and ``python -m lorat.track`` on the image folder agree within 0.01 px."""
+    from lorat.track import main as track_main
+
+    source, weights = setup
+    data = tmp_path / "border"
+    shutil.copytree(source, data)
+    starts = {"synthetic-1": (-12.0, 5.0), "synthetic-2": (100.0, -9.5), "synthetic-3": (140.0, 100.0)}
+    for name, (x, y) in starts.items():  # 0-based corner; LaSOT files are 1-based
+        path = data / "synthetic" / name / "groundtruth.txt"
+        lines = path.read_text().splitlines()
+        w, h = (float(v) for v in lines[0].split(",")[2:])
+        lines[0] = f"{x + 1},{y + 1},{max(w, 30)},{max(h, 30)}"
+        path.write_text("\n".join(lines) + "\n")
+    results = {}
+    for batch in ("1", "2"):
+        out = tmp_path / f"batch{batch}"
+        assert run_cli(main, ["--weights", str(weights), "--dataset", f"lasot={data}", "--output", str(out),
+                              "--device", "cpu", "--batch", batch]) == 0
+        results[batch] = {n: np.loadtxt(out / "lasot" / "debug" / f"{n}.txt") - [1, 1, 0, 0] for n in starts}
+    for name, (x, y) in starts.items():
+        first = (data / "synthetic" / name / "groundtruth.txt").read_text().splitlines()[0].split(",")
+        init = f"{x},{y},{first[2]},{first[3]}"
+        txt = tmp_path / f"{name}.txt"
+        assert run_cli(track_main, [str(data / "synthetic" / name / "img"), "--weights", str(weights), "--device",
+                                    "cpu", "--init", init, "--save-txt", str(txt)]) == 0
+        cli = np.loadtxt(txt)
+        assert cli[0, 0] >= 0 and cli[0, 1] >= 0  # clipped to the frame
+        np.testing.assert_allclose(results["1"][name], cli, atol=0.01)
+        np.testing.assert_allclose(results["2"][name], cli, atol=0.01)

@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 
-from lorat.metrics import got10k_metrics, sequence_curves, summarize
+from lorat.metrics import got10k_metrics, sequence_curves, summarize_curves
 
 GT = np.array([[10.0, 10, 20, 20]] * 4)
 
 
 def test_perfect_tracking_reaches_20_of_21():
-    s = summarize([sequence_curves(GT, GT)])
+    s = summarize_curves([sequence_curves(GT, GT)])
     assert s["success_auc"] == pytest.approx(20 / 21)  # IoU 1 is never "> 1"
     assert s["precision"] == 1 and s["norm_precision"] == 1
 
@@ -26,21 +26,21 @@ def test_absent_frames_lasot_vs_lasot_extension():
     present = np.array([True, True, False, True])
     gt = GT.copy()
     gt[2] = np.nan  # absent frames carry NaN ground truth in the evaluation
-    lasot = summarize([sequence_curves(GT, gt, present, "lasot")])
-    ext = summarize([sequence_curves(GT, gt, present, "lasot_ext")])
+    lasot = summarize_curves([sequence_curves(GT, gt, present, "lasot")])
+    ext = summarize_curves([sequence_curves(GT, gt, present, "lasot_ext")])
     assert lasot["success_auc"] == pytest.approx(3 / 4 * 20 / 21)  # denominator: all frames
     assert lasot["precision"] == pytest.approx(0.75) and lasot["norm_precision"] == pytest.approx(0.75)
     assert ext["precision"] == pytest.approx(0.75)
     assert ext["norm_precision"] == 1.0  # the quirk: invalid frames count as hits for P_norm
-    got = summarize([sequence_curves(GT, gt, present, "got10k")])
+    got = summarize_curves([sequence_curves(GT, gt, present, "got10k")])
     assert got["norm_precision"] == 1.0 and got["success_auc"] == pytest.approx(3 / 4 * 20 / 21)
 
 
 def test_lasot_presence_decides_validity_even_with_a_box():
     present = np.array([True, False, True, True])
-    s = summarize([sequence_curves(GT, GT, present, "lasot")])
+    s = summarize_curves([sequence_curves(GT, GT, present, "lasot")])
     assert s["precision"] == pytest.approx(0.75)
-    assert summarize([sequence_curves(GT, GT, present, "custom")])["precision"] == 1.0  # not for others
+    assert summarize_curves([sequence_curves(GT, GT, present, "custom")])["precision"] == 1.0  # not for others
 
 
 def test_zero_size_predictions():
@@ -55,14 +55,14 @@ def test_zero_size_predictions():
 def test_nan_predictions_are_misses():
     pred = GT.copy()
     pred[3] = np.nan
-    s = summarize([sequence_curves(pred, GT)])
+    s = summarize_curves([sequence_curves(pred, GT)])
     assert s["precision"] == pytest.approx(0.75) and s["success_auc"] == pytest.approx(0.75 * 20 / 21)
 
 
 def test_dataset_summary_is_the_mean_of_sequence_curves():
     a = sequence_curves(GT, GT)
     b = sequence_curves(GT + [100, 100, 0, 0], GT)  # always far off
-    s = summarize([a, b])
+    s = summarize_curves([a, b])
     assert s["success_auc"] == pytest.approx(10 / 21) and s["precision"] == pytest.approx(0.5)
 
 

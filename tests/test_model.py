@@ -7,7 +7,7 @@ from torch import nn
 
 from lorat.checkpoint import build_lorat, load_model, load_official_trainable
 from lorat.config import load_config
-from lorat.info import summarize
+from lorat.info import model_summary
 from lorat.lora import SplitQKV, has_lora, merge_lora
 from lorat.model import LoRAT, resample_pos_embed
 
@@ -76,7 +76,7 @@ def test_merged_state_dict_layout(tiny_config, tiny_files):
                                              ("l378", 32_518_149), ("g224", 80_234_501),
                                              ("g378", 80_234_501)])
 def test_trainable_counts_on_meta(name, trainable):
-    summary = summarize(load_config(ROOT / "configs" / f"{name}.yaml"))
+    summary = model_summary(load_config(ROOT / "configs" / f"{name}.yaml"))
     assert summary["parameters"]["trainable"] == trainable
 
 

@@ -31,7 +31,7 @@ from lorat.boxes import rasterize
 from lorat.config import ModelConfig, TrainConfig
 from lorat.crop import box_to_crop, crop_frames, nominal_crop_params, normalize_crops, template_mask
 from lorat.data.augment import color_jitter, deit3, hflip
-from lorat.data.sequences import DatasetError, Sequence
+from lorat.data.sequences import DatasetError, TrackingSequence
 from lorat.video import read_rgb
 
 __all__ = ["Source", "PairDataset", "UnusableDataError", "epoch_picker", "jittered_search_params", "search_labels"]
@@ -39,6 +39,7 @@ __all__ = ["Source", "PairDataset", "UnusableDataError", "epoch_picker", "jitter
 _MAX_TRIES = 12  # official: counter from -1, gives up past 10
 MAX_ATTEMPTS = 1000  # pairs tried for one sample (each failure draws a random replacement sequence)
 MAX_UNREADABLE = 100  # unreadable images one sample may meet before the data is declared unusable
+_PICKER_STREAM = 0x5EED  # seeds the per-epoch dataset picker apart from the per-sample streams
 
 
 class UnusableDataError(DatasetError):
@@ -61,7 +62,7 @@ class Source:
     """A named dataset in the mixture."""
 
     name: str
-    sequences: list[Sequence]
+    sequences: list[TrackingSequence]
     weight: float
 
 
@@ -146,7 +147,7 @@ class PairDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        rng = np.random.default_rng([self.seed, epoch, 0x5EED])
+        rng = np.random.default_rng([self.seed, epoch, _PICKER_STREAM])
         self.picker = epoch_picker([len(s.sequences) for s in self.sources], list(self.weights), self.samples, rng)
 
     def __len__(self) -> int:
@@ -174,7 +175,7 @@ class PairDataset(Dataset):
         raise UnusableDataError(f"could not make training pair {k} in {MAX_ATTEMPTS} attempts from {names}: no "
                                 f"frame gives a target box that fits a crop (boxes outside the images or too small?)")
 
-    def _make(self, seq: Sequence, rng: np.random.Generator) -> tuple[dict | None, str | None]:
+    def _make(self, seq: TrackingSequence, rng: np.random.Generator) -> tuple[dict | None, str | None]:
         """One try: (the sample, None), (None, path of an unreadable image) or (None, None)."""
         cfg, train = self.model_cfg, self.train_cfg
         track = seq.tracks[int(rng.integers(len(seq.tracks)))]

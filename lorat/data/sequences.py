@@ -1,6 +1,6 @@
 """Dataset readers: LaSOT, LaSOT_Extension, GOT-10k, TrackingNet, TNL2K, COCO 2017 and a custom layout.
 
-Every reader returns a list of :class:`Sequence`: frame paths plus one or more :class:`Track`
+Every reader returns a list of :class:`TrackingSequence`: frame paths plus one or more :class:`Track`
 (boxes as continuous xyxy float64, and a per-frame "target present" flag). Conventions of
 LORAT_SPEC section 5.3:
 
@@ -35,10 +35,10 @@ from pathlib import Path
 import numpy as np
 
 from lorat.errors import LoratError
+from lorat.files import IMAGE_EXTENSIONS
 
-__all__ = ["Track", "Sequence", "DatasetError", "read_dataset", "DATASETS", "read_boxes"]
+__all__ = ["Track", "TrackingSequence", "DatasetError", "read_dataset", "DATASETS", "read_boxes"]
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
 class DatasetError(LoratError):
@@ -58,7 +58,7 @@ class Track:
 
 
 @dataclass
-class Sequence:
+class TrackingSequence:
     """Frames of one video (or one image) and its annotated targets."""
 
     name: str
@@ -125,7 +125,7 @@ def _track(xywh: np.ndarray, absent: np.ndarray | None = None) -> Track:
 def _frames(folder: Path, n: int | None = None, pattern: str | None = None, start: int = 1) -> list[Path]:
     if pattern is not None and n is not None:
         return [folder / (pattern % (i + start)) for i in range(n)]
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS) if folder.is_dir() else []
     if not files:
         raise DatasetError(f"no images in {folder}")
     return files
@@ -145,7 +145,7 @@ def _split_names(root: Path, split: str) -> set[str] | None:
     return None
 
 
-def _lasot(root: str | Path, split: str = "train", shift: bool = True, name: str = "lasot") -> list[Sequence]:
+def _lasot(root: str | Path, split: str = "train", shift: bool = True, name: str = "lasot") -> list[TrackingSequence]:
     base = _root(root, name)
     wanted = _split_names(base, split)
     dirs = sorted(d for c in base.iterdir() if c.is_dir() for d in c.iterdir() if (d / "groundtruth.txt").is_file())
@@ -160,11 +160,11 @@ def _lasot(root: str | Path, split: str = "train", shift: bool = True, name: str
             xywh[:, :2] -= 1  # LaSOT ground truth is 1-based
         n = len(xywh)
         absent = _flags(d / "full_occlusion.txt", n) | _flags(d / "out_of_view.txt", n)
-        sequences.append(Sequence(d.name, _frames(d / "img", n, "%08d.jpg"), [_track(xywh, absent)], name))
+        sequences.append(TrackingSequence(d.name, _frames(d / "img", n, "%08d.jpg"), [_track(xywh, absent)], name))
     return sequences
 
 
-def _got10k(root: str | Path, split: str = "train") -> list[Sequence]:
+def _got10k(root: str | Path, split: str = "train") -> list[TrackingSequence]:
     base = _root(root, "got10k") / split
     listing = base / "list.txt"
     if not listing.is_file():
@@ -181,11 +181,11 @@ def _got10k(root: str | Path, split: str = "train") -> list[Sequence]:
         if split != "test" and len(xywh) != len(frames):
             raise DatasetError(f"{d / 'groundtruth.txt'}: {len(xywh)} boxes for {len(frames)} frames")
         absent = _flags(d / "absence.label", len(xywh)) if split != "test" else None
-        sequences.append(Sequence(name, frames, [_track(xywh, absent)], "got10k"))
+        sequences.append(TrackingSequence(name, frames, [_track(xywh, absent)], "got10k"))
     return sequences
 
 
-def _trackingnet(root: str | Path, split: str = "train") -> list[Sequence]:
+def _trackingnet(root: str | Path, split: str = "train") -> list[TrackingSequence]:
     base = _root(root, "trackingnet")
     chunks = [base / "TEST"] if split == "test" else sorted(base.glob("TRAIN_*"))
     chunks = [c for c in chunks if c.is_dir()]
@@ -197,22 +197,23 @@ def _trackingnet(root: str | Path, split: str = "train") -> list[Sequence]:
             xywh = read_boxes(anno)
             n = len(xywh) if split != "test" else len(list((chunk / "frames" / anno.stem).glob("*.jpg")))
             frames = _frames(chunk / "frames" / anno.stem, n, "%d.jpg", start=0)
-            sequences.append(Sequence(anno.stem, frames, [_track(xywh)], "trackingnet"))
+            sequences.append(TrackingSequence(anno.stem, frames, [_track(xywh)], "trackingnet"))
     return sequences
 
 
-def _tnl2k(root: str | Path, split: str = "test") -> list[Sequence]:
+def _tnl2k(root: str | Path, split: str = "test") -> list[TrackingSequence]:
     base = _root(root, "tnl2k")
     sequences = []
     for d in sorted(p for p in base.iterdir() if (p / "groundtruth.txt").is_file()):
         frames = _frames(d / "imgs")
-        sequences.append(Sequence(d.name, frames, [_track(read_boxes(d / "groundtruth.txt", len(frames)))], "tnl2k"))
+        track = _track(read_boxes(d / "groundtruth.txt", len(frames)))
+        sequences.append(TrackingSequence(d.name, frames, [track], "tnl2k"))
     if not sequences:
         raise DatasetError(f"dataset tnl2k: no <sequence>/groundtruth.txt under {base}")
     return sequences
 
 
-def _coco(root: str | Path, split: str = "train") -> list[Sequence]:
+def _coco(root: str | Path, split: str = "train") -> list[TrackingSequence]:
     base = _root(root, "coco")
     ann = base / "annotations" / f"instances_{split}2017.json"
     if not ann.is_file():
@@ -234,23 +235,24 @@ def _coco(root: str | Path, split: str = "train") -> list[Sequence]:
         tracks = [_track(np.asarray([b], dtype=np.float64)) for b in boxes]
         tracks = [t for t in tracks if t.present.any()]
         if tracks and image_id in images:
-            sequences.append(Sequence(str(image_id), [images_dir / images[image_id]], tracks, "coco"))
+            sequences.append(TrackingSequence(str(image_id), [images_dir / images[image_id]], tracks, "coco"))
     return sequences
 
 
-def _custom(root: str | Path, split: str = "train") -> list[Sequence]:
+def _custom(root: str | Path, split: str = "train") -> list[TrackingSequence]:
     base = _root(root, "custom")
     sequences = []
     for d in sorted(p for p in base.iterdir() if (p / "groundtruth.txt").is_file()):
         frames = _frames(d / "img" if (d / "img").is_dir() else d)
         xywh = read_boxes(d / "groundtruth.txt", len(frames))
-        sequences.append(Sequence(d.name, frames, [_track(xywh, _flags(d / "absence.label", len(frames)))], "custom"))
+        track = _track(xywh, _flags(d / "absence.label", len(frames)))
+        sequences.append(TrackingSequence(d.name, frames, [track], "custom"))
     if not sequences:
         raise DatasetError(f"dataset custom: no <sequence>/groundtruth.txt folders under {base}")
     return sequences
 
 
-DATASETS: dict[str, Callable[..., list[Sequence]]] = {
+DATASETS: dict[str, Callable[..., list[TrackingSequence]]] = {
     "lasot": _lasot,
     "lasot_ext": lambda root, split="test": _lasot(root, "all", shift=False, name="lasot_ext"),
     "got10k": _got10k,
@@ -261,7 +263,8 @@ DATASETS: dict[str, Callable[..., list[Sequence]]] = {
 }
 
 
-def read_dataset(name: str, root: str | Path, split: str = "train", for_training: bool = True) -> list[Sequence]:
+def read_dataset(name: str, root: str | Path, split: str = "train", for_training: bool = True
+                 ) -> list[TrackingSequence]:
     """Read one dataset; with ``for_training`` drop targets and sequences never present.
 
     Raises:

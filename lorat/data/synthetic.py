@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lorat.errors import LoratError, run_cli
+from lorat.files import IMAGE_EXTENSIONS
 from lorat.video import read_rgb
 
 __all__ = ["main", "make_clip", "load_photos", "write_dataset", "write_clip"]
@@ -92,7 +93,7 @@ def load_photos(folders: Sequence[Path], max_side: int = 640) -> list[np.ndarray
             raise LoratError(f"--photos folder not found: {folder}")
         found = 0
         for path in sorted(folder.rglob("*")):
-            if path.suffix.lower() not in (".jpg", ".jpeg", ".png"):
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
             image = read_rgb(path)
             if image is None or min(image.shape[:2]) < 48:
