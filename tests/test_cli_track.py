@@ -29,10 +29,11 @@ def _run(*args):
     return proc.returncode, proc.stdout, proc.stderr
 
 
-def test_fixture_reproduced_by_cli(tmp_path):
+def test_fixture_reproduced_by_cli(tmp_path, capsys):
     out = tmp_path / "out.txt"
-    code, stdout, stderr = _run(TINY / "sequence", *MODEL_ARGS, "--init", "76,77,40,38", "--save-txt", out,
-                                "--output", tmp_path / "out.mp4")
+    code = run_cli(main, [str(TINY / "sequence"), *MODEL_ARGS, "--init", "76,77,40,38", "--save-txt", str(out),
+                          "--output", str(tmp_path / "out.mp4")])
+    stdout, stderr = capsys.readouterr()
     assert code == 0, stderr
     np.testing.assert_allclose(np.loadtxt(out), np.loadtxt(TINY / "expected_boxes.txt"), atol=0.05, rtol=0)
     np.testing.assert_allclose(np.loadtxt(tmp_path / "out_scores.txt"), np.loadtxt(TINY / "expected_confidence.txt"),

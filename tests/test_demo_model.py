@@ -1,5 +1,6 @@
 """The bundled demo model and clip: the quick start works offline and follows the object."""
 
+import itertools
 import os
 import subprocess
 import sys
@@ -30,25 +31,20 @@ def test_bundled_model_is_small_and_self_describing():
 
 
 def test_bundled_model_follows_the_box_on_the_bundled_clip():
+    """Frames 334-363 of the bundled clip, where the box moves most: a box that never moves gets a
+    mean IoU of 0.65 there against the pseudo ground truth; the demo model must do clearly better."""
     gt = read_boxes(GT)
-    tracker = Tracker.from_pretrained(DEFAULT_WEIGHTS, device="cpu")
+    start, n = 333, 30
     source = open_source(str(CLIP))
-    boxes = []
     try:
-        for index, frame in source:
-            if index == 0:
-                tracker.init(frame, gt[0])
-                boxes.append(gt[0])
-            else:
-                boxes.append(np.array(tracker.track(frame).box))
-            if index == 59:
-                break
+        frames = [frame for index, frame in itertools.takewhile(lambda f: f[0] < start + n, source) if index >= start]
     finally:
         source.close()
-    ious = box_iou(xywh_to_xyxy(torch.tensor(np.array(boxes))), xywh_to_xyxy(torch.tensor(gt[:60]))).diagonal().numpy()
-    # The object is large and moves little in 2 s, but a static box loses it (pseudo ground
-    # truth: IoU > 0.5 is meaningful, fine decimals are not).
-    assert ious.mean() > 0.6, ious.round(2)
+    tracker = Tracker.from_pretrained(DEFAULT_WEIGHTS, device="cpu")
+    boxes = [r.targets[0].box for r in tracker.stream(frames, gt[start])]
+    ious = box_iou(xywh_to_xyxy(torch.tensor(np.array(boxes))),
+                   xywh_to_xyxy(torch.tensor(gt[start:start + n]))).diagonal().numpy()
+    assert ious.mean() > 0.75, ious.round(2)  # pseudo ground truth: IoU > 0.5 is meaningful, fine decimals are not
 
 
 def test_quick_start_command_uses_the_bundled_model(tmp_path):
