@@ -72,7 +72,8 @@ def test_merged_state_dict_file(official, tmp_path, tiny_config):
     again, _ = load_model(tmp_path / "merged.pth", tiny_config)
     torch.testing.assert_close(_out(again, _ref_inputs(ref))["score_map"], ref["score_map"], atol=1e-4, rtol=0)
     torch.save({"model": model.state_dict(), "epoch": 3}, tmp_path / "wrapped.pth")
-    load_model(tmp_path / "wrapped.pth", tiny_config)
+    wrapped, _ = load_model(tmp_path / "wrapped.pth", tiny_config)
+    torch.testing.assert_close(_out(wrapped, _ref_inputs(ref))["score_map"], ref["score_map"], atol=1e-4, rtol=0)
 
 
 def test_official_full_unmerged_state_dict(tiny_config, tiny_files, tmp_path):
