@@ -307,7 +307,7 @@ def _track_frames(tracker: lorat.Tracker, source: FrameSource, boxes: list, writ
     """
     total = min(source.frame_count or max_frames, max_frames)
     rows, scores, drawn = [], [], None
-    frames = (frame for index, frame in source if index < max_frames)
+    frames = (frame for _, frame in itertools.islice(source, max_frames))
     try:
         for result in tracker.stream(frames, boxes):
             if result.frame is not None:

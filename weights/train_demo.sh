@@ -49,5 +49,14 @@ python -m lorat.data.cutouts "$data/cut-val" --stamps "$stamps" --photos "$data/
 python -m lorat.train configs/demo.yaml --init-weights "$run/checkpoint/epoch_024/lorat.safetensors" \
     --data lasot="$data/cut-train" --val-data lasot="$data/cut-val" --output "$run-cutouts" \
     --set train.lr=1.5e-4 --set train.warmup_epochs=0.5 --set train.epochs=16 --set train.checkpoint_every=1
-cp "$run-cutouts/checkpoint/epoch_016/lorat.safetensors" weights/lorat_demo.safetensors
+# Stage 3: 1,200 more cut-out clips with a forearm in 80 % of them (the bottle-in-hand failure of
+# issue 12), then 20 more epochs from stage 2's last checkpoint over all the cut-out data.
+python -m lorat.data.cutouts "$data/cut-train" --stamps "$stamps" --photos "$data/photos" \
+    --sequences 600 --frames 50 --seed 31 --category cutout-b --arm-odds 0.8
+python -m lorat.data.cutouts "$data/cut-train" --stamps "$stamps" --photos "$data/photos" \
+    --sequences 600 --frames 50 --seed 32 --category cutout-c --arm-odds 0.8
+python -m lorat.train configs/demo.yaml --init-weights "$run-cutouts/checkpoint/epoch_016/lorat.safetensors" \
+    --data lasot="$data/cut-train" --val-data lasot="$data/cut-val" --output "$run-stage3" \
+    --set train.lr=1e-4 --set train.warmup_epochs=0.5 --set train.epochs=20 --set train.checkpoint_every=1
+cp "$run-stage3/checkpoint/epoch_020/lorat.safetensors" weights/lorat_demo.safetensors
 python -m lorat.info --weights weights/lorat_demo.safetensors

@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from lorat.data.synthetic import _photo_crop, load_photos, write_clip
+from lorat.data.synthetic import _photo_crop, load_images, load_photos, write_clip
 from lorat.errors import LoratError, run_cli
 
 __all__ = ["Cutout", "load_cutouts", "is_photograph", "make_clip", "write_dataset", "main"]
@@ -70,29 +70,18 @@ def load_cutouts(folders: Sequence[Path], max_side: int = 320) -> list[Cutout]:
     Raises:
         LoratError: a folder is missing or holds no usable RGBA image.
     """
-    cutouts = []
-    for folder in folders:
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise LoratError(f"--stamps folder not found: {folder}")
-        found = 0
-        for path in sorted(folder.rglob("*.png")):
-            image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-            if image is None or image.ndim != 3 or image.shape[2] != 4:
-                continue
-            rgba = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
-            ys, xs = np.nonzero(rgba[..., 3] > 128)
-            if len(xs) < 400 or (rgba[..., 3] < 128).sum() < 0.05 * rgba[..., 3].size:
-                continue  # too small, or no real silhouette (an opaque rectangle)
-            rgba = rgba[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
-            scale = max_side / max(rgba.shape[:2])
-            if scale < 1:
-                rgba = cv2.resize(rgba, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-            cutouts.append(Cutout(rgba, str(path.relative_to(folder)), is_photograph(rgba)))
-            found += 1
-        if not found:
-            raise LoratError(f"--stamps folder {folder} holds no RGBA .png cut-out")
-    return cutouts
+    def read(path: Path) -> np.ndarray | None:
+        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED) if path.suffix.lower() == ".png" else None
+        if image is None or image.ndim != 3 or image.shape[2] != 4:
+            return None
+        rgba = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
+        ys, xs = np.nonzero(rgba[..., 3] > 128)
+        if len(xs) < 400 or (rgba[..., 3] < 128).sum() < 0.05 * rgba[..., 3].size:
+            return None  # too small, or no real silhouette (an opaque rectangle)
+        return rgba[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+
+    return [Cutout(rgba, str(name), is_photograph(rgba))
+            for name, rgba in load_images(folders, read, max_side, "--stamps", "RGBA .png cut-out")]
 
 
 def held_out(name: str, share: float) -> bool:

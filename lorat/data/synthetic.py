@@ -13,7 +13,7 @@ full_occlusion.txt, out_of_view.txt}``, readable with ``--data lasot=OUT``.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import cv2
@@ -80,32 +80,41 @@ class _Mover:
         return round(self.cx - w / 2), round(self.cy - h / 2), w, h
 
 
+def load_images(folders: Sequence[Path], read: Callable[[Path], np.ndarray | None], max_side: int, option: str,
+                kind: str) -> list[tuple[Path, np.ndarray]]:
+    """``(path relative to its folder, image)`` for every file under ``folders`` that ``read`` accepts
+    (it returns None for the others), shrunk to a long side of at most ``max_side``.
+
+    Raises:
+        LoratError: a folder is missing or holds no accepted image (the message names ``option`` and ``kind``).
+    """
+    images = []
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise LoratError(f"{option} folder not found: {folder}")
+        found = [(path.relative_to(folder), image) for path in sorted(folder.rglob("*"))
+                 if path.suffix.lower() in IMAGE_EXTENSIONS and (image := read(path)) is not None]
+        if not found:
+            raise LoratError(f"{option} folder {folder} holds no {kind}")
+        for name, image in found:
+            scale = max_side / max(image.shape[:2])
+            if scale < 1:
+                image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+            images.append((name, image))
+    return images
+
+
 def load_photos(folders: Sequence[Path], max_side: int = 640) -> list[np.ndarray]:
-    """Read every ``*.jpg`` / ``*.jpeg`` / ``*.png`` under ``folders`` as RGB uint8 (long side <= max_side).
+    """Every readable image under ``folders`` (48 px or more) as RGB uint8, long side <= ``max_side``.
 
     Raises:
         LoratError: a folder is missing or holds no readable image.
     """
-    photos = []
-    for folder in folders:
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise LoratError(f"--photos folder not found: {folder}")
-        found = 0
-        for path in sorted(folder.rglob("*")):
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            image = read_rgb(path)
-            if image is None or min(image.shape[:2]) < 48:
-                continue
-            scale = max_side / max(image.shape[:2])
-            if scale < 1:
-                image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-            photos.append(image)
-            found += 1
-        if not found:
-            raise LoratError(f"--photos folder {folder} holds no readable .jpg/.png image")
-    return photos
+    def read(path: Path) -> np.ndarray | None:
+        image = read_rgb(path)
+        return image if image is not None and min(image.shape[:2]) >= 48 else None
+
+    return [image for _, image in load_images(folders, read, max_side, "--photos", "readable image")]
 
 
 def _photo_crop(rng: np.random.Generator, photos: list[np.ndarray], w: int, h: int) -> np.ndarray:
