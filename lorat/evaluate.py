@@ -46,21 +46,16 @@ import hashlib
 import json
 import os
 import sys
-import time
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from tqdm import tqdm
 
 from lorat import __version__
-from lorat.boxes import xyxy_to_xywh
-from lorat.checkpoint import load_model
 from lorat.config import Config, config_to_dict, load_config
-from lorat.data.sequences import DATASETS, DatasetError, TrackingSequence, read_dataset
+from lorat.data.sequences import DATASETS, DatasetError, TrackingSequence, init_frame, read_dataset
 from lorat.errors import LoratError, listed, run_cli
 from lorat.metrics import P20, P_NORM_02, SequenceCurves, got10k_metrics, sequence_curves, summarize_curves
 from lorat.report import format_table, mean_curves, plot_curves, write_report
@@ -71,14 +66,14 @@ from lorat.results import (
     read_sequence,
     read_times,
     write_got10k_zip,
-    write_sequence,
     write_trackingnet_zip,
 )
 from lorat.runtime import Distributed, default_weights, dtype_name, resolve_dtype
-from lorat.tracker import TrackState, ensure_finite, init_boxes, init_state, to_frame_tensor, track_step
-from lorat.video import read_rgb
 
-__all__ = ["main", "track_sequences", "score_results", "init_frame", "tracker_manifest"]
+if TYPE_CHECKING:  # torch and the model load once the arguments are parsed: --help stays instant
+    import torch
+
+__all__ = ["main", "score_results", "tracker_manifest"]
 
 DEFAULT_SPLIT = {"lasot": "test", "lasot_ext": "test", "got10k": "val", "trackingnet": "test", "tnl2k": "test",
                  "custom": "test"}
@@ -98,10 +93,6 @@ def _gt(seq: TrackingSequence) -> tuple[np.ndarray, np.ndarray]:
     return xywh, track.present
 
 
-def init_frame(seq: TrackingSequence) -> int | None:
-    """Index of the frame a sequence starts on: the first with the target present (None: never)."""
-    present = np.flatnonzero(seq.tracks[0].present[:len(seq)])
-    return int(present[0]) if len(present) else None
 
 
 def _trackable(name: str, split: str, sequences: list[TrackingSequence], verbose: bool = True
@@ -126,112 +117,12 @@ def _trackable(name: str, split: str, sequences: list[TrackingSequence], verbose
     return kept
 
 
-def _init_frames(sequences: list[TrackingSequence]) -> list[int]:
-    """The init frame of every sequence, checked before anything is tracked.
-
-    Raises:
-        DatasetError: a target is never visible, or an init frame's image file is missing (names them).
-    """
-    starts = [init_frame(s) for s in sequences]
-    never = [s.name for s, start in zip(sequences, starts, strict=True) if start is None]
-    if never:
-        raise DatasetError(f"target never visible, nothing to initialise on: {listed(never)}")
-    missing = [f"{s.name}: {s.frames[start]}" for s, start in zip(sequences, starts, strict=True)
-               if not s.frames[start].is_file()]
-    if missing:
-        raise DatasetError(f"image of the init frame missing for {len(missing)} sequence(s): {listed(missing, 3)}")
-    return starts
 
 
-def _init_box(seq: TrackingSequence, index: int, image: np.ndarray | None) -> torch.Tensor:
-    """(1, 4) xyxy float64 init box of frame ``index``, checked and clipped by :func:`init_boxes` as
-    ``Tracker.init`` does.
-
-    Raises:
-        DatasetError: the frame's image cannot be read, or the box lies outside the frame.
-    """
-    if image is None:
-        raise DatasetError(f"{seq.name}: cannot read {seq.frames[index]}, the frame tracking starts on")
-    try:
-        return init_boxes(seq.tracks[0].xywh()[index], image.shape[1], image.shape[0])
-    except LoratError as err:
-        raise DatasetError(f"{seq.name}: the ground truth of frame {index + 1}: {err}") from None
 
 
-class _Running:
-    """A sequence being tracked: where it is, and what it produced so far.
-
-    Frames before the init frame hold ``nan`` placeholders (no box, no time).
-    """
-
-    def __init__(self, seq: TrackingSequence, start: int):
-        self.seq, self.start, self.index = seq, start, start
-        self.boxes: list[np.ndarray] = [np.full(4, np.nan)] * start
-        self.times: list[float] = [float("nan")] * start
-        self.size: tuple[int, int] | None = None
 
 
-def track_sequences(model, config, sequences: list[TrackingSequence], folder: Path, offset: float, batch: int,
-                    dtype, progress: bool = True) -> None:
-    """Track sequences (batched, each at its own frame) and write their result files as they finish.
-
-    Raises:
-        DatasetError: a sequence's target is never visible, or its init frame is unreadable.
-        LoratError: a result file cannot be written.
-    """
-    device = model.device
-    pending = list(zip(sequences, _init_frames(sequences), strict=True))
-    active: list[_Running] = []
-    state: TrackState | None = None
-    frames_bar = tqdm(total=sum(len(s) for s in sequences), unit="frame", desc=f"{folder.name}", disable=not progress,
-                      dynamic_ncols=True)
-    seq_bar = tqdm(total=len(pending), unit="seq", desc="sequences", disable=not progress, position=1,
-                   dynamic_ncols=True)
-    with frames_bar as bar, seq_bar, ThreadPoolExecutor(max_workers=4) as pool:
-        while pending or active:
-            joining = []
-            while pending and len(active) + len(joining) < batch:
-                joining.append(_Running(*pending.pop(0)))
-            images = list(pool.map(lambda r: read_rgb(r.seq.frames[r.index]), active + joining))
-            start = time.perf_counter()
-            # sequences joining now: initialise on their init frame (output = the clipped init box)
-            new_states = []
-            for r, image in zip(joining, images[len(active):], strict=True):
-                box = _init_box(r.seq, r.index, image)
-                r.size = (image.shape[1], image.shape[0])
-                new_states.append(init_state([to_frame_tensor(image, device)], box, model.cfg, config.tracking))
-                r.boxes.append(xyxy_to_xywh(box)[0].numpy())
-                bar.update(r.start)
-            # sequences already running: one batched step
-            if active:
-                frames = []
-                for r, image in zip(active, images[:len(active)], strict=True):
-                    if image is None:  # the tracker's policy: previous box, state kept (Tracker.stream)
-                        warnings.warn(f"{r.seq.name}: frame {r.index + 1} unreadable; the previous box is repeated",
-                                      stacklevel=1)
-                        image = np.zeros((r.size[1], r.size[0], 3), np.uint8)
-                    frames.append(to_frame_tensor(image, device))
-                readable = torch.tensor([image is not None for image in images[:len(active)]])
-                step = track_step(model, state, frames, config.tracking, dtype, readable=readable)
-                state = step.state
-                for r, xywh in zip(active, ensure_finite(xyxy_to_xywh(step.box).cpu().numpy()), strict=True):
-                    r.boxes.append(xywh)
-            elapsed = (time.perf_counter() - start) / max(len(active) + len(joining), 1)
-            for r in active + joining:
-                r.times.append(elapsed)
-                r.index += 1
-            bar.update(len(active) + len(joining))
-            active = active + joining
-            state = TrackState.cat(([state] if state is not None else []) + new_states) if active else None
-            done = [i for i, r in enumerate(active) if r.index >= len(r.seq)]
-            for i in done:
-                r = active[i]
-                write_sequence(folder, r.seq.name, np.array(r.boxes), np.array(r.times), offset)
-                seq_bar.update(1)
-            if done:
-                keep = [i for i in range(len(active)) if i not in done]
-                active = [active[i] for i in keep]
-                state = state.select(keep) if keep else None
 
 
 def _fps(path: Path) -> float:
@@ -412,6 +303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.repeat < 1 or args.batch < 1:
         raise LoratError("--repeat and --batch must be at least 1")
     name, path, split = _dataset_arg(args.dataset, args.split)
+    from lorat.checkpoint import load_model
+    from lorat.runner import track_sequences
+
     with Distributed(args.device) as env:
         sequences = _trackable(name, split, _read(name, path, split), verbose=env.main)
         config = load_config(args.config) if args.config else None

@@ -100,7 +100,7 @@ def test_holdout_split_is_deterministic():
 
 
 def test_init_weights_start_the_training_model(tmp_path):
-    from lorat.train import _load_init_weights
+    from lorat.trainer import load_init_weights
 
     cfg = config_from_dict(config_to_dict(tiny_config()) | {"train": {"finetune": "full"}})
     torch.manual_seed(1)
@@ -108,12 +108,12 @@ def test_init_weights_start_the_training_model(tmp_path):
     path = save_model(start, cfg, tmp_path / "start.safetensors")
     torch.manual_seed(2)
     model = build_training_model(cfg)
-    _load_init_weights(model, cfg, path)
+    load_init_weights(model, cfg, path)
     for k, v in start.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
     other = config_from_dict(config_to_dict(cfg) | {"model": config_to_dict(cfg)["model"] | {"search_size": 252}})
     with pytest.raises(LoratError, match="made for model"):
-        _load_init_weights(build_training_model(other), other, path)
+        load_init_weights(build_training_model(other), other, path)
     lora = config_from_dict(config_to_dict(cfg) | {"train": {"finetune": "lora"}})
     with pytest.raises(LoratError, match="finetune full"):
-        _load_init_weights(build_training_model(lora), lora, path)
+        load_init_weights(build_training_model(lora), lora, path)

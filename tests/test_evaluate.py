@@ -376,7 +376,7 @@ def test_non_finite_model_outputs_stop_the_run(setup, tmp_path):
     from lorat.checkpoint import load_model
     from lorat.data.sequences import read_dataset
     from lorat.errors import LoratError
-    from lorat.evaluate import track_sequences
+    from lorat.runner import track_sequences
 
     data, weights = setup
     model, config = load_model(weights)

@@ -25,7 +25,7 @@ def test_loading_and_tracking_load_neither_peft_gradio_nor_matplotlib():
     assert _loaded("import lorat; from lorat.checkpoint import load_model; lorat.Tracker", HEAVY) == []
 
 
-@pytest.mark.parametrize("command", ["lorat.track"])
+@pytest.mark.parametrize("command", ["lorat.track", "lorat.evaluate", "lorat.train"])
 def test_help_is_printed_before_torch_is_imported(command):
     code = f"from {command} import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass"
     assert _loaded(code, ("torch", "timm", *HEAVY)) == []

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 import lorat.optim as optim
-import lorat.train as train
+import lorat.trainer as trainer
 from lorat.config import TrainConfig, load_config
 from lorat.data.pairs import PairDataset, Source, UnusableDataError
 from lorat.data.sequences import read_dataset
@@ -147,14 +147,14 @@ def test_sigint_then_resume_is_bit_exact(synthetic, reference, tmp_path, monkeyp
 
 def test_kill_after_the_final_step_before_its_checkpoint(synthetic, reference, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    save = train.save_checkpoint
+    save = trainer.save_checkpoint
 
     def killed_at_the_end(out, epoch, *args, **kwargs):
         if epoch == 2:
             raise _Killed
         return save(out, epoch, *args, **kwargs)
 
-    monkeypatch.setattr(train, "save_checkpoint", killed_at_the_end)
+    monkeypatch.setattr(trainer, "save_checkpoint", killed_at_the_end)
     with pytest.raises(_Killed):
         run_cli(main, _recipe(synthetic, "--output", str(run)))
     monkeypatch.undo()

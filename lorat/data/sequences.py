@@ -37,7 +37,7 @@ import numpy as np
 from lorat.errors import LoratError
 from lorat.files import IMAGE_EXTENSIONS
 
-__all__ = ["Track", "TrackingSequence", "DatasetError", "read_dataset", "DATASETS", "read_boxes"]
+__all__ = ["Track", "TrackingSequence", "DatasetError", "read_dataset", "DATASETS", "read_boxes", "init_frame"]
 
 
 
@@ -280,3 +280,9 @@ def read_dataset(name: str, root: str | Path, split: str = "train", for_training
         if not sequences:
             raise DatasetError(f"dataset {name} at {root}: no sequence with a visible target")
     return sequences
+
+
+def init_frame(seq: TrackingSequence) -> int | None:
+    """Index of the frame a sequence starts on: the first with the target present (None: never)."""
+    present = np.flatnonzero(seq.tracks[0].present[:len(seq)])
+    return int(present[0]) if len(present) else None
