@@ -134,10 +134,6 @@ def load_model(
     return model.to(device=device, dtype=dtype), config
 
 
-
-
-
-
 def save_model(model: LoRAT, config: Config, path: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write our single file: merged weights + config in safetensors metadata.
 
@@ -157,10 +153,5 @@ def save_model(model: LoRAT, config: Config, path: str | Path, dtype: torch.dtyp
     except SafetensorError as err:
         raise LoratError(f"cannot write {path}: {str(err).split(' at path')[0]}") from None
     return path
-
-
-
-
-
 
 

@@ -93,8 +93,6 @@ def _gt(seq: TrackingSequence) -> tuple[np.ndarray, np.ndarray]:
     return xywh, track.present
 
 
-
-
 def _trackable(name: str, split: str, sequences: list[TrackingSequence], verbose: bool = True
                ) -> list[TrackingSequence]:
     """The sequences that can be evaluated: those whose target is present on some frame.
@@ -115,14 +113,6 @@ def _trackable(name: str, split: str, sequences: list[TrackingSequence], verbose
     if not kept:
         raise DatasetError(f"dataset {name} ({split}): no sequence with a visible target to evaluate")
     return kept
-
-
-
-
-
-
-
-
 
 
 def _fps(path: Path) -> float:

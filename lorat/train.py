@@ -56,7 +56,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-weights", type=Path, metavar="FILE",
                    help="start from this single-file model (same architecture; train.finetune full): fine-tuning")
     p.add_argument("--output", type=Path, help="output folder")
-    p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR")
+    p.add_argument("--resume", type=Path, metavar="DIR",
+                   help="continue the run in DIR (on another machine, give --data / --val-data / --backbone-weights "
+                        "again where the files live there)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, repeatable (with --resume: schedule keys only, e.g. train.epochs)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (torchrun: the local GPU)")
@@ -87,8 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         saved_args = read_args(out / "args.json")
         config = load_config(out / "config.yaml", args.set)  # schedule overrides allowed (more epochs, workers)
         check_resume_config(config, state, state_path)
-        data, val_data = saved_args["data"], saved_args.get("val_data", [])
-        backbone = saved_args.get("backbone_weights")
+        # another machine: the same datasets and backbone file may live elsewhere (--data, --val-data,
+        # --backbone-weights given again replace the saved paths, and args.json keeps the new ones)
+        data = args.data or saved_args["data"]
+        val_data = args.val_data or saved_args.get("val_data", [])
+        backbone = args.backbone_weights or saved_args.get("backbone_weights")
         init = saved_args.get("init_weights")
         log_every = args.log_every or saved_args.get("log_every", 10)
     else:

@@ -70,7 +70,6 @@ class _StopFlag:
             signal.signal(s, handler)
 
 
-
 def load_init_weights(model: LoRAT, config: Config, path: Path) -> None:
     """Copy a single-file model's weights into the training model (fine-tuning start).
 
@@ -159,8 +158,9 @@ def _setup(config: Config, data, val_data, backbone, out: Path, env: Distributed
         config_text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
         if not (out / "config.yaml").is_file() or (out / "config.yaml").read_text() != config_text:
             write_atomic(out / "config.yaml", lambda tmp: tmp.write_text(config_text))  # resume: keep its --set
-        if state is None:
-            write_atomic(out / "args.json", lambda tmp: tmp.write_text(json.dumps(saved_args, indent=2)))
+        args_text = json.dumps(saved_args, indent=2)
+        if not (out / "args.json").is_file() or (out / "args.json").read_text() != args_text:
+            write_atomic(out / "args.json", lambda tmp: tmp.write_text(args_text))  # resumed elsewhere: new paths
         trim_log(out / "metrics.csv", run.step)  # rows logged after the last saved state (a kill)
         trim_log(out / "val.csv", run.step // iters)
     env.barrier()

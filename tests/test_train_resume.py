@@ -336,3 +336,19 @@ def test_pairs_that_cannot_be_made_raise_a_one_line_dataset_error(synthetic):
     relayed = UnusableDataError("Caught UnusableDataError in DataLoader worker process 0.\nOriginal Traceback (most "
                                 "recent call last):\n  File ...\nlorat.data.pairs.UnusableDataError: the message\n")
     assert str(relayed) == "the message"
+
+
+def test_resume_on_another_machine_with_the_data_elsewhere(synthetic, reference, tmp_path):
+    """A run stopped here continues where its data lives at another path (a GPU machine): --data and
+    --val-data given again replace the saved paths, args.json keeps the new ones, and the run is
+    the same bit for bit."""
+    here = tmp_path / "here"
+    shutil.copytree(synthetic, here)
+    run = tmp_path / "run"
+    assert run_cli(main, [*_recipe(here, "--output", str(run), "--stop-after", "3")]) == 0
+    there = tmp_path / "there"
+    here.rename(there)
+    assert run_cli(main, ["--resume", str(run)]) == 2  # the saved paths are gone
+    assert run_cli(main, ["--resume", str(run), "--data", f"lasot={there}", "--val-data", f"lasot={there}"]) == 0
+    assert json.loads((run / "args.json").read_text())["data"] == [f"lasot={there}"]
+    assert_same_run(reference, run)
