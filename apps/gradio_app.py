@@ -491,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     note = ""
     try:
         if not args.weights:
-            args.weights = [str(default_weights("--weights"))]
+            args.weights = [str(default_weights())]
             print(default_weights_notice(Path(args.weights[0])))
             note = (f"Model: the bundled demo model `{Path(args.weights[0]).name}`, a small CPU model trained "
                     f"for this demo, not the paper's (see the README for the official weights).")

@@ -104,7 +104,8 @@ def load_model(
             raise WeightsError(
                 f"{path}: is an official LoRAT checkpoint holding only the trainable tensors; it "
                 f"needs the DINOv2 backbone file too (the backbone weights)"
-                + (f" ({DINOV2_FILES[cfg.backbone.embed_dim]})" if cfg.backbone.embed_dim in DINOV2_FILES else "")
+                + (f" ({DINOV2_FILES[cfg.backbone.embed_dim]})" if cfg.backbone.embed_dim in DINOV2_FILES else ""),
+                missing="backbone_weights",
             )
         check_size(cfg, sd, path, full=False)
         model = build_lorat(cfg, backbone_weights)

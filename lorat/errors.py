@@ -14,7 +14,19 @@ __all__ = ["LoratError", "ConfigError", "WeightsError", "run_cli", "listed"]
 
 
 class LoratError(Exception):
-    """Base class of errors caused by user input; the message is meant for the user."""
+    """Base class of errors caused by user input; the message is meant for the user.
+
+    ``missing`` names a value the caller should add (``"backbone_weights"``); the command-line
+    wrapper turns it into the option that gives it (:data:`OPTIONS`).
+    """
+
+    def __init__(self, message: str, missing: str | None = None):
+        super().__init__(message)
+        self.missing = missing
+
+
+# How every command takes the values a LoratError may ask for.
+OPTIONS = {"backbone_weights": "--backbone-weights FILE", "weights": "--weights FILE"}
 
 
 class ConfigError(LoratError, ValueError):
@@ -33,7 +45,8 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     try:
         return int(main(argv) or 0)
     except LoratError as err:
-        print(f"error: {err}", file=sys.stderr)
+        hint = f"; pass {OPTIONS[err.missing]}" if err.missing in OPTIONS else ""
+        print(f"error: {err}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

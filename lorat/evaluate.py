@@ -299,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with Distributed(args.device) as env:
         sequences = _trackable(name, split, _read(name, path, split), verbose=env.main)
         config = load_config(args.config) if args.config else None
-        weights = Path(args.weights) if args.weights else default_weights("--weights")
+        weights = Path(args.weights) if args.weights else default_weights()
         model, config = load_model(weights, config, args.backbone_weights, device=env.device)
         dtype = resolve_dtype(args.dtype, env.device)
         tracker = (args.name or config.model.variant).replace("/", "-")

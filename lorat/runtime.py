@@ -156,11 +156,8 @@ class Distributed:
         self.close()
 
 
-def default_weights(option: str = "") -> Path:
+def default_weights() -> Path:
     """The weights used when none are given: ``$LORAT_WEIGHTS`` or the bundled demo model.
-
-    Args:
-        option: how the calling command takes a weight file (``"--weights"``), for the message.
 
     Raises:
         WeightsError: neither exists.
@@ -169,8 +166,8 @@ def default_weights(option: str = "") -> Path:
     path = Path(env) if env else DEFAULT_WEIGHTS
     if not path.is_file():
         where = WEIGHTS_VARIABLE if env else "the bundled demo model"
-        raise WeightsError(f"no weights given and {where} {path} is missing; "
-                           f"{f'pass {option} FILE' if option else 'give a weight file'} (see weights/README.md)")
+        raise WeightsError(f"no weights given and {where} {path} is missing (see weights/README.md)",
+                           missing="weights")
     return path
 
 

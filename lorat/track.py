@@ -237,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise LoratError("--show needs a display (none found: DISPLAY is unset)")
     if args.max_frames is not None and args.max_frames < 1:
         raise LoratError("--max-frames must be at least 1")
-    weights = args.weights or default_weights("--weights")
+    weights = args.weights or default_weights()
     if not args.weights:
         print(default_weights_notice(weights))
     source = open_source(args.source)  # validate the source and the outputs before loading the model

@@ -49,7 +49,8 @@ def test_export_cli_roundtrip(tmp_path, tiny_files, tiny_dir, capsys):
     (["configs/b224.yaml", "--weights", "missing.safetensors"], "weight file not found: missing.safetensors"),
     (["configs/nope.yaml"], "config file not found"),
     (["tests/fixtures/official-tiny/config.yaml", "--weights",
-      "tests/fixtures/official-tiny/lorat_trainable.safetensors"], "needs the DINOv2 backbone file"),
+      "tests/fixtures/official-tiny/lorat_trainable.safetensors"],
+     "(the backbone weights); pass --backbone-weights FILE"),
 ])
 def test_cli_errors_are_messages(args, message, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)

@@ -119,7 +119,8 @@ def test_empty_folder_and_missing_default_weights(tmp_path, capsys, monkeypatch)
     assert "contains no images" in capsys.readouterr().err
     monkeypatch.setenv("LORAT_WEIGHTS", str(tmp_path / "none.safetensors"))
     assert run_cli(main, [str(TINY / "sequence"), "--init", "1,1,5,5"]) == 2
-    assert "none.safetensors is missing" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "none.safetensors is missing" in err and err.rstrip().endswith("pass --weights FILE")
 
 
 def test_help(capsys):
