@@ -16,6 +16,8 @@ from lorat.data.sequences import DatasetError
 from lorat.data.synthetic import write_dataset
 from lorat.errors import run_cli
 from lorat.evaluate import main
+from lorat.runtime import DEFAULT_WEIGHTS
+from lorat.tracker import Tracker
 
 from .conftest import ROOT
 
@@ -394,7 +396,8 @@ def test_border_boxes_give_the_same_boxes_as_the_track_cli(setup, tmp_path):
     sequence that starts inside the frame, synthetic-3)."""
     from lorat.track import main as track_main
 
-    source, weights = setup
+    source, _ = setup
+    weights = DEFAULT_WEIGHTS  # a trained model: its boxes move with the target (a random one's fill the frame)
     data = tmp_path / "border"
     shutil.copytree(source, data)
     starts = {"synthetic-1": (-12.0, 5.0), "synthetic-2": (140.0, -9.5)}
@@ -409,7 +412,7 @@ def test_border_boxes_give_the_same_boxes_as_the_track_cli(setup, tmp_path):
         out = tmp_path / f"batch{batch}"
         assert run_cli(main, ["--weights", str(weights), "--dataset", f"lasot={data}", "--output", str(out),
                               "--device", "cpu", "--batch", batch]) == 0
-        results[batch] = {n: np.loadtxt(out / "lasot" / "debug" / f"{n}.txt") - [1, 1, 0, 0]
+        results[batch] = {n: np.loadtxt(out / "lasot" / "demo" / f"{n}.txt") - [1, 1, 0, 0]
                           for n in ("synthetic-1", "synthetic-2", "synthetic-3")}
     for name in results["1"]:
         gt = (data / "synthetic" / name / "groundtruth.txt").read_text()
@@ -422,3 +425,29 @@ def test_border_boxes_give_the_same_boxes_as_the_track_cli(setup, tmp_path):
         assert cli[0, 0] >= 0 and cli[0, 1] >= 0 and cli[0, 0] + cli[0, 2] <= 160  # clipped to the frame
         np.testing.assert_allclose(results["1"][name], cli, atol=0.01)
         np.testing.assert_allclose(results["2"][name], cli, atol=0.01)
+        assert len({tuple(np.round(b)) for b in cli}) > len(cli) // 2  # the boxes really move
+
+
+def test_an_unreadable_later_frame_follows_the_trackers_one_policy(setup, tmp_path):
+    """A damaged image in the middle of a sequence: the evaluator repeats the previous box and keeps
+    the state, exactly as ``Tracker.stream`` does for an unreadable frame (and so the CLI and app)."""
+    import cv2
+
+    source, _ = setup
+    weights = DEFAULT_WEIGHTS  # a trained model: a random one's boxes fill the frame whatever it sees
+    data = tmp_path / "holed"
+    shutil.copytree(source, data)
+    seq = data / "synthetic" / "synthetic-1"
+    images = sorted((seq / "img").glob("*.jpg"))
+    frames = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in images]
+    images[5].write_bytes(b"not an image")
+    with pytest.warns(UserWarning, match="frame 6 unreadable"):
+        assert _evaluate(data, weights, tmp_path / "out") == 0
+    got = np.loadtxt(tmp_path / "out" / "lasot" / "demo" / "synthetic-1.txt") - [1, 1, 0, 0]
+    init = np.loadtxt(seq / "groundtruth.txt", delimiter=",")[0] - [1, 1, 0, 0]
+    stream = Tracker.from_pretrained(weights, device="cpu").stream(frames[:5] + [None] + frames[6:], init)
+    expected = np.array([r.targets[0].box for r in stream])
+    np.testing.assert_allclose(got, expected, atol=2e-3)
+    np.testing.assert_array_equal(got[5], got[4])
+    full = np.array([r.targets[0].box for r in Tracker.from_pretrained(weights, device="cpu").stream(frames, init)])
+    assert np.abs(full[5] - full[4]).max() > 0.5  # frame 6 would have moved the box: the hole was felt
