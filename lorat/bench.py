@@ -150,9 +150,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=100, help="length of the synthetic clip")
     parser.add_argument("--iters", type=int, default=100, help="timed model-only iterations")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model first")
+    parser.add_argument("--backend", choices=("auto", "torch", "onnxruntime"), default="auto",
+                        help="onnxruntime (or auto) with an .onnx --weights file from python -m lorat.export --onnx")
     args = parser.parse_args(argv)
     if args.config is None and args.weights is None:
         parser.error("give a CONFIG or --weights")
+    onnx = args.weights is not None and (args.backend == "onnxruntime" or args.weights.lower().endswith(".onnx"))
+    if onnx:
+        tracker = Tracker.from_pretrained(args.weights, args.config, device=args.device, dtype=args.dtype,
+                                          backend=args.backend)
+        result = {"config": args.config or str(args.weights), "variant": tracker.config.model.variant,
+                  "device": _device_name(torch.device("cpu")), "dtype": "float32", "backend": "onnxruntime",
+                  "compiled": False, "torch": torch.__version__}
+        print(json.dumps(result | benchmark(tracker, args.frames, args.iters), indent=2))
+        return 0
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     config = load_config(args.config) if args.config else None
@@ -165,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = torch.compile(model)  # attribute access (cfg, device) falls through to the module
     result = {"config": args.config or str(args.weights), "variant": config.model.variant,
               "device": _device_name(device), "dtype": str(dtype or torch.float32).removeprefix("torch."),
-              "compiled": args.compile, "torch": torch.__version__}
+              "backend": "torch", "compiled": args.compile, "torch": torch.__version__}
     result |= benchmark(Tracker(model, config, dtype=dtype), args.frames, args.iters)
     print(json.dumps(result, indent=2))
     return 0

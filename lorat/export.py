@@ -31,16 +31,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", help="model config YAML (not needed if --weights is our single file)")
     parser.add_argument("--weights", required=True, help="official checkpoint, merged state dict or single file")
     parser.add_argument("--backbone-weights", help="DINOv2 file (needed for official trainable-only checkpoints)")
-    parser.add_argument("--output", required=True, help="output .safetensors path")
+    parser.add_argument("--output", help="output .safetensors path")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="stored dtype")
+    parser.add_argument("--onnx", metavar="PATH", help="also (or only) write the network as ONNX for the onnxruntime "
+                                                        "backend, checked against PyTorch (pip install 'lorat[onnx]')")
     args = parser.parse_args(argv)
+    if not (args.output or args.onnx):
+        parser.error("give --output FILE.safetensors and/or --onnx FILE.onnx")
 
     config = load_config(args.config) if args.config else None
     model, config = load_model(args.weights, config, args.backbone_weights)
-    path = save_model(model, config, args.output, dtype=_DTYPES[args.dtype])
     n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {path} ({config.model.variant}, {n:,} parameters, {args.dtype}, "
-          f"{path.stat().st_size / 2**20:.1f} MiB)")
+    if args.output:
+        path = save_model(model, config, args.output, dtype=_DTYPES[args.dtype])
+        print(f"wrote {path} ({config.model.variant}, {n:,} parameters, {args.dtype}, "
+              f"{path.stat().st_size / 2**20:.1f} MiB)")
+    if args.onnx:
+        from lorat.onnx_backend import export_onnx
+
+        worst = export_onnx(model, config, args.onnx)
+        print(f"wrote {args.onnx} ({config.model.variant}, dynamic batch; ONNX Runtime vs PyTorch: max |diff| "
+              f"{worst:.1e})")
     return 0
 
 

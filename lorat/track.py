@@ -221,6 +221,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="initial box in frame-1 pixels; repeat for several targets (default: draw it)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--dtype", default="auto", help="auto (float16 on CUDA, else float32), float32, float16, bfloat16")
+    p.add_argument("--backend", choices=("auto", "torch", "onnxruntime"), default="auto",
+                   help="auto (onnxruntime for an .onnx --weights file, else torch), torch or onnxruntime")
     p.add_argument("--output", type=_output_path, help="annotated video (.mp4 or .avi)")
     p.add_argument("--save-txt", type=_output_path, help="box file(s), one x\\ty\\tw\\th line per frame")
     p.add_argument("--show", action="store_true", help="live window (q quit, r re-select, space pause)")
@@ -246,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lorat.tracker import Tracker
 
         tracker = Tracker.from_pretrained(weights, args.config, args.backbone_weights, device=args.device,
-                                          dtype=args.dtype, assignment=not args.no_assignment)
+                                          dtype=args.dtype, backend=args.backend, assignment=not args.no_assignment)
         return _run(tracker, source, args)
     finally:
         source.close()

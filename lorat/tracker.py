@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 Frame = np.ndarray | torch.Tensor
+BACKENDS = ("auto", "torch", "onnxruntime")
 StageTimer = Callable[[str], None]
 """Called with a stage name (``"crop"``, ``"model"``, ``"postprocess"``) as each stage of a step ends."""
 
@@ -349,8 +350,30 @@ class Tracker:
     @classmethod
     def from_pretrained(cls, weights: str | Path, config: str | Path | Config | None = None,
                         backbone_weights: str | Path | None = None, device: str | torch.device = "auto",
-                        dtype: str | torch.dtype | None = "auto", **kwargs) -> Tracker:
-        """Load weights (see :func:`lorat.load_model`) onto ``device`` and wrap them."""
+                        dtype: str | torch.dtype | None = "auto", backend: str = "auto", **kwargs) -> Tracker:
+        """Load weights (see :func:`lorat.load_model`) onto ``device`` and wrap them.
+
+        ``backend``: ``"torch"``, ``"onnxruntime"`` (an ``.onnx`` file from ``python -m lorat.export
+        --onnx``, run on the CPU in float32; see :mod:`lorat.onnx_backend`) or ``"auto"`` (ONNX Runtime
+        for ``.onnx`` files, else torch).
+        """
+        if backend not in BACKENDS:
+            raise LoratError(f"unknown backend {backend!r}; use {', '.join(BACKENDS)}")
+        onnx_file = Path(weights).suffix.lower() == ".onnx"
+        if backend == "onnxruntime" or (backend == "auto" and onnx_file):
+            if not onnx_file:
+                raise LoratError(f"the onnxruntime backend runs an .onnx file, got {weights}; make one with "
+                                 f"python -m lorat.export --weights {weights} --onnx model.onnx")
+            if str(device) not in ("auto", "cpu") or dtype not in ("auto", None, "float32", "fp32", torch.float32):
+                raise LoratError(f"the onnxruntime backend runs on the CPU in float32, not {device} / {dtype}")
+            from lorat.onnx_backend import load_onnx
+
+            model, file_cfg = load_onnx(weights)
+            cfg = load_config(config) if isinstance(config, (str, Path)) else config
+            tracking = cfg.tracking if cfg is not None else file_cfg.tracking
+            return cls(model, replace(file_cfg, tracking=tracking), dtype=None, **kwargs)
+        if onnx_file:
+            raise LoratError(f"{weights} is an ONNX model: use the onnxruntime backend")
         dev = resolve_device(device)
         cfg = load_config(config) if isinstance(config, (str, Path)) else config
         model, cfg = load_model(weights, cfg, backbone_weights, device=dev)
