@@ -76,12 +76,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--weights", required=True)
     parser.add_argument("--config")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto", help="autocast dtype, as for python -m lorat.track")
     parser.add_argument("--mil", action="store_true", help="also run OpenCV's MIL tracker")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if bool(args.video) == bool(args.dataset) or (args.video and not args.gt):
         parser.error("give --dataset NAME=PATH, or --video FILE with --gt FILE")
-    tracker = Tracker.from_pretrained(args.weights, args.config, device=args.device)
+    tracker = Tracker.from_pretrained(args.weights, args.config, device=args.device, dtype=args.dtype)
     kinds = ["lorat", "static"] + (["mil"] if args.mil else [])
     curves = {k: [] for k in kinds}
     speed = {k: [] for k in kinds}
