@@ -32,7 +32,7 @@ from lorat.build import build_lorat
 from lorat.checkpoint import load_model
 from lorat.config import load_config
 from lorat.errors import run_cli
-from lorat.runtime import resolve_device, resolve_dtype
+from lorat.runtime import resolve_device, resolve_dtype, set_threads
 from lorat.tracker import Tracker, run_model, search_crops, to_frame_tensor
 
 __all__ = ["main"]
@@ -145,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--weights", help="weights to load (default: random init; speed is the same)")
     parser.add_argument("--backbone-weights", help="DINOv2 file for official trainable-only checkpoints")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads (default: torch's choice; on a busy machine fewer can be faster)")
     parser.add_argument("--dtype", default="auto",
                         help="auto (float16 on CUDA, else float32), float32, float16, bfloat16")
     parser.add_argument("--frames", type=int, default=100, help="length of the synthetic clip")
@@ -155,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.config is None and args.weights is None:
         parser.error("give a CONFIG or --weights")
+    set_threads(args.threads)
     onnx = args.weights is not None and (args.backend == "onnxruntime" or args.weights.lower().endswith(".onnx"))
     if onnx:
         tracker = Tracker.from_pretrained(args.weights, args.config, device=args.device, dtype=args.dtype,

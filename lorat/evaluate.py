@@ -68,7 +68,7 @@ from lorat.results import (
     write_got10k_zip,
     write_trackingnet_zip,
 )
-from lorat.runtime import Distributed, default_weights, dtype_name, resolve_dtype
+from lorat.runtime import Distributed, default_weights, dtype_name, resolve_dtype, set_threads
 
 if TYPE_CHECKING:  # torch and the model load once the arguments are parsed: --help stays instant
     import torch
@@ -288,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="track every sequence this many times")
     p.add_argument("--batch", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: torch's choice; on a busy machine "
+                                                             "fewer can be faster)")
     p.add_argument("--dtype", default="auto")
     args = p.parse_args(argv)
     if args.repeat < 1 or args.batch < 1:
@@ -296,6 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lorat.checkpoint import load_model
     from lorat.runner import track_sequences
 
+    set_threads(args.threads)
     with Distributed(args.device) as env:
         sequences = _trackable(name, split, _read(name, path, split), verbose=env.main)
         config = load_config(args.config) if args.config else None

@@ -109,7 +109,9 @@ class OnnxModel:
     def __init__(self, path: str | Path, config: Config):
         ort = _require("onnxruntime")
         try:
-            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()  # --threads applies here too
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own error types
             raise WeightsError(f"{path}: not a readable ONNX model ({str(err).splitlines()[0]})") from None
         self.cfg = config.model

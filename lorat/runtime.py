@@ -15,8 +15,8 @@ from lorat.errors import LoratError, WeightsError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["resolve_device", "resolve_dtype", "dtype_name", "Distributed", "DEFAULT_WEIGHTS", "default_weights",
-           "default_weights_notice"]
+__all__ = ["resolve_device", "resolve_dtype", "set_threads", "dtype_name", "Distributed", "DEFAULT_WEIGHTS",
+           "default_weights", "default_weights_notice"]
 
 # The bundled demo model (weights/README.md); LORAT_WEIGHTS overrides it.
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "lorat_demo.safetensors"
@@ -83,6 +83,21 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if _DTYPES[dtype] == "float16" and device.type == "cpu":
         raise LoratError("float16 autocast is not supported on the CPU; use float32 or bfloat16")
     return None if _DTYPES[dtype] is None else getattr(torch, _DTYPES[dtype])
+
+
+def set_threads(threads: int | None) -> None:
+    """Use ``threads`` CPU threads for torch (and for ONNX Runtime sessions made afterwards); None: the default.
+
+    Raises:
+        LoratError: fewer than one thread.
+    """
+    if threads is None:
+        return
+    if threads < 1:
+        raise LoratError(f"the number of threads must be at least 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def dtype_name(dtype: torch.dtype | None) -> str:

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from lorat.errors import LoratError, run_cli
 from lorat.results import box_line
-from lorat.runtime import default_weights, default_weights_notice
+from lorat.runtime import default_weights, default_weights_notice, set_threads
 from lorat.video import FrameSource, VideoWriter, draw_targets, has_display, open_source
 
 if TYPE_CHECKING:  # torch is imported once the arguments are parsed: --help stays instant
@@ -220,6 +220,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", action="append", type=parse_box, metavar="X,Y,W,H",
                    help="initial box in frame-1 pixels; repeat for several targets (default: draw it)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: torch's choice; on a busy machine "
+                                                             "fewer can be faster)")
     p.add_argument("--dtype", default="auto", help="auto (float16 on CUDA, else float32), float32, float16, bfloat16")
     p.add_argument("--backend", choices=("auto", "torch", "onnxruntime"), default="auto",
                    help="auto (onnxruntime for an .onnx --weights file, else torch), torch or onnxruntime")
@@ -239,6 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise LoratError("--show needs a display (none found: DISPLAY is unset)")
     if args.max_frames is not None and args.max_frames < 1:
         raise LoratError("--max-frames must be at least 1")
+    set_threads(args.threads)
     weights = args.weights or default_weights()
     if not args.weights:
         print(default_weights_notice(weights))

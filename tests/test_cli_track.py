@@ -426,3 +426,17 @@ def test_frame_count_off_by_one_is_not_a_warning(tmp_path):
         assert len(list(source)) == 4
         source.close()
         assert bool(source.warnings) == warned, (claimed, source.warnings)
+
+
+def test_threads_option(tmp_path, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert run_cli(main, [str(TINY / "sequence"), *MODEL_ARGS, "--init", "76,77,40,38", "--max-frames", "2",
+                              "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert run_cli(main, [str(TINY / "sequence"), *MODEL_ARGS, "--init", "76,77,40,38", "--threads", "0"]) == 2
+    assert "at least 1" in capsys.readouterr().err
