@@ -364,7 +364,8 @@ class Tracker:
             if not onnx_file:
                 raise LoratError(f"the onnxruntime backend runs an .onnx file, got {weights}; make one with "
                                  f"python -m lorat.export --weights {weights} --onnx model.onnx")
-            if str(device) not in ("auto", "cpu") or dtype not in ("auto", None, "float32", "fp32", torch.float32):
+            cpu = device in (None, "auto", "cpu", torch.device("cpu"))
+            if not cpu or dtype not in ("auto", None, "float32", "fp32", torch.float32):
                 raise LoratError(f"the onnxruntime backend runs on the CPU in float32, not {device} / {dtype}")
             from lorat.onnx_backend import load_onnx
 
