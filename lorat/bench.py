@@ -16,9 +16,13 @@ Weights do not change the speed, so without ``--weights`` a randomly initialised
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import platform
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -27,6 +31,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from lorat.build import build_lorat
 from lorat.checkpoint import load_model
@@ -79,6 +84,17 @@ def _decoded(path: Path):
         capture.release()
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: Linux's VmHWM (of this program only), else ru_maxrss
+    (which Linux carries over from the parent process across exec)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    scale = 2**20 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale, 1)
+
+
 def benchmark(tracker: Tracker, frames: int, iters: int, warmup: int = 10) -> dict:
     """Run the three measurements on an initialised-from-scratch tracker."""
     device, dtype, cfg = tracker.device, tracker.dtype, tracker.config
@@ -125,7 +141,7 @@ def benchmark(tracker: Tracker, frames: int, iters: int, warmup: int = 10) -> di
                 yield frame
 
         steps = sum(1 for _ in tracker.stream(timed_frames(), box, timer=lap)) - 1
-    memory = {"process_rss": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    memory = {"process_rss": _peak_rss_mb()}
     if device.type == "cuda":
         memory["gpu_allocated"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return {
@@ -137,6 +153,80 @@ def benchmark(tracker: Tracker, frames: int, iters: int, warmup: int = 10) -> di
         "frames": n,
         "peak_memory_mb": memory,
     }
+
+
+def _cpu_has_bf16() -> bool:
+    """Native bfloat16 arithmetic on this CPU (AVX-512 BF16 or AMX), as torch detects it."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def _without(argv: list[str], valued: tuple[str, ...], flags: tuple[str, ...]) -> list[str]:
+    """``argv`` less the given options (``--opt VALUE``, ``--opt=VALUE`` or a bare flag)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in valued:
+            skip = True
+        elif arg not in flags and not arg.startswith(tuple(f"{v}=" for v in valued)):
+            out.append(arg)
+    return out
+
+
+def _table(args: argparse.Namespace, argv: list[str]) -> str:
+    """Run every variant this machine supports in a process of its own (clean peak memory); compare
+    each one's outputs with torch float32 on the same seeded inputs, here."""
+    device = resolve_device(args.device)
+    config = load_config(args.config) if args.config else None
+    if args.weights:
+        model, config = load_model(args.weights, config, args.backbone_weights)
+    else:
+        torch.manual_seed(0)  # what every variant's process builds too
+        model = build_lorat(config.model, lora=False).eval()
+    generator = torch.Generator().manual_seed(1)
+    m = config.model
+    inputs = (torch.randn(2, 3, m.template_size[1], m.template_size[0], generator=generator),
+              torch.randn(2, 3, m.search_size[1], m.search_size[0], generator=generator),
+              torch.randint(0, 2, (2, *m.template_grid), generator=generator))
+    with torch.inference_mode():
+        reference = model(*inputs)
+
+    def delta(out: dict[str, torch.Tensor]) -> float:
+        return max(float((out[k].float().cpu() - reference[k]).abs().max()) for k in ("score_map", "boxes"))
+
+    def autocast_delta(dtype: torch.dtype) -> float:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype):
+            return delta(model.to(device)(*(t.to(device) for t in inputs)))
+
+    variants = [("torch", "float32", [], lambda: 0.0)]
+    if device.type == "cuda":
+        variants.append(("torch", "float16", [], lambda: autocast_delta(torch.float16)))
+    if device.type == "cuda" or (device.type == "cpu" and _cpu_has_bf16()):
+        variants.append(("torch", "bfloat16", [], lambda: autocast_delta(torch.bfloat16)))
+    variants.append(("torch compiled", "float32", ["--compile"], lambda: delta(torch.compile(model)(*inputs))))
+    rows = ["| backend | dtype | model ms | end-to-end FPS | peak RSS MB | max abs diff vs torch float32 |",
+            "|---|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        if device.type == "cpu" and importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript"):
+            from lorat.onnx_backend import OnnxModel, export_onnx
+
+            path = Path(tmp) / "model.onnx"
+            export_onnx(model, config, path)
+            variants.append(("onnxruntime", "float32", ["--weights", str(path), "--backend", "onnxruntime"],
+                             lambda: delta(OnnxModel(path, config)(*inputs))))
+        for backend, dtype, extra, diff in tqdm(variants, desc="variants", unit="run"):
+            base = _without(argv, ("--dtype", "--backend"), ("--compile",))
+            proc = subprocess.run([sys.executable, "-m", "lorat.bench", *base, "--dtype", dtype, *extra],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                rows.append(f"| {backend} | {dtype} | failed: {proc.stderr.strip().splitlines()[-1:]} | | | |")
+                continue
+            r = json.loads(proc.stdout)
+            shown = "-" if diff is None else f"{diff():.1e}"
+            rows.append(f"| {backend} | {dtype} | {r['model_ms']:.1f} | {r['tracking_fps']:.1f} | "
+                        f"{r['peak_memory_mb']['process_rss']:.0f} | {shown} |")
+    return "\n".join(rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -154,10 +244,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model first")
     parser.add_argument("--backend", choices=("auto", "torch", "onnxruntime"), default="auto",
                         help="onnxruntime (or auto) with an .onnx --weights file from python -m lorat.export --onnx")
+    parser.add_argument("--table", action="store_true",
+                        help="every backend and dtype this machine runs, each in its own process: a Markdown table")
     args = parser.parse_args(argv)
     if args.config is None and args.weights is None:
         parser.error("give a CONFIG or --weights")
     set_threads(args.threads)
+    if args.table:
+        print(_table(args, [a for a in (sys.argv[1:] if argv is None else argv) if a != "--table"]))
+        return 0
     onnx = args.weights is not None and (args.backend == "onnxruntime" or args.weights.lower().endswith(".onnx"))
     if onnx:
         tracker = Tracker.from_pretrained(args.weights, args.config, device=args.device, dtype=args.dtype,
@@ -174,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, config = load_model(args.weights, config, args.backbone_weights, device=device)
     else:
         assert config is not None
+        torch.manual_seed(0)  # the same random model in every process (--table compares them)
         model = build_lorat(config.model, lora=False).eval().to(device)
     if args.compile:
         model = torch.compile(model)  # attribute access (cfg, device) falls through to the module

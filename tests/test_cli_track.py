@@ -440,3 +440,21 @@ def test_threads_option(tmp_path, capsys):
         torch.set_num_threads(before)
     assert run_cli(main, [str(TINY / "sequence"), *MODEL_ARGS, "--init", "76,77,40,38", "--threads", "0"]) == 2
     assert "at least 1" in capsys.readouterr().err
+
+
+def test_bench_table_forwards_the_options_but_its_own():
+    from lorat.bench import _without
+
+    argv = ["cfg.yaml", "--dtype", "bfloat16", "--frames", "6", "--backend=torch", "--compile", "--iters", "2"]
+    assert _without(argv, ("--dtype", "--backend"), ("--compile",)) == ["cfg.yaml", "--frames", "6", "--iters", "2"]
+
+
+@pytest.mark.slow
+def test_bench_table_runs_every_variant(capsys):
+    from lorat.bench import main as bench_main
+
+    bench_main([str(TINY / "config.yaml"), "--device", "cpu", "--frames", "4", "--iters", "2", "--table"])
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and "---" not in r][1:]
+    assert rows[0].startswith("| torch | float32 |") and rows[0].endswith("| 0.0e+00 |")
+    assert any(r.startswith("| torch compiled | float32 |") for r in rows)
+    assert all("failed" not in r for r in rows)
