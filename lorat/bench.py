@@ -37,7 +37,7 @@ from lorat.build import build_lorat
 from lorat.checkpoint import load_model
 from lorat.config import load_config
 from lorat.errors import run_cli
-from lorat.runtime import resolve_device, resolve_dtype, set_threads
+from lorat.runtime import BACKENDS, dtype_name, resolve_device, resolve_dtype, set_threads
 from lorat.tracker import Tracker, run_model, search_crops, to_frame_tensor
 
 __all__ = ["main"]
@@ -242,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=100, help="length of the synthetic clip")
     parser.add_argument("--iters", type=int, default=100, help="timed model-only iterations")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model first")
-    parser.add_argument("--backend", choices=("auto", "torch", "onnxruntime"), default="auto",
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="onnxruntime (or auto) with an .onnx --weights file from python -m lorat.export --onnx")
     parser.add_argument("--table", action="store_true",
                         help="every backend and dtype this machine runs, each in its own process: a Markdown table")
@@ -253,30 +253,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.table:
         print(_table(args, [a for a in (sys.argv[1:] if argv is None else argv) if a != "--table"]))
         return 0
-    onnx = args.weights is not None and (args.backend == "onnxruntime" or args.weights.lower().endswith(".onnx"))
-    if onnx:
-        tracker = Tracker.from_pretrained(args.weights, args.config, device=args.device, dtype=args.dtype,
-                                          backend=args.backend)
-        result = {"config": args.config or str(args.weights), "variant": tracker.config.model.variant,
-                  "device": _device_name(torch.device("cpu")), "dtype": "float32", "backend": "onnxruntime",
-                  "compiled": False, "torch": torch.__version__}
-        print(json.dumps(result | benchmark(tracker, args.frames, args.iters), indent=2))
-        return 0
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    config = load_config(args.config) if args.config else None
-    if args.weights:
-        model, config = load_model(args.weights, config, args.backbone_weights, device=device)
+    if args.weights:  # either backend, as Tracker.from_pretrained chooses it
+        tracker = Tracker.from_pretrained(args.weights, args.config, args.backbone_weights, device=args.device,
+                                          dtype=args.dtype, backend=args.backend)
     else:
-        assert config is not None
+        device = resolve_device(args.device)
+        config = load_config(args.config)
         torch.manual_seed(0)  # the same random model in every process (--table compares them)
         model = build_lorat(config.model, lora=False).eval().to(device)
-    if args.compile:
-        model = torch.compile(model)  # attribute access (cfg, device) falls through to the module
-    result = {"config": args.config or str(args.weights), "variant": config.model.variant,
-              "device": _device_name(device), "dtype": str(dtype or torch.float32).removeprefix("torch."),
-              "backend": "torch", "compiled": args.compile, "torch": torch.__version__}
-    result |= benchmark(Tracker(model, config, dtype=dtype), args.frames, args.iters)
+        tracker = Tracker(model, config, dtype=resolve_dtype(args.dtype, device))
+    backend = getattr(tracker.model, "backend", "torch")
+    if args.compile and backend == "torch":
+        tracker.model = torch.compile(tracker.model)  # attribute access (cfg, device) falls through to the module
+    result = {"config": args.config or str(args.weights), "variant": tracker.config.model.variant,
+              "device": _device_name(tracker.device), "dtype": dtype_name(tracker.dtype), "backend": backend,
+              "compiled": args.compile and backend == "torch", "torch": torch.__version__}
+    result |= benchmark(tracker, args.frames, args.iters)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -106,6 +106,8 @@ class OnnxModel:
     :class:`lorat.Tracker` and the batched functions of :mod:`lorat.tracker` use it unchanged.
     """
 
+    backend = "onnxruntime"
+
     def __init__(self, path: str | Path, config: Config):
         ort = _require("onnxruntime")
         try:

@@ -15,12 +15,14 @@ from lorat.errors import LoratError, WeightsError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["resolve_device", "resolve_dtype", "set_threads", "dtype_name", "Distributed", "DEFAULT_WEIGHTS",
+__all__ = ["BACKENDS", "resolve_device", "resolve_dtype", "set_threads", "dtype_name", "Distributed", "DEFAULT_WEIGHTS",
            "default_weights", "default_weights_notice"]
 
 # The bundled demo model (weights/README.md); LORAT_WEIGHTS overrides it.
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "lorat_demo.safetensors"
 WEIGHTS_VARIABLE = "LORAT_WEIGHTS"
+# What runs the network: auto (ONNX Runtime for an .onnx weight file, else torch), torch, onnxruntime.
+BACKENDS = ("auto", "torch", "onnxruntime")
 _DTYPES = {"float32": None, "fp32": None, "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16",
            "bf16": "bfloat16"}  # names of torch dtypes: torch is imported when needed, not with this module
 

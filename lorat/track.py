@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from lorat.errors import LoratError, run_cli
 from lorat.results import box_line
-from lorat.runtime import default_weights, default_weights_notice, set_threads
+from lorat.runtime import BACKENDS, default_weights, default_weights_notice, set_threads
 from lorat.video import FrameSource, VideoWriter, draw_targets, has_display, open_source
 
 if TYPE_CHECKING:  # torch is imported once the arguments are parsed: --help stays instant
@@ -223,7 +223,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: torch's choice; on a busy machine "
                                                              "fewer can be faster)")
     p.add_argument("--dtype", default="auto", help="auto (float16 on CUDA, else float32), float32, float16, bfloat16")
-    p.add_argument("--backend", choices=("auto", "torch", "onnxruntime"), default="auto",
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto (onnxruntime for an .onnx --weights file, else torch), torch or onnxruntime")
     p.add_argument("--output", type=_output_path, help="annotated video (.mp4 or .avi)")
     p.add_argument("--save-txt", type=_output_path, help="box file(s), one x\\ty\\tw\\th line per frame")

@@ -44,7 +44,7 @@ from lorat.crop import (
 )
 from lorat.errors import LoratError
 from lorat.model import LoRAT
-from lorat.runtime import resolve_device, resolve_dtype
+from lorat.runtime import BACKENDS, resolve_device, resolve_dtype
 
 __all__ = [
     "TrackState", "StepResult", "TrackResult", "Tracker", "init_state", "track_step", "search_crops", "run_model",
@@ -52,7 +52,6 @@ __all__ = [
 ]
 
 Frame = np.ndarray | torch.Tensor
-BACKENDS = ("auto", "torch", "onnxruntime")
 StageTimer = Callable[[str], None]
 """Called with a stage name (``"crop"``, ``"model"``, ``"postprocess"``) as each stage of a step ends."""
 
@@ -360,6 +359,7 @@ class Tracker:
         if backend not in BACKENDS:
             raise LoratError(f"unknown backend {backend!r}; use {', '.join(BACKENDS)}")
         onnx_file = Path(weights).suffix.lower() == ".onnx"
+        cfg = load_config(config) if isinstance(config, (str, Path)) else config
         if backend == "onnxruntime" or (backend == "auto" and onnx_file):
             if not onnx_file:
                 raise LoratError(f"the onnxruntime backend runs an .onnx file, got {weights}; make one with "
@@ -370,13 +370,11 @@ class Tracker:
             from lorat.onnx_backend import load_onnx
 
             model, file_cfg = load_onnx(weights)
-            cfg = load_config(config) if isinstance(config, (str, Path)) else config
             tracking = cfg.tracking if cfg is not None else file_cfg.tracking
             return cls(model, replace(file_cfg, tracking=tracking), dtype=None, **kwargs)
         if onnx_file:
             raise LoratError(f"{weights} is an ONNX model: use the onnxruntime backend")
         dev = resolve_device(device)
-        cfg = load_config(config) if isinstance(config, (str, Path)) else config
         model, cfg = load_model(weights, cfg, backbone_weights, device=dev)
         return cls(model, cfg, dtype=resolve_dtype(dtype, dev), **kwargs)
 
