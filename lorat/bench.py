@@ -36,9 +36,11 @@ from tqdm import tqdm
 from lorat.build import build_lorat
 from lorat.checkpoint import load_model
 from lorat.config import load_config
-from lorat.errors import run_cli
+from lorat.errors import LoratError, run_cli
+from lorat.graph_step import capture
 from lorat.runtime import BACKENDS, dtype_name, resolve_device, resolve_dtype, set_threads
 from lorat.tracker import Tracker, run_model, search_crops, to_frame_tensor
+from lorat.video import prefetched
 
 __all__ = ["main"]
 
@@ -104,22 +106,29 @@ def benchmark(tracker: Tracker, frames: int, iters: int, warmup: int = 10) -> di
         clip = Path(tmp) / "clip.mp4"
         box = _synthetic_clip(clip, frames)
 
-        # 1. model only, batch 1.
+        # 1. model only, batch 1 (one graph replay per forward pass with --cuda-graph).
         first = next(_decoded(clip))
         tracker.init(first, box)
         x, _, _ = search_crops(tracker.state, [to_frame_tensor(first, device)], cfg.model, cfg.tracking)
-        for _ in range(warmup):
+
+        def forward() -> None:
             run_model(tracker.model, tracker.state, x, dtype)
+
+        constants: dict = {}
+        if _graphed(tracker):
+            forward = capture(forward, constants)[0].replay
+        for _ in range(warmup):
+            forward()
         _sync(device)
         start = time.perf_counter()
         for _ in range(iters):
-            run_model(tracker.model, tracker.state, x, dtype)
+            forward()
         _sync(device)
         model_s = (time.perf_counter() - start) / iters
 
-        # 2. end to end, as a user runs it.
+        # 2. end to end, as a user runs it (frames decoded ahead in a thread, as lorat.track does).
         start = time.perf_counter()
-        n = sum(1 for _ in tracker.stream(_decoded(clip), box))
+        n = sum(1 for _ in tracker.stream(prefetched(_decoded(clip)), box))
         end_to_end_s = (time.perf_counter() - start) / n
 
         # 3. the same loop, stage by stage (the step's timer hook synchronises the device per stage).
@@ -155,6 +164,40 @@ def benchmark(tracker: Tracker, frames: int, iters: int, warmup: int = 10) -> di
     }
 
 
+def _graphed(tracker: Tracker) -> bool:
+    return bool(getattr(tracker, "cuda_graph", False)) and tracker.device.type == "cuda"
+
+
+def probe_inputs(config, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded (template, search, template mask) network inputs on the CPU: the same in every process."""
+    generator = torch.Generator().manual_seed(1)
+    m = config.model
+    return (torch.randn(batch, 3, m.template_size[1], m.template_size[0], generator=generator),
+            torch.randn(batch, 3, m.search_size[1], m.search_size[0], generator=generator),
+            torch.randint(0, 2, (batch, *m.template_grid), generator=generator))
+
+
+def output_delta(tracker: Tracker, eager: torch.nn.Module) -> float:
+    """Max |difference| of score map and boxes between the tracker's network as it runs (dtype,
+    compiled, graph) and ``eager`` (the same network, float32, not compiled) on :func:`probe_inputs`."""
+    inputs = tuple(t.to(tracker.device) for t in probe_inputs(tracker.config))
+    with torch.inference_mode():
+        reference = eager(*inputs)
+
+    def run() -> dict[str, torch.Tensor]:
+        cast = torch.autocast(tracker.device.type, dtype=tracker.dtype) if tracker.dtype else contextlib.nullcontext()
+        with torch.inference_mode(), cast:
+            return tracker.model(*inputs)
+
+    if _graphed(tracker):
+        constants: dict = {}
+        graph, out = capture(run, constants)
+        graph.replay()
+    else:
+        out = run()
+    return max(float((out[k].float() - reference[k].float()).abs().max()) for k in ("score_map", "boxes"))
+
+
 def _cpu_has_bf16() -> bool:
     """Native bfloat16 arithmetic on this CPU (AVX-512 BF16 or AMX), as torch detects it."""
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
@@ -174,58 +217,66 @@ def _without(argv: list[str], valued: tuple[str, ...], flags: tuple[str, ...]) -
     return out
 
 
-def _table(args: argparse.Namespace, argv: list[str]) -> str:
-    """Run every variant this machine supports in a process of its own (clean peak memory); compare
-    each one's outputs with torch float32 on the same seeded inputs, here."""
-    device = resolve_device(args.device)
+def _export_for_table(args: argparse.Namespace, path: Path) -> float:
+    """Export the benchmarked network (the weights, or the seeded random model every variant builds)
+    to ONNX at ``path``; return the ONNX Runtime outputs' max |difference| from torch float32."""
+    from lorat.onnx_backend import OnnxModel, export_onnx
+
     config = load_config(args.config) if args.config else None
     if args.weights:
         model, config = load_model(args.weights, config, args.backbone_weights)
     else:
-        torch.manual_seed(0)  # what every variant's process builds too
-        model = build_lorat(config.model, lora=False).eval()
-    generator = torch.Generator().manual_seed(1)
-    m = config.model
-    inputs = (torch.randn(2, 3, m.template_size[1], m.template_size[0], generator=generator),
-              torch.randn(2, 3, m.search_size[1], m.search_size[0], generator=generator),
-              torch.randint(0, 2, (2, *m.template_grid), generator=generator))
+        model = _random_model(config, torch.device("cpu"))
+    export_onnx(model, config, path)
+    inputs = probe_inputs(config)
     with torch.inference_mode():
         reference = model(*inputs)
+    out = OnnxModel(path, config)(*inputs)
+    return max(float((out[k].float() - reference[k]).abs().max()) for k in ("score_map", "boxes"))
 
-    def delta(out: dict[str, torch.Tensor]) -> float:
-        return max(float((out[k].float().cpu() - reference[k]).abs().max()) for k in ("score_map", "boxes"))
 
-    def autocast_delta(dtype: torch.dtype) -> float:
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype):
-            return delta(model.to(device)(*(t.to(device) for t in inputs)))
+def _random_model(config, device: torch.device) -> torch.nn.Module:
+    """The seeded random model (built on ``device``: fast for large variants on a GPU)."""
+    torch.manual_seed(0)
+    with device:
+        return build_lorat(config.model, lora=False).eval()
 
-    variants = [("torch", "float32", [], lambda: 0.0)]
+
+def _table(args: argparse.Namespace, argv: list[str]) -> str:
+    """Run every variant this machine supports in a process of its own (clean peak memory); compare
+    each one's outputs with torch float32 on the same seeded inputs, here."""
+    device = resolve_device(args.device)
+    # (backend, dtype, options): each run reports its own output difference, except ONNX (below)
+    variants = [("torch", "float32", [])]
     if device.type == "cuda":
-        variants.append(("torch", "float16", [], lambda: autocast_delta(torch.float16)))
-    if device.type == "cuda" or (device.type == "cpu" and _cpu_has_bf16()):
-        variants.append(("torch", "bfloat16", [], lambda: autocast_delta(torch.bfloat16)))
-    variants.append(("torch compiled", "float32", ["--compile"], lambda: delta(torch.compile(model)(*inputs))))
-    rows = ["| backend | dtype | model ms | end-to-end FPS | peak RSS MB | max abs diff vs torch float32 |",
-            "|---|---|---|---|---|---|"]
+        variants += [("torch", "float16", []), ("torch", "bfloat16", []), ("torch compiled", "float16", ["--compile"]),
+                     ("torch CUDA graph", "float16", ["--cuda-graph"])]
+    else:
+        if _cpu_has_bf16():
+            variants.append(("torch", "bfloat16", []))
+        variants.append(("torch compiled", "float32", ["--compile"]))
+    onnx_delta = None
+    memory = "peak GPU MB (allocated)" if device.type == "cuda" else "peak RSS MB"
+    rows = [f"| backend | dtype | model ms | model FPS | end-to-end FPS | end to end / model | {memory} "
+            "| max abs diff vs torch float32 |", "|---|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         if device.type == "cpu" and importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript"):
-            from lorat.onnx_backend import OnnxModel, export_onnx
-
             path = Path(tmp) / "model.onnx"
-            export_onnx(model, config, path)
-            variants.append(("onnxruntime", "float32", ["--weights", str(path), "--backend", "onnxruntime"],
-                             lambda: delta(OnnxModel(path, config)(*inputs))))
-        for backend, dtype, extra, diff in tqdm(variants, desc="variants", unit="run"):
-            base = _without(argv, ("--dtype", "--backend"), ("--compile",))
+            onnx_delta = _export_for_table(args, path)
+            variants.append(("onnxruntime", "float32", ["--weights", str(path), "--backend", "onnxruntime"]))
+        for backend, dtype, extra in tqdm(variants, desc="variants", unit="run"):
+            base = _without(argv, ("--dtype", "--backend"), ("--compile", "--cuda-graph"))
             proc = subprocess.run([sys.executable, "-m", "lorat.bench", *base, "--dtype", dtype, *extra],
                                   capture_output=True, text=True)
             if proc.returncode != 0:
-                rows.append(f"| {backend} | {dtype} | failed: {proc.stderr.strip().splitlines()[-1:]} | | | |")
+                rows.append(f"| {backend} | {dtype} | failed: {proc.stderr.strip().splitlines()[-1:]} | | | | | |")
                 continue
             r = json.loads(proc.stdout)
-            shown = "-" if diff is None else f"{diff():.1e}"
-            rows.append(f"| {backend} | {dtype} | {r['model_ms']:.1f} | {r['tracking_fps']:.1f} | "
-                        f"{r['peak_memory_mb']['process_rss']:.0f} | {shown} |")
+            diff = r.get("max_abs_diff_vs_float32", onnx_delta)
+            shown = "-" if diff is None else f"{diff:.1e}"
+            peak = r["peak_memory_mb"].get("gpu_allocated", r["peak_memory_mb"]["process_rss"])
+            rows.append(f"| {backend} | {dtype} | {r['model_ms']:.2f} | {r['model_fps']:.1f} | "
+                        f"{r['tracking_fps']:.1f} | {r['tracking_fps'] / r['model_fps']:.0%} | {peak:.0f} | {shown} |")
     return "\n".join(rows)
 
 
@@ -242,6 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=100, help="length of the synthetic clip")
     parser.add_argument("--iters", type=int, default=100, help="timed model-only iterations")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model first")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="on CUDA: replay each tracking step (and the model-only pass) as a CUDA graph")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="onnxruntime (or auto) with an .onnx --weights file from python -m lorat.export --onnx")
     parser.add_argument("--table", action="store_true",
@@ -255,20 +308,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.weights:  # either backend, as Tracker.from_pretrained chooses it
         tracker = Tracker.from_pretrained(args.weights, args.config, args.backbone_weights, device=args.device,
-                                          dtype=args.dtype, backend=args.backend)
+                                          dtype=args.dtype, backend=args.backend, cuda_graph=args.cuda_graph)
     else:
         device = resolve_device(args.device)
         config = load_config(args.config)
-        torch.manual_seed(0)  # the same random model in every process (--table compares them)
-        model = build_lorat(config.model, lora=False).eval().to(device)
-        tracker = Tracker(model, config, dtype=resolve_dtype(args.dtype, device))
+        model = _random_model(config, device)
+        tracker = Tracker(model, config, dtype=resolve_dtype(args.dtype, device), cuda_graph=args.cuda_graph)
+    if args.cuda_graph and tracker.device.type != "cuda":
+        raise LoratError(f"--cuda-graph needs a CUDA device; the model runs on {tracker.device}")
     backend = getattr(tracker.model, "backend", "torch")
+    eager = tracker.model
     if args.compile and backend == "torch":
         tracker.model = torch.compile(tracker.model)  # attribute access (cfg, device) falls through to the module
     result = {"config": args.config or str(args.weights), "variant": tracker.config.model.variant,
               "device": _device_name(tracker.device), "dtype": dtype_name(tracker.dtype), "backend": backend,
-              "compiled": args.compile and backend == "torch", "torch": torch.__version__}
+              "compiled": args.compile and backend == "torch", "cuda_graph": _graphed(tracker),
+              "torch": torch.__version__}
     result |= benchmark(tracker, args.frames, args.iters)
+    if backend == "torch":
+        result["max_abs_diff_vs_float32"] = output_delta(tracker, eager)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -9,6 +9,7 @@ one policy (:meth:`lorat.tracker.Tracker.stream`): the previous box, the state u
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,9 @@ from lorat.tracker import TrackState, ensure_finite, init_boxes, init_state, to_
 from lorat.video import read_rgb
 
 __all__ = ["track_sequences"]
+
+# Threads reading frames (OpenCV decodes without the GIL): enough to feed a batch of 16 on a GPU.
+_READERS = max(4, min(16, os.cpu_count() or 4))
 
 
 def _init_frames(sequences: list[TrackingSequence]) -> list[int]:
@@ -89,7 +93,7 @@ def track_sequences(model, config, sequences: list[TrackingSequence], folder: Pa
                       dynamic_ncols=True)
     seq_bar = tqdm(total=len(pending), unit="seq", desc="sequences", disable=not progress, position=1,
                    dynamic_ncols=True)
-    with frames_bar as bar, seq_bar, ThreadPoolExecutor(max_workers=4) as pool:
+    with frames_bar as bar, seq_bar, ThreadPoolExecutor(max_workers=_READERS) as pool:
         while pending or active:
             joining = []
             while pending and len(active) + len(joining) < batch:

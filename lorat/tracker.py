@@ -43,6 +43,7 @@ from lorat.crop import (
     template_mask,
 )
 from lorat.errors import LoratError
+from lorat.graph_step import GraphedStep
 from lorat.model import LoRAT
 from lorat.runtime import BACKENDS, resolve_device, resolve_dtype
 
@@ -334,17 +335,23 @@ class Tracker:
         dtype: autocast dtype (``None``/float32, float16, bfloat16).
         assignment: keep several targets on different objects (default: on when there are
             two or more targets); ignored for one target.
+        cuda_graph: on a CUDA device, replay each step (crop, model, post-process) as one CUDA
+            graph (:mod:`lorat.graph_step`), captured on the first frame of each frame size; the
+            boxes are the eager step's. Not with several targets under ``assignment`` (the
+            assignment runs on the host), nor with a stage ``timer``: those steps run eagerly.
     """
 
     def __init__(self, model: LoRAT, config: Config, dtype: torch.dtype | None = None,
-                 assignment: bool = True, top_k: int = 5, overlap_iou: float = 0.5):
+                 assignment: bool = True, top_k: int = 5, overlap_iou: float = 0.5, cuda_graph: bool = False):
         self.model = model.eval()
         self.config = config
         self.dtype = dtype
         self.assignment = assignment
         self.top_k = top_k
         self.overlap_iou = overlap_iou
+        self.cuda_graph = cuda_graph
         self.state: TrackState | None = None
+        self._graph = None
 
     @classmethod
     def from_pretrained(cls, weights: str | Path, config: str | Path | Config | None = None,
@@ -389,6 +396,7 @@ class Tracker:
     def reset(self) -> None:
         """Forget all targets."""
         self.state = None
+        self._graph = None
 
     def init(self, frame: Frame, box: Sequence[float] | Sequence[Sequence[float]] | np.ndarray) -> list[TrackResult]:
         """Start tracking on ``frame``.
@@ -419,16 +427,32 @@ class Tracker:
         if self.state is None:
             raise LoratError("call init(frame, box) before track(frame)")
         image = to_frame_tensor(frame, self.device)
-        step = track_step(self.model, self.state, [image] * len(self.state), self.config.tracking,
-                          self.dtype, assign=self.assignment, top_k=self.top_k, overlap_iou=self.overlap_iou,
-                          timer=timer)
-        self.state = step.state
-        packed = torch.cat([xyxy_to_xywh(step.box), step.score[:, None].to(step.box.dtype)], dim=1)
-        packed = packed.cpu().numpy()  # the only device -> host copy of the frame
+        if self._graphed(image, timer):
+            packed = self._graph(image).numpy()
+            self.state = self._graph.state
+        else:
+            step = track_step(self.model, self.state, [image] * len(self.state), self.config.tracking,
+                              self.dtype, assign=self.assignment, top_k=self.top_k, overlap_iou=self.overlap_iou,
+                              timer=timer)
+            self.state = step.state
+            packed = torch.cat([xyxy_to_xywh(step.box), step.score[:, None].to(step.box.dtype)], dim=1)
+            packed = packed.cpu().numpy()  # the only device -> host copy of the frame
         ensure_finite(packed)
         if timer is not None:
             timer("postprocess")
         return [TrackResult(tuple(float(v) for v in row[:4]), float(row[4])) for row in packed]
+
+    def _graphed(self, image: torch.Tensor, timer: StageTimer | None) -> bool:
+        """Whether this step replays a CUDA graph; captures (or re-targets) it when needed."""
+        if (not self.cuda_graph or self.device.type != "cuda" or timer is not None
+                or (self.assignment and len(self.state) > 1)):
+            return False
+        size = tuple(image.shape[-2:])
+        if self._graph is not None and self._graph.matches(self.state, size, self.dtype):
+            self._graph.load(self.state)
+            return True
+        self._graph = GraphedStep(self.model, self.state, size, self.config.tracking, self.dtype)
+        return True
 
     def track(self, frame: Frame) -> TrackResult:
         """Advance a single target by one frame (use :meth:`track_all` for several)."""

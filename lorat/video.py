@@ -10,8 +10,10 @@ index k).
 from __future__ import annotations
 
 import os
+import queue
 import sys
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +24,12 @@ from lorat.errors import LoratError
 from lorat.files import IMAGE_EXTENSIONS
 
 __all__ = ["FrameSource", "open_source", "read_rgb", "VideoWriter", "draw_targets", "IMAGE_EXTENSIONS",
-           "has_display"]
+           "has_display", "prefetched"]
 
 # Consecutive undecodable frames of a video file skipped before the stream counts as ended. A
 # failed read at the end of a file costs microseconds, so the bound can be generous: 10 s at 30 fps.
 MAX_SKIPPED_FRAMES = 300
+_END = object()
 _COLOURS = [(0, 200, 0), (255, 128, 0), (0, 128, 255), (255, 0, 255), (0, 220, 220), (128, 0, 255)]
 
 
@@ -35,6 +38,48 @@ def has_display() -> bool:
     if sys.platform.startswith("linux"):
         return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
     return True
+
+
+def prefetched(items: Iterable, depth: int = 2) -> Iterator:
+    """``items`` produced by a background thread up to ``depth`` ahead: decoding the next frame
+    (OpenCV releases the GIL) overlaps with tracking this one. The order is kept; an exception
+    raised by ``items`` is raised here, where the item would have come; leaving the loop early
+    stops the thread.
+    """
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((_END, None))
+        except BaseException as err:  # handed to the consumer, raised there
+            put((_END, err))
+
+    thread = threading.Thread(target=produce, name="lorat-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, err = ready.get()
+            if item is _END:
+                if err is not None:
+                    raise err
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray | None:

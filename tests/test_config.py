@@ -65,6 +65,10 @@ def test_overrides_and_missing_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="unknown config key tracking.nope"):
         load_config(CONFIGS / "b224.yaml", ["tracking.nope=1"])
+    binary = tmp_path / "model.safetensors"
+    binary.write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError, match="not a YAML config .*--weights"):
+        load_config(binary)
 
 
 def test_swiglu_hidden_rule():

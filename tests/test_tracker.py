@@ -229,3 +229,55 @@ def test_gpu_tracking_matches_cpu(tiny_dir, tiny_config, tiny_files, monkeypatch
             out = gpu.model(ref["z"].cuda(), ref["x"].cuda(), ref["z_feat_mask"].cuda())
         assert (out["score_map"].cpu() - ref["score_map"]).abs().max() < 0.05
         assert (out["boxes"].cpu() - ref["boxes"]).abs().max() < 0.02
+
+
+def test_cuda_graph_option_is_eager_off_cuda(tiny_dir, tiny_config, tiny_files):
+    """``cuda_graph=True`` changes nothing where there is no CUDA device (the library may be given it anywhere)."""
+    init = [float(v) for v in (tiny_dir / "init_box.txt").read_text().split(",")]
+    frames = _fixture_frames(tiny_dir)[:6]
+    model, cfg = load_model(tiny_files["trainable"], tiny_config, tiny_files["backbone"])
+    plain = [r.targets[0].box for r in Tracker(model, cfg).stream(frames, init)]
+    option = Tracker(model, cfg, cuda_graph=True)
+    assert [r.targets[0].box for r in option.stream(frames, init)] == plain
+    assert option._graph is None
+
+
+def test_static_constants_share_one_tensor():
+    from lorat.crop import const, static_constants
+
+    assert const([1, 2], torch.float64, torch.device("cpu")) is not const([1, 2], torch.float64, torch.device("cpu"))
+    store: dict = {}
+    with static_constants(store):
+        a = const([1, 2], torch.float64, torch.device("cpu"))
+        assert const([1, 2], torch.float64, torch.device("cpu")) is a
+        assert const([1, 2], torch.float32, torch.device("cpu")) is not a  # the dtype is part of the key
+    assert len(store) == 2 and const([1, 2], torch.float64, torch.device("cpu")) is not a
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
+def test_cuda_graph_step_matches_eager(tiny_dir, tiny_config, tiny_files, monkeypatch):
+    """The graphed step gives the eager step's boxes: the official trajectory in float32, the eager
+    float16 boxes in float16, after a re-initialisation mid-stream and after a frame-size change."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    init = [float(v) for v in (tiny_dir / "init_box.txt").read_text().split(",")]
+    frames = _fixture_frames(tiny_dir)
+    expected = np.loadtxt(tiny_dir / "expected_boxes.txt")
+    graphed = Tracker.from_pretrained(tiny_files["trainable"], tiny_config, tiny_files["backbone"], device="cuda",
+                                      dtype="float32", cuda_graph=True)
+    boxes = np.array([r.targets[0].box for r in graphed.stream(frames, init)])
+    assert graphed._graph is not None
+    np.testing.assert_allclose(boxes, expected, atol=0.05, rtol=0)
+
+    def run(tracker: Tracker) -> np.ndarray:
+        out = [r.targets[0].box for r in tracker.stream(frames[:8], init)]
+        tracker.init(frames[8], out[-1])  # re-initialise: the graph takes the new template
+        out += [tracker.track(f).box for f in frames[9:]]
+        small = [np.ascontiguousarray(f[: f.shape[0] - 8, : f.shape[1] - 8]) for f in frames[:6]]
+        out += [r.targets[0].box for r in tracker.stream(small, init)]  # another frame size: captured again
+        return np.array(out)
+
+    graphed.dtype = eager_dtype = torch.float16
+    eager = Tracker(graphed.model, graphed.config, dtype=eager_dtype)
+    np.testing.assert_allclose(run(graphed), run(eager), atol=1e-3, rtol=0)
