@@ -23,6 +23,7 @@ from lorat.data.sequences import read_dataset
 from lorat.errors import run_cli
 from lorat.runner import track_sequences
 from lorat.runtime import dtype_name, resolve_device, resolve_dtype
+from lorat.tracker import cast_for_autocast
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,10 +35,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
     config = load_config(args.config)
+    dtype = resolve_dtype(args.dtype, device, config.model.backbone.embed_dim)
     torch.manual_seed(0)
-    model = build_lorat(config.model, lora=False).eval().to(device)
+    model = cast_for_autocast(build_lorat(config.model, lora=False).eval().to(device), dtype)
     name, root = args.dataset.split("=", 1)
     sequences = read_dataset(name, root, for_training=False)
     frames = sum(len(s) for s in sequences)

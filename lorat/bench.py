@@ -36,10 +36,10 @@ from tqdm import tqdm
 from lorat.build import build_lorat
 from lorat.checkpoint import load_model
 from lorat.config import load_config
-from lorat.errors import LoratError, run_cli
+from lorat.errors import run_cli
 from lorat.graph_step import capture
-from lorat.runtime import BACKENDS, dtype_name, resolve_device, resolve_dtype, set_threads
-from lorat.tracker import Tracker, run_model, search_crops, to_frame_tensor
+from lorat.runtime import BACKENDS, cpu_has_bf16, dtype_name, resolve_device, resolve_dtype, set_threads
+from lorat.tracker import Tracker, cast_for_autocast, run_model, search_crops, to_frame_tensor
 from lorat.video import prefetched
 
 __all__ = ["main"]
@@ -106,7 +106,7 @@ def benchmark(tracker: Tracker, frames: int, iters: int, warmup: int = 10) -> di
         clip = Path(tmp) / "clip.mp4"
         box = _synthetic_clip(clip, frames)
 
-        # 1. model only, batch 1 (one graph replay per forward pass with --cuda-graph).
+        # 1. model only, batch 1 (on CUDA one graph replay per forward pass, unless --no-cuda-graph).
         first = next(_decoded(clip))
         tracker.init(first, box)
         x, _, _ = search_crops(tracker.state, [to_frame_tensor(first, device)], cfg.model, cfg.tracking)
@@ -177,12 +177,17 @@ def probe_inputs(config, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor, to
             torch.randint(0, 2, (batch, *m.template_grid), generator=generator))
 
 
-def output_delta(tracker: Tracker, eager: torch.nn.Module) -> float:
-    """Max |difference| of score map and boxes between the tracker's network as it runs (dtype,
-    compiled, graph) and ``eager`` (the same network, float32, not compiled) on :func:`probe_inputs`."""
+def reference_outputs(tracker: Tracker) -> dict[str, torch.Tensor]:
+    """The tracker's network on :func:`probe_inputs`, as it is now, without autocast (float32)."""
     inputs = tuple(t.to(tracker.device) for t in probe_inputs(tracker.config))
     with torch.inference_mode():
-        reference = eager(*inputs)
+        return tracker.model(*inputs)
+
+
+def output_delta(tracker: Tracker, reference: dict[str, torch.Tensor]) -> float:
+    """Max |difference| of score map and boxes between the tracker's network as it runs (dtype,
+    compiled, graph) and ``reference`` (:func:`reference_outputs` of the float32 network)."""
+    inputs = tuple(t.to(tracker.device) for t in probe_inputs(tracker.config))
 
     def run() -> dict[str, torch.Tensor]:
         cast = torch.autocast(tracker.device.type, dtype=tracker.dtype) if tracker.dtype else contextlib.nullcontext()
@@ -196,12 +201,6 @@ def output_delta(tracker: Tracker, eager: torch.nn.Module) -> float:
     else:
         out = run()
     return max(float((out[k].float() - reference[k].float()).abs().max()) for k in ("score_map", "boxes"))
-
-
-def _cpu_has_bf16() -> bool:
-    """Native bfloat16 arithmetic on this CPU (AVX-512 BF16 or AMX), as torch detects it."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check() for check in checks if check is not None)
 
 
 def _without(argv: list[str], valued: tuple[str, ...], flags: tuple[str, ...]) -> list[str]:
@@ -249,10 +248,12 @@ def _table(args: argparse.Namespace, argv: list[str]) -> str:
     # (backend, dtype, options): each run reports its own output difference, except ONNX (below)
     variants = [("torch", "float32", [])]
     if device.type == "cuda":
-        variants += [("torch", "float16", []), ("torch", "bfloat16", []), ("torch compiled", "float16", ["--compile"]),
-                     ("torch CUDA graph", "float16", ["--cuda-graph"])]
+        eager = ["--no-cuda-graph"]
+        variants = [("torch", "float32", eager), ("torch", "float16", eager), ("torch", "bfloat16", eager),
+                    ("torch compiled", "float16", ["--compile"]), ("torch CUDA graph", "float16", []),
+                    ("torch CUDA graph", "float32", [])]
     else:
-        if _cpu_has_bf16():
+        if cpu_has_bf16():
             variants.append(("torch", "bfloat16", []))
         variants.append(("torch compiled", "float32", ["--compile"]))
     onnx_delta = None
@@ -265,7 +266,7 @@ def _table(args: argparse.Namespace, argv: list[str]) -> str:
             onnx_delta = _export_for_table(args, path)
             variants.append(("onnxruntime", "float32", ["--weights", str(path), "--backend", "onnxruntime"]))
         for backend, dtype, extra in tqdm(variants, desc="variants", unit="run"):
-            base = _without(argv, ("--dtype", "--backend"), ("--compile", "--cuda-graph"))
+            base = _without(argv, ("--dtype", "--backend"), ("--compile", "--no-cuda-graph"))
             proc = subprocess.run([sys.executable, "-m", "lorat.bench", *base, "--dtype", dtype, *extra],
                                   capture_output=True, text=True)
             if proc.returncode != 0:
@@ -289,12 +290,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, metavar="N",
                         help="CPU threads (default: torch's choice; on a busy machine fewer can be faster)")
     parser.add_argument("--dtype", default="auto",
-                        help="auto (float16 on CUDA, else float32), float32, float16, bfloat16")
+                        help="auto (float16 on CUDA; bfloat16 for DINOv2 variants on a CPU with native "
+                   "bfloat16; else float32), float32, float16, bfloat16")
     parser.add_argument("--frames", type=int, default=100, help="length of the synthetic clip")
     parser.add_argument("--iters", type=int, default=100, help="timed model-only iterations")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model first")
-    parser.add_argument("--cuda-graph", action="store_true",
-                        help="on CUDA: replay each tracking step (and the model-only pass) as a CUDA graph")
+    parser.add_argument("--no-cuda-graph", action="store_true",
+                        help="on CUDA: launch every kernel (default: each tracking step and the model-only pass "
+                             "replayed as a CUDA graph; off with --compile)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="onnxruntime (or auto) with an .onnx --weights file from python -m lorat.export --onnx")
     parser.add_argument("--table", action="store_true",
@@ -306,18 +309,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.table:
         print(_table(args, [a for a in (sys.argv[1:] if argv is None else argv) if a != "--table"]))
         return 0
-    if args.weights:  # either backend, as Tracker.from_pretrained chooses it
+    graph = not (args.no_cuda_graph or args.compile)
+    onnx = args.backend == "onnxruntime" or (args.backend == "auto" and str(args.weights).lower().endswith(".onnx"))
+    if args.weights:  # either backend, as Tracker.from_pretrained chooses it; torch: float32 until cast below
         tracker = Tracker.from_pretrained(args.weights, args.config, args.backbone_weights, device=args.device,
-                                          dtype=args.dtype, backend=args.backend, cuda_graph=args.cuda_graph)
+                                          dtype=args.dtype if onnx else "float32", backend=args.backend,
+                                          cuda_graph=graph)
     else:
         device = resolve_device(args.device)
-        config = load_config(args.config)
-        model = _random_model(config, device)
-        tracker = Tracker(model, config, dtype=resolve_dtype(args.dtype, device), cuda_graph=args.cuda_graph)
-    if args.cuda_graph and tracker.device.type != "cuda":
-        raise LoratError(f"--cuda-graph needs a CUDA device; the model runs on {tracker.device}")
+        tracker = Tracker(_random_model(load_config(args.config), device), load_config(args.config), cuda_graph=graph)
     backend = getattr(tracker.model, "backend", "torch")
-    eager = tracker.model
+    reference = None
+    if backend == "torch":  # float32 outputs first; then the weights go to the dtype, as from_pretrained does
+        reference = reference_outputs(tracker)
+        tracker.dtype = resolve_dtype(args.dtype, tracker.device, tracker.config.model.backbone.embed_dim)
+        cast_for_autocast(tracker.model, tracker.dtype)
     if args.compile and backend == "torch":
         tracker.model = torch.compile(tracker.model)  # attribute access (cfg, device) falls through to the module
     result = {"config": args.config or str(args.weights), "variant": tracker.config.model.variant,
@@ -325,8 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "compiled": args.compile and backend == "torch", "cuda_graph": _graphed(tracker),
               "torch": torch.__version__}
     result |= benchmark(tracker, args.frames, args.iters)
-    if backend == "torch":
-        result["max_abs_diff_vs_float32"] = output_delta(tracker, eager)
+    if reference is not None:
+        result["max_abs_diff_vs_float32"] = output_delta(tracker, reference)
     print(json.dumps(result, indent=2))
     return 0
 

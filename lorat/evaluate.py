@@ -290,13 +290,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: torch's choice; on a busy machine "
                                                              "fewer can be faster)")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--dtype", default="auto", help="autocast dtype, as for lorat.track (auto, float32, float16, "
+                   "bfloat16)")
     args = p.parse_args(argv)
     if args.repeat < 1 or args.batch < 1:
         raise LoratError("--repeat and --batch must be at least 1")
     name, path, split = _dataset_arg(args.dataset, args.split)
     from lorat.checkpoint import load_model
     from lorat.runner import track_sequences
+    from lorat.tracker import cast_for_autocast
 
     set_threads(args.threads)
     with Distributed(args.device) as env:
@@ -304,7 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config) if args.config else None
         weights = Path(args.weights) if args.weights else default_weights()
         model, config = load_model(weights, config, args.backbone_weights, device=env.device)
-        dtype = resolve_dtype(args.dtype, env.device)
+        dtype = resolve_dtype(args.dtype, env.device, config.model.backbone.embed_dim)
+        cast_for_autocast(model, dtype)
         tracker = (args.name or config.model.variant).replace("/", "-")
         if tracker.strip(".") == "":
             raise LoratError(f"--name must be usable as a folder name, got {tracker!r}")

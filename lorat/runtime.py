@@ -15,8 +15,8 @@ from lorat.errors import LoratError, WeightsError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BACKENDS", "resolve_device", "resolve_dtype", "set_threads", "dtype_name", "Distributed", "DEFAULT_WEIGHTS",
-           "default_weights", "default_weights_notice"]
+__all__ = ["BACKENDS", "resolve_device", "resolve_dtype", "cpu_has_bf16", "BF16_MIN_WIDTH", "set_threads",
+           "dtype_name", "Distributed", "DEFAULT_WEIGHTS", "default_weights", "default_weights_notice"]
 
 # The bundled demo model (weights/README.md); LORAT_WEIGHTS overrides it.
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "lorat_demo.safetensors"
@@ -72,14 +72,41 @@ def resolve_device(device: str | torch.device | None, types: tuple[str, ...] = (
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype: ``"auto"`` -> float16 on CUDA (official inference), None (float32) elsewhere."""
+# Narrowest network whose float32 -> bfloat16 switch pays on a CPU with native bfloat16 (measured on
+# an AVX-512 BF16 / AMX EPYC, 2 threads: embed 192 (demo) 12.3 -> 12.5 ms, 384 (S-224) 64 -> 36 ms,
+# 768 (B-224) 212 -> 116 ms). Narrower networks keep float32: no gain, and rounding moves the boxes.
+BF16_MIN_WIDTH = 384
+
+
+def cpu_has_bf16() -> bool:
+    """Native bfloat16 arithmetic on this CPU (AVX-512 BF16 or AMX), as torch detects it."""
+    import torch
+
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, width: int | None = None
+                  ) -> torch.dtype | None:
+    """Autocast dtype; None means float32.
+
+    ``"auto"``/None: float16 on CUDA (the official inference); on a CPU with native bfloat16
+    (:func:`cpu_has_bf16`) bfloat16 for networks of ``width`` (embedding size) at least
+    :data:`BF16_MIN_WIDTH` (the DINOv2 variants: about 2x faster); float32 otherwise.
+
+    Raises:
+        LoratError: an unknown name, or float16 on the CPU.
+    """
     import torch
 
     if isinstance(dtype, torch.dtype):
         return None if dtype == torch.float32 else dtype
     if dtype in (None, "auto"):
-        return torch.float16 if device.type == "cuda" else None
+        if device.type == "cuda":
+            return torch.float16
+        if device.type == "cpu" and width is not None and width >= BF16_MIN_WIDTH and cpu_has_bf16():
+            return torch.bfloat16
+        return None
     if dtype not in _DTYPES:
         raise LoratError(f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16")
     if _DTYPES[dtype] == "float16" and device.type == "cpu":

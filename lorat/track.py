@@ -222,9 +222,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: torch's choice; on a busy machine "
                                                              "fewer can be faster)")
-    p.add_argument("--dtype", default="auto", help="auto (float16 on CUDA, else float32), float32, float16, bfloat16")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="on CUDA: replay each tracking step as one CUDA graph (same boxes, fewer launches)")
+    p.add_argument("--dtype", default="auto", help="auto (float16 on CUDA; bfloat16 for DINOv2 variants on a CPU "
+                   "with native bfloat16; else float32), float32, float16, bfloat16")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="on CUDA: launch every kernel of each step instead of replaying the step as a CUDA graph")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto (onnxruntime for an .onnx --weights file, else torch), torch or onnxruntime")
     p.add_argument("--output", type=_output_path, help="annotated video (.mp4 or .avi)")
@@ -254,9 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         tracker = Tracker.from_pretrained(weights, args.config, args.backbone_weights, device=args.device,
                                           dtype=args.dtype, backend=args.backend, assignment=not args.no_assignment,
-                                          cuda_graph=args.cuda_graph)
-        if args.cuda_graph and tracker.device.type != "cuda":
-            raise LoratError(f"--cuda-graph needs a CUDA device; the model runs on {tracker.device}")
+                                          cuda_graph=not args.no_cuda_graph)
         return _run(tracker, source, args)
     finally:
         source.close()

@@ -20,6 +20,7 @@ box and score are copied to the host.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -49,7 +50,8 @@ from lorat.runtime import BACKENDS, resolve_device, resolve_dtype
 
 __all__ = [
     "TrackState", "StepResult", "TrackResult", "Tracker", "init_state", "track_step", "search_crops", "run_model",
-    "decode_step", "to_frame_tensor", "hann_window", "init_boxes", "ensure_finite", "FrameResults", "StageTimer",
+    "decode_step", "cast_for_autocast", "to_frame_tensor", "hann_window", "init_boxes", "ensure_finite", "FrameResults",
+    "StageTimer",
 ]
 
 Frame = np.ndarray | torch.Tensor
@@ -198,6 +200,23 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def cast_for_autocast(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+    """Store the weights and biases of every Linear and Conv2d layer in ``dtype``, in place.
+
+    Autocast casts them to ``dtype`` at every forward pass anyway (it caches casts only for
+    tensors that need gradients), so the outputs are bit-identical while each pass skips reading
+    the float32 weights and writing the copies: B-224 on a 2-core AVX-512 BF16 CPU goes from 117
+    to 66 ms. Only for a model that runs under ``dtype`` autocast from now on; None does nothing.
+    """
+    if dtype is None or dtype == torch.float32:
+        return model
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            for param in module.parameters(recurse=False):
+                param.data = param.data.to(dtype)
+    return model
+
+
 def run_model(model: LoRAT, state: TrackState, x: torch.Tensor,
               autocast_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """One forward pass on cached templates and new search crops (inference mode, optional autocast)."""
@@ -335,14 +354,15 @@ class Tracker:
         dtype: autocast dtype (``None``/float32, float16, bfloat16).
         assignment: keep several targets on different objects (default: on when there are
             two or more targets); ignored for one target.
-        cuda_graph: on a CUDA device, replay each step (crop, model, post-process) as one CUDA
-            graph (:mod:`lorat.graph_step`), captured on the first frame of each frame size; the
-            boxes are the eager step's. Not with several targets under ``assignment`` (the
-            assignment runs on the host), nor with a stage ``timer``: those steps run eagerly.
+        cuda_graph: on a CUDA device (default on), replay each step (crop, model, post-process)
+            as one CUDA graph (:mod:`lorat.graph_step`), captured on the first frame of each frame
+            size: 4x the eager speed for B-224 on an H100, the same boxes. Not with several targets
+            under ``assignment`` (the assignment runs on the host), nor with a stage ``timer``:
+            those steps run eagerly, as every step does where the capture fails (with a warning).
     """
 
     def __init__(self, model: LoRAT, config: Config, dtype: torch.dtype | None = None,
-                 assignment: bool = True, top_k: int = 5, overlap_iou: float = 0.5, cuda_graph: bool = False):
+                 assignment: bool = True, top_k: int = 5, overlap_iou: float = 0.5, cuda_graph: bool = True):
         self.model = model.eval()
         self.config = config
         self.dtype = dtype
@@ -383,7 +403,8 @@ class Tracker:
             raise LoratError(f"{weights} is an ONNX model: use the onnxruntime backend")
         dev = resolve_device(device)
         model, cfg = load_model(weights, cfg, backbone_weights, device=dev)
-        return cls(model, cfg, dtype=resolve_dtype(dtype, dev), **kwargs)
+        autocast = resolve_dtype(dtype, dev, cfg.model.backbone.embed_dim)
+        return cls(cast_for_autocast(model, autocast), cfg, dtype=autocast, **kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -451,7 +472,13 @@ class Tracker:
         if self._graph is not None and self._graph.matches(self.state, size, self.dtype):
             self._graph.load(self.state)
             return True
-        self._graph = GraphedStep(self.model, self.state, size, self.config.tracking, self.dtype)
+        try:
+            self._graph = GraphedStep(self.model, self.state, size, self.config.tracking, self.dtype)
+        except RuntimeError as err:  # e.g. a compiled model or a custom layer that synchronises
+            warnings.warn(f"CUDA graph capture failed, tracking without it: {str(err).splitlines()[0]}",
+                          stacklevel=3)
+            self.cuda_graph, self._graph = False, None
+            return False
         return True
 
     def track(self, frame: Frame) -> TrackResult:

@@ -42,6 +42,11 @@ def test_fixture_reproduced_by_cli(tmp_path, capsys):
     video = cv2.VideoCapture(str(tmp_path / "out.mp4"))
     assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == 16
     assert "tracking" in stderr and "16 frames" in stdout  # progress bar and summary
+    # --no-cuda-graph (a no-op off CUDA) is accepted and changes nothing
+    again = tmp_path / "again.txt"
+    assert run_cli(main, [str(TINY / "sequence"), *MODEL_ARGS, "--init", "76,77,40,38", "--save-txt", str(again),
+                          "--no-cuda-graph"]) == 0
+    assert again.read_text() == out.read_text()
 
 
 def test_several_targets_one_file_each(tmp_path):
@@ -139,6 +144,9 @@ def test_bench_prints_json(capsys):
     bench_main([str(TINY / "config.yaml"), "--device", "cpu", "--frames", "6", "--iters", "2"])
     result = json.loads(capsys.readouterr().out)
     assert result["frames"] == 6 and result["model_fps"] > 0 and result["tracking_fps"] > 0
+    assert result["max_abs_diff_vs_float32"] == 0.0 and result["cuda_graph"] is False
+    bench_main([str(TINY / "config.yaml"), "--device", "cpu", "--frames", "4", "--iters", "2", "--no-cuda-graph"])
+    assert json.loads(capsys.readouterr().out)["frames"] == 4
     assert set(result["split_ms"]) == {"decode", "crop", "model", "postprocess"}
     assert result["peak_memory_mb"]["process_rss"] > 0
 

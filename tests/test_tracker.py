@@ -279,5 +279,40 @@ def test_cuda_graph_step_matches_eager(tiny_dir, tiny_config, tiny_files, monkey
         return np.array(out)
 
     graphed.dtype = eager_dtype = torch.float16
-    eager = Tracker(graphed.model, graphed.config, dtype=eager_dtype)
+    eager = Tracker(graphed.model, graphed.config, dtype=eager_dtype, cuda_graph=False)
     np.testing.assert_allclose(run(graphed), run(eager), atol=1e-3, rtol=0)
+
+
+def test_auto_dtype_rule(monkeypatch):
+    """auto: float16 on CUDA; bfloat16 on a native-bf16 CPU for networks at least BF16_MIN_WIDTH wide; else float32."""
+    from lorat import runtime
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
+    assert runtime.resolve_dtype("auto", cpu, runtime.BF16_MIN_WIDTH) == torch.bfloat16
+    assert runtime.resolve_dtype("auto", cpu, 192) is None  # the demo model's width
+    assert runtime.resolve_dtype("auto", cpu) is None
+    assert runtime.resolve_dtype("float32", cpu, 768) is None
+    assert runtime.resolve_dtype("auto", torch.device("cuda"), 192) == torch.float16
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
+    assert runtime.resolve_dtype("auto", cpu, 768) is None
+
+
+def test_weights_stored_in_the_autocast_dtype_give_identical_outputs(tiny_files, tiny_config):
+    from safetensors.torch import load_file
+
+    from lorat.tracker import cast_for_autocast
+
+    model, _ = load_model(tiny_files["trainable"], tiny_config, tiny_files["backbone"])
+    ref = load_file(tiny_files["forward"])
+    inputs = (ref["z"], ref["x"], ref["z_feat_mask"])
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(*inputs)
+        assert cast_for_autocast(model, torch.bfloat16) is model
+        after = model(*inputs)
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linear and all(m.weight.dtype == torch.bfloat16 for m in linear)
+    assert all(p.dtype == torch.float32 for m in model.modules() if isinstance(m, torch.nn.LayerNorm)
+               for p in m.parameters())
+    for key in ("score_map", "boxes"):
+        assert torch.equal(before[key], after[key])
