@@ -21,7 +21,8 @@ from lorat.model import LoRAT, sincos_pos_embed
 from lorat.stem import imagenet_stem_weights
 from lorat.weight_files import detect_format, read_weights
 
-__all__ = ["build_lorat", "build_training_model", "build_loaded", "load_backbone", "load_official_trainable"]
+__all__ = ["build_lorat", "build_training_model", "build_loaded", "load_backbone", "load_official_trainable",
+           "check_backbone_file", "check_official_checkpoint"]
 
 
 def build_loaded(cfg: ModelConfig, given: Mapping[str, torch.Tensor], path: Path, what: str,
@@ -59,10 +60,9 @@ def _read_backbone(cfg: ModelConfig, path: Path) -> tuple[dict[str, torch.Tensor
                                f"torchvision's ImageNet MobileNetV2 state dict, found a {fmt} file")
         return sd, fmt
     if fmt != "dinov2":
-        raise WeightsError(
-            f"{path}: expected a DINOv2 backbone file ({DINOV2_FILES.get(cfg.backbone.embed_dim)}"
-            f" or timm's DINOv2 safetensors), found a {fmt} file"
-        )
+        name = DINOV2_FILES.get(cfg.backbone.embed_dim, "dinov2_vit*14_pretrain.pth")
+        raise WeightsError(f"{path}: expected a DINOv2 backbone file ({name} or timm's DINOv2 safetensors), "
+                           f"found a {fmt} file")
     check_size(cfg, sd, path, full=True)
     return sd, fmt
 
@@ -90,6 +90,34 @@ def load_backbone(model: LoRAT, path: str | Path) -> None:
     """
     path = Path(path)
     _load_backbone_weights(model, *_read_backbone(model.cfg, path), path)
+
+
+def check_backbone_file(cfg: ModelConfig, path: str | Path) -> None:
+    """Raise :class:`WeightsError` unless ``path`` is a backbone file that fits ``cfg`` (keys, sizes)."""
+    path = Path(path)
+    sd, fmt = _read_backbone(cfg, path)
+    if fmt == "dinov2":
+        with torch.device("meta"):
+            model = build_lorat(cfg, lora=False)
+        keys = [k for k in model.state_dict() if k != "token_type_embed" and not k.startswith("head.")]
+        expected = {k: v.shape for k, v in model.state_dict().items() if k in keys}
+        converted = dinov2_to_lorat({k: v for k, v in sd.items() if k != "pos_embed"}, model, path)
+        check_fit(converted, {k: v for k, v in expected.items() if k != "pos_embed"}, path, cfg.variant,
+                  "DINOv2 backbone", sd)
+
+
+def check_official_checkpoint(cfg: ModelConfig, path: str | Path) -> None:
+    """Raise :class:`WeightsError` unless ``path`` is an official trainable-only checkpoint of ``cfg``."""
+    path = Path(path)
+    sd, meta = read_weights(path)
+    fmt = detect_format(sd, meta)
+    if fmt != "official-trainable":
+        raise WeightsError(f"{path}: expected an official LoRAT checkpoint (the trainable tensors), found a {fmt} file")
+    check_size(cfg, sd, path, full=False)
+    with torch.device("meta"):
+        model = build_lorat(cfg)
+    expected = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+    check_fit(official_to_peft_keys(sd), expected, path, cfg.variant, "official LoRAT checkpoint", sd)
 
 
 def load_official_trainable(model: LoRAT, sd: Mapping[str, torch.Tensor], path: Path) -> None:

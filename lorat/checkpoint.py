@@ -45,6 +45,7 @@ from lorat.config import Config, ModelConfig, config_from_dict, config_to_dict
 from lorat.convert import DINOV2_FILES, official_to_peft_keys, peft_to_official_keys
 from lorat.errors import ConfigError, LoratError, WeightsError, listed
 from lorat.fit import check_size
+from lorat.hub import named_model, resolve_named
 from lorat.lora import has_lora, merge_lora
 from lorat.model import LoRAT
 from lorat.weight_files import CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION, detect_format, read_weights, save_safetensors
@@ -72,7 +73,8 @@ def load_model(
     """Load any supported weight file into a merged inference model (eval mode, frozen).
 
     Args:
-        weights: our single file, a merged state dict, or an official checkpoint.
+        weights: our single file, a merged state dict, an official checkpoint, or the name of an
+            official model (``LoRAT-B-224``; see :mod:`lorat.hub`).
         config: required except for our single file (whose embedded config is used; a given
             config must then describe the same model, and its ``tracking`` section wins).
         backbone_weights: DINOv2 file, required for official trainable-only checkpoints.
@@ -81,6 +83,10 @@ def load_model(
     Returns:
         (model, config).
     """
+    named = named_model(weights)
+    if named is not None:  # LoRAT-B-224 etc.: the official checkpoint and its DINOv2, from the cache or downloaded
+        weights, named_config, backbone_weights = resolve_named(named, backbone_weights)
+        config = config or named_config
     path = Path(weights)
     sd, meta = read_weights(path)
     fmt = detect_format(sd, meta)

@@ -300,12 +300,20 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
     """Read a YAML config strictly, apply ``key=value`` overrides, validate.
 
+    ``path`` is a file, or the name of a bundled config (``b224``, ``configs/b224.yaml`` from any
+    folder; see :mod:`lorat.resources`).
+
     Raises:
         ConfigError: missing file, YAML syntax error, unknown key, wrong type or bad value.
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        from lorat.resources import bundled_config, config_names
+
+        bundled = bundled_config(str(path))
+        if bundled is None:
+            raise ConfigError(f"config file not found: {path} (bundled configs: {', '.join(config_names())})")
+        path = bundled
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except UnicodeDecodeError:

@@ -11,15 +11,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lorat.errors import LoratError, WeightsError
+from lorat.resources import bundled_weights
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = ["BACKENDS", "resolve_device", "resolve_dtype", "cpu_has_bf16", "BF16_MIN_WIDTH", "set_threads",
-           "dtype_name", "Distributed", "DEFAULT_WEIGHTS", "default_weights", "default_weights_notice"]
+           "dtype_name", "Distributed", "default_weights", "default_weights_notice"]
 
-# The bundled demo model (weights/README.md); LORAT_WEIGHTS overrides it.
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "lorat_demo.safetensors"
 WEIGHTS_VARIABLE = "LORAT_WEIGHTS"
 # What runs the network: auto (ONNX Runtime for an .onnx weight file, else torch), torch, onnxruntime.
 BACKENDS = ("auto", "torch", "onnxruntime")
@@ -200,6 +199,12 @@ class Distributed:
         self.close()
 
 
+def __getattr__(name: str):
+    if name == "DEFAULT_WEIGHTS":  # the bundled demo model (weights/README.md); LORAT_WEIGHTS overrides it
+        return bundled_weights()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def default_weights() -> Path:
     """The weights used when none are given: ``$LORAT_WEIGHTS`` or the bundled demo model.
 
@@ -207,7 +212,7 @@ def default_weights() -> Path:
         WeightsError: neither exists.
     """
     env = os.environ.get(WEIGHTS_VARIABLE)
-    path = Path(env) if env else DEFAULT_WEIGHTS
+    path = Path(env) if env else bundled_weights()
     if not path.is_file():
         where = WEIGHTS_VARIABLE if env else "the bundled demo model"
         raise WeightsError(f"no weights given and {where} {path} is missing (see weights/README.md)",

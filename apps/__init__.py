@@ -1,0 +1,1 @@
+"""The Gradio web demo, shipped inside the package as ``lorat.apps`` (``lorat-app``)."""

@@ -1,0 +1,1 @@
+"""The model configs, shipped inside the package as ``lorat.configs`` (see ``lorat/resources.py``)."""

@@ -1,0 +1,44 @@
+"""Files shipped with the package: the model configs and the bundled demo model.
+
+They live at the top of the checkout (``configs/``, ``weights/``) and inside an installed wheel as
+the packages ``lorat.configs`` and ``lorat.weights`` (``pyproject.toml`` maps one onto the other),
+so both are found with :mod:`importlib.resources` from any folder.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+__all__ = ["bundled_weights", "bundled_config", "config_names"]
+
+DEMO_WEIGHTS = "lorat_demo.safetensors"
+
+
+def _folder(package: str) -> Path | None:
+    try:
+        return Path(str(resources.files(package)))
+    except ModuleNotFoundError:  # lorat/ copied without its data
+        return None
+
+
+def bundled_weights() -> Path:
+    """The bundled demo model's file (it may be missing from a partial install: check ``is_file()``)."""
+    folder = _folder("lorat.weights")
+    return (folder or Path(__file__).resolve().parent.parent / "weights") / DEMO_WEIGHTS
+
+
+def config_names() -> list[str]:
+    """Names of the bundled configs (``b224``, ``demo``, ...)."""
+    folder = _folder("lorat.configs")
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder else []
+
+
+def bundled_config(name: str) -> Path | None:
+    """The bundled config called ``name`` (``b224``, ``b224.yaml`` or ``configs/b224.yaml``), or None."""
+    folder = _folder("lorat.configs")
+    stem = Path(name).name.removesuffix(".yaml").removesuffix(".yml")
+    if folder is None or Path(name).parent.name not in ("", "configs"):
+        return None
+    path = folder / f"{stem}.yaml"
+    return path if path.is_file() else None
