@@ -29,6 +29,7 @@ from tqdm import tqdm
 from lorat.errors import LoratError, WeightsError
 
 __all__ = ["NamedModel", "MODELS", "named_model", "lorat_home", "dinov2_cache", "fetch", "dinov2_weights",
+           "dinov2_release",
            "resolve_named", "DINOV2_BASE", "LORAT_FOLDER"]
 
 DINOV2_BASE = "https://dl.fbaipublicfiles.com"
@@ -36,7 +37,8 @@ LORAT_FOLDER = "https://drive.google.com/drive/folders/1FvViP0MCSiAu2FSrNjg7XEOR
 MIRROR_VARIABLE, HOME_VARIABLE, OFFLINE_VARIABLE = "LORAT_MIRROR", "LORAT_HOME", "LORAT_OFFLINE"
 _CHUNK = 1 << 20
 _ATTEMPTS = 3  # per download: the first try and two resumptions
-_DINOV2 = {384: "dinov2_vits14", 768: "dinov2_vitb14", 1024: "dinov2_vitl14", 1536: "dinov2_vitg14"}
+_DINOV2 = {(384, 12): "dinov2_vits14", (768, 12): "dinov2_vitb14", (1024, 24): "dinov2_vitl14",
+           (1536, 40): "dinov2_vitg14"}  # (embed_dim, depth) of each release
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,12 @@ def _mirrored(url: str) -> str:
     return mirror.rstrip("/") + url.removeprefix(DINOV2_BASE) if mirror else url
 
 
+def dinov2_release(model_cfg) -> str | None:
+    """The DINOv2 release (``dinov2_vitb14``) a model config's backbone comes from, or None."""
+    b = model_cfg.backbone
+    return _DINOV2.get((b.embed_dim, b.depth)) if b.stem == "patch" and b.patch_size == 14 else None
+
+
 def dinov2_weights(model_cfg, progress: bool = True) -> Path:
     """The DINOv2 backbone file for a model config, from torch hub's cache or downloaded (checked).
 
@@ -165,10 +173,11 @@ def dinov2_weights(model_cfg, progress: bool = True) -> Path:
     """
     from lorat.build import check_backbone_file
 
-    name = _DINOV2.get(model_cfg.backbone.embed_dim)
-    if name is None or model_cfg.backbone.stem != "patch":
+    name = dinov2_release(model_cfg)
+    if name is None:
         raise WeightsError(f"model {model_cfg.variant} has no DINOv2 release to download "
-                           f"(embed_dim {model_cfg.backbone.embed_dim}, stem {model_cfg.backbone.stem})",
+                           f"(embed_dim {model_cfg.backbone.embed_dim}, depth {model_cfg.backbone.depth}, "
+                           f"stem {model_cfg.backbone.stem})",
                            missing="backbone_weights")
     url = _mirrored(f"{DINOV2_BASE}/dinov2/{name}/{name}_pretrain.pth")
     return fetch(url, dinov2_cache() / f"{name}_pretrain.pth", lambda p: check_backbone_file(model_cfg, p),

@@ -113,8 +113,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     saved_args = {"data": data, "val_data": val_data, "backbone_weights": backbone, "log_every": log_every,
                   "init_weights": init}
     with Distributed(args.device, types=("cpu", "cuda")) as env:
+        if backbone is None and init is None and state is None:
+            backbone = _pretrained_backbone(config, env)
+            saved_args["backbone_weights"] = backbone
         return run_training(config, parse_data(data, "--data"), parse_data(val_data, "--val-data"), backbone, out,
                             env, state, args, saved_args)
+
+
+def _pretrained_backbone(config, env) -> str | None:
+    """The DINOv2 file a LoRA run starts from when --backbone-weights is not given: torch hub's cache
+    or Meta's URL (rank 0 downloads, the others wait); None for models without a DINOv2 release."""
+    from lorat.hub import dinov2_cache, dinov2_release, dinov2_weights
+
+    name = dinov2_release(config.model)
+    if name is None:
+        return None
+    if env.main:
+        path = dinov2_weights(config.model)
+        print(f"backbone: {path} (DINOv2 {name}; --backbone-weights FILE to use another)")
+    env.barrier()
+    return str(dinov2_cache() / f"{name}_pretrain.pth")
 
 
 if __name__ == "__main__":
