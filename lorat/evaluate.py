@@ -14,8 +14,10 @@ differs, or that holds results without one, is refused, so results of two tracke
 mixed (use another ``--output`` or ``--name``). ``--repeat 3`` tracks everything three times (the
 official protocol for LaSOT_Extension and GOT-10k test) and averages the curves.
 GOT-10k test and TrackingNet test have no public ground truth: they produce the submission zips.
-Otherwise a table is printed and ``metrics.json``, ``sequences.csv`` and success / precision
-plots are written next to the results.
+Otherwise a table is printed, each run folder gets ``metrics.json`` and ``sequences.csv``, and the
+dataset folder gets ``metrics.json`` (``{tracker: summary and curves}`` for every tracker evaluated
+into it) and success / precision plots comparing all of them. A sequence's ``_time.txt`` holds the
+time of each step that advanced it (with ``--batch N``, the batched step's: its latency).
 
 Scoring (``score``): reads one tracker's ``<seq>.txt`` files per ``--results`` folder (ours or
 anyone's; several folders are compared in one plot) and prints the same metrics. Malformed files
@@ -57,6 +59,7 @@ from lorat import __version__
 from lorat.config import Config, config_to_dict, load_config
 from lorat.data.sequences import DATASETS, DatasetError, TrackingSequence, init_frame, read_dataset
 from lorat.errors import LoratError, listed, run_cli
+from lorat.files import write_atomic
 from lorat.metrics import P20, P_NORM_02, SequenceCurves, got10k_metrics, sequence_curves, summarize_curves
 from lorat.report import format_table, mean_curves, plot_curves, write_report
 from lorat.results import (
@@ -359,10 +362,38 @@ def _finish(name: str, split: str, sequences: list[TrackingSequence], runs: list
     for key in ("ao", "sr_0.5", "sr_0.75", "fps"):
         if key in summaries[0]:
             summary[key] = float(np.mean([s[key] for s in summaries]))
-    (out / f"{tracker}_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot_curves(out, {tracker: curves}, name)
-    print(format_table({tracker: summary}))
-    print(f"results in {out}")
+    trackers = _record_tracker(out / "metrics.json", tracker, summary, curves)
+    plot_curves(out, {t: c for t, (_, c) in trackers.items()}, name)
+    print(format_table({t: entry for t, (entry, _) in trackers.items()}))
+    print(f"results in {out}" + (f" ({len(trackers)} trackers compared)" if len(trackers) > 1 else ""))
+
+
+_CURVES = ("success", "precision", "norm_precision")
+
+
+def _record_tracker(path: Path, tracker: str, summary: dict, curves: SequenceCurves
+                    ) -> dict[str, tuple[dict, SequenceCurves]]:
+    """Add (or replace) ``tracker`` in a dataset folder's ``metrics.json`` -- ``{tracker: summary and
+    curves}`` for every tracker evaluated into that folder -- and return all of them."""
+    entries: dict = {}
+    if path.is_file():
+        try:
+            entries = json.loads(path.read_text())
+            if not isinstance(entries, dict):
+                raise ValueError("not a mapping")
+        except (OSError, ValueError) as err:
+            print(f"warning: {path} is unreadable ({err}); it now holds {tracker} only")
+            entries = {}
+    entries[tracker] = summary | {"curves": {f: getattr(curves, f).tolist() for f in _CURVES}}
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(entries, indent=2) + "\n"))
+    out = {}
+    for name, entry in entries.items():
+        try:
+            out[name] = ({k: v for k, v in entry.items() if k != "curves"},
+                         SequenceCurves(*(np.asarray(entry["curves"][f], dtype=np.float64) for f in _CURVES)))
+        except (KeyError, TypeError, ValueError):
+            print(f"warning: {path}: the entry of {name} is damaged; left out of the comparison")
+    return out
 
 
 if __name__ == "__main__":

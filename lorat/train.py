@@ -21,7 +21,8 @@ workers, ...), not the model (``model.*``, ``train.finetune``, ``train.freeze_st
 step is (``train.batch_size``, ``train.samples_per_epoch``); the change is kept in ``config.yaml``.
 
 Outputs in ``--output``: ``config.yaml``, ``args.json`` (data paths, for ``--resume``);
-``metrics.csv`` (per step: loss, cls, reg, lr, samples/s) and ``val.csv`` (per epoch);
+``metrics.csv`` (per step: loss, cls, reg, lr, samples/s) and ``val.csv`` (per epoch), the same
+numbers as TensorBoard events in ``tensorboard/`` (``tensorboard --logdir DIR/tensorboard``);
 ``checkpoint/epoch_NNN/model.safetensors`` (the official trainable-only format) and
 ``lorat.safetensors`` (our single file), the last five kept, byte-identical for identical runs;
 ``state.pt`` (resumable: weights, AdamW, GradScaler, step, RNG).

@@ -167,7 +167,7 @@ def _setup(config: Config, data, val_data, backbone, out: Path, env: Distributed
     return run
 
 
-def _end_epoch(run: _Run, epoch: int, validate: bool, resuming: bool = False) -> None:
+def _end_epoch(run: _Run, epoch: int, validate: bool, resuming: bool = False, log: _Log | None = None) -> None:
     """Checkpoint (when due), then state.pt, then validation. ``resuming``: the state is there,
     write only what its epoch lacks (a kill after state.pt, a deleted folder, a stop by signal)."""
     cfg, env, out = run.config.train, run.env, run.out
@@ -177,18 +177,22 @@ def _end_epoch(run: _Run, epoch: int, validate: bool, resuming: bool = False) ->
         run.save_state()
     env.barrier()
     if validate and run.val_set is not None and env.agree(epoch + 1 not in logged_epochs(out / "val.csv")):
-        _validation_loss(run.net, run.val_set, env, cfg.batch_size // env.world, cfg.num_workers, run.autocast, out,
-                         epoch)
+        values = _validation_loss(run.net, run.val_set, env, cfg.batch_size // env.world, cfg.num_workers,
+                                  run.autocast, out, epoch)
+        if log is not None:
+            log.validation(epoch, (epoch + 1) * run.iters, values)
 
 
 class _Log:
-    """``metrics.csv`` rows every ``every`` steps, and the progress bar's numbers (rank 0 only)."""
+    """``metrics.csv`` rows and TensorBoard scalars (``tensorboard/``) every ``every`` steps, and the
+    progress bar's numbers (rank 0 only). A resumed run drops the events past its saved step."""
 
-    def __init__(self, path: Path, every: int, total: int):
-        self.file = open(path, "a", newline="")  # noqa: SIM115 (closed by close())
+    def __init__(self, out: Path, every: int, total: int, step: int):
+        self.file = open(out / "metrics.csv", "a", newline="")  # noqa: SIM115 (closed by close())
         self.writer = csv.writer(self.file)
         if self.file.tell() == 0:
             self.writer.writerow(_METRICS_HEADER)
+        self.events = _tensorboard(out, step)
         self.every, self.total, self.tick = every, total, time.perf_counter()
 
     def write(self, run: _Run, epoch: int, lr: float, losses: dict[str, torch.Tensor], bar: tqdm) -> None:
@@ -198,12 +202,58 @@ class _Log:
         bar.update(1)
         bar.set_postfix(loss=f"{losses['loss'].item():.3f}", lr=f"{lr:.2e}", sps=f"{speed:.1f}")
         if run.step % self.every == 0 or run.step == self.total:
-            values = (f"{losses[k].item():.6f}" for k in ("loss", "cls", "reg"))
-            self.writer.writerow([run.step, epoch, f"{lr:.6e}", *values, f"{speed:.2f}", run.skipped])
+            values = {k: losses[k].item() for k in ("loss", "cls", "reg")}
+            self.writer.writerow([run.step, epoch, f"{lr:.6e}", *(f"{v:.6f}" for v in values.values()),
+                                  f"{speed:.2f}", run.skipped])
             self.file.flush()
+            if self.events is not None:
+                for key, value in {**values, "lr": lr, "samples_per_s": speed}.items():
+                    self.events.add_scalar(f"train/{key}", value, run.step)
+                self.events.flush()
+
+    def validation(self, epoch: int, step: int, values: list[float]) -> None:
+        if self.events is not None:
+            for key, value in zip(("loss", "cls", "reg"), values, strict=True):
+                self.events.add_scalar(f"val/{key}", value, step)
+            self.events.flush()
 
     def close(self) -> None:
         self.file.close()
+        if self.events is not None:
+            self.events.close()
+
+
+def _tensorboard(out: Path, step: int):
+    """A TensorBoard writer for ``out/tensorboard`` (an earlier process's events after ``step``, the
+    saved state, are dropped), or None with a note when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch raises this when the tensorboard package is missing
+        print("note: the tensorboard package is not installed; metrics go to metrics.csv only")
+        return None
+    return SummaryWriter(str(out / "tensorboard"), purge_step=step + 1 if step else None)
+
+
+def _summary(run: _Run, backbone, saved_args: dict) -> str:
+    """The start-up summary: model, weights, data, schedule, device, output."""
+    cfg, model = run.config.train, run.model
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    data = "; ".join(f"{s.name}: {len(s.sequences)} sequences (weight {s.weight:g})" for s in run.train_set.sources)
+    val = "; ".join(f"{s.name}: {len(s.sequences)}" for s in run.val_set.sources) if run.val_set else "none"
+    start = (f"init {saved_args['init_weights']}" if saved_args.get("init_weights")
+             else f"backbone {backbone}" if backbone else "backbone randomly initialised")
+    amp = "off" if run.autocast is nullcontext else "float16" if cfg.amp == "auto" else str(cfg.amp)
+    lines = [
+        f"model      {run.config.model.variant}: {params / 1e6:.2f} M parameters, {trainable / 1e6:.2f} M trained "
+        f"(finetune {cfg.finetune}); {start}",
+        f"data       {data}; validation {val}",
+        f"schedule   {cfg.epochs} epochs x {run.iters} steps of {cfg.batch_size} pairs = {cfg.epochs * run.iters} "
+        f"steps; lr {cfg.lr:g}, warm-up {cfg.warmup_epochs} epoch(s)",
+        f"device     {run.env.device} x {run.env.world} process(es); amp {amp}; {cfg.num_workers} data worker(s)",
+        f"output     {run.out} (metrics.csv, tensorboard/, checkpoint/, state.pt)",
+    ]
+    return "\n".join(lines)
 
 
 def run_training(config: Config, data, val_data, backbone, out: Path, env: Distributed, state: dict[str, Any] | None,
@@ -213,17 +263,22 @@ def run_training(config: Config, data, val_data, backbone, out: Path, env: Distr
     cfg, iters = config.train, run.iters
     total = iters * cfg.epochs
     end = min(total, args.stop_after or total)
+    if env.main:
+        print(_summary(run, backbone, saved_args))
+        if state is not None:
+            print(f"resuming from step {run.step} of {total} (epoch {run.step // iters + 1} of {cfg.epochs}, "
+                  f"{run.step % iters} of its {iters} steps done) in {out}")
+    log = _Log(out, args.log_every, total, run.step) if env.main else None
     if state is not None and run.step and run.step % iters == 0:
-        _end_epoch(run, run.step // iters - 1, validate=True, resuming=True)
+        _end_epoch(run, run.step // iters - 1, validate=True, resuming=True, log=log)
     stop = _StopFlag()
-    log = _Log(out / "metrics.csv", args.log_every, total) if env.main else None
     data_error: str | None = None
     try:
         while run.step < end and data_error is None:
             epoch = run.step // iters
             data_error = _train_epoch(run, stop, log, args.stop_after)
             if run.step == (epoch + 1) * iters:  # the epoch is complete, even if we stop right here
-                _end_epoch(run, epoch, validate=stop.signal is None)  # a signal asks to be quick: resume validates
+                _end_epoch(run, epoch, validate=stop.signal is None, log=log)  # a signal: quick; resume validates
             if stop.signal is not None:
                 break
         if env.main and run.step % iters:  # stopped mid-epoch (an epoch end has just been saved above)
@@ -282,8 +337,8 @@ def _train_epoch(run: _Run, stop: _StopFlag, log: _Log | None, stop_after: int |
 
 
 def _validation_loss(net, val_set: PairDataset, env: Distributed, local_batch: int, workers: int, autocast, out: Path,
-              epoch: int) -> None:
-    """Mean loss over the fixed validation pairs (eval mode), written to val.csv."""
+                     epoch: int) -> list[float]:
+    """Mean loss, cls and reg over the fixed validation pairs (eval mode), written to val.csv and returned."""
     val_set.set_epoch(0)  # the same pairs every epoch
     n = len(val_set)
     per_rank = [i for i in range(n) if i % env.world == env.rank]
@@ -306,3 +361,4 @@ def _validation_loss(net, val_set: PairDataset, env: Distributed, local_batch: i
                 w.writerow(["epoch", "val_loss", "val_cls", "val_reg"])
             w.writerow([epoch + 1, *(f"{v:.6f}" for v in sums.tolist())])
         tqdm.write(f"epoch {epoch + 1}: validation loss {sums[0].item():.4f}")
+    return sums.tolist()

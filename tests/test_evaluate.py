@@ -59,12 +59,28 @@ def test_run_then_score_gives_the_same_numbers(setup, tmp_path, capsys):
         assert 0 <= scored[key] <= 1
 
 
+def test_several_trackers_in_one_output_are_compared(setup, tmp_path, capsys):
+    data, weights = setup
+    assert _evaluate(data, weights, tmp_path, "--name", "first") == 0
+    assert _evaluate(data, weights, tmp_path, "--name", "second", "--batch", "1") == 0
+    out = capsys.readouterr().out
+    table = out[out.rindex("first") - 200:]
+    assert "first" in table and "second" in table and "2 trackers compared" in out
+    entries = json.loads((tmp_path / "lasot" / "metrics.json").read_text())
+    assert set(entries) == {"first", "second"}
+    assert entries["first"]["success_auc"] == pytest.approx(entries["second"]["success_auc"], abs=1e-9)
+    assert len(entries["first"]["curves"]["success"]) == 21
+    # per sequence, the time of the steps that advanced it: at batch 1 alone, at batch 2 shared with another
+    one = np.loadtxt(tmp_path / "lasot" / "second" / "synthetic-1_time.txt")
+    assert np.isfinite(one).all() and (one > 0).all()
+
+
 def test_resume_and_repeats(setup, tmp_path, capsys):
     data, weights = setup
     assert _evaluate(data, weights, tmp_path, "--repeat", "2", "--name", "mine") == 0
     for run in ("mine_001", "mine_002"):
         assert (tmp_path / "lasot" / run / "synthetic-3.txt").is_file()
-    summary = json.loads((tmp_path / "lasot" / "mine_metrics.json").read_text())
+    summary = json.loads((tmp_path / "lasot" / "metrics.json").read_text())["mine"]
     assert summary["runs"] == 2
     (tmp_path / "lasot" / "mine_002" / "synthetic-2.txt").unlink()
     capsys.readouterr()
@@ -175,8 +191,8 @@ def test_torchrun_shards_sequences(setup, tmp_path):
                            "--output", str(tmp_path / "two"), "--device", "cpu"], cwd=ROOT, capture_output=True,
                           text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    one = json.loads((tmp_path / "one" / "lasot" / "debug_metrics.json").read_text())
-    two = json.loads((tmp_path / "two" / "lasot" / "debug_metrics.json").read_text())
+    one = json.loads((tmp_path / "one" / "lasot" / "metrics.json").read_text())["debug"]
+    two = json.loads((tmp_path / "two" / "lasot" / "metrics.json").read_text())["debug"]
     assert two["sequences"] == 3 and two["success_auc"] == pytest.approx(one["success_auc"], abs=1e-4)
 
 

@@ -352,3 +352,29 @@ def test_resume_on_another_machine_with_the_data_elsewhere(synthetic, reference,
     assert run_cli(main, ["--resume", str(run), "--data", f"lasot={there}", "--val-data", f"lasot={there}"]) == 0
     assert json.loads((run / "args.json").read_text())["data"] == [f"lasot={there}"]
     assert_same_run(reference, run)
+
+
+# ----------------------------------------------------------------------------- what a user sees
+
+
+def test_summary_resume_line_tensorboard_and_options_kept(synthetic, reference, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    assert run_cli(main, _recipe(synthetic, "--output", str(run), "--stop-after", "3")) == 0
+    out = capsys.readouterr().out
+    assert "model      debug:" in out and "M trained" in out and "backbone randomly initialised" in out
+    assert "data       lasot: " in out and "sequences" in out and "schedule   2 epochs x 2 steps of 2 pairs" in out
+    assert "resuming" not in out
+    assert run_cli(main, ["--resume", str(run)]) == 0  # --log-every 1 of the first command is kept
+    out = capsys.readouterr().out
+    assert "resuming from step 3 of 4 (epoch 2 of 2, 1 of its 2 steps done)" in out and "model      debug:" in out
+    assert json.loads((run / "args.json").read_text())["log_every"] == 1
+    assert [r["step"] for r in _rows(run / "metrics.csv")] == ["1", "2", "3", "4"]
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]  # no step twice after the resume
+    assert {"train/lr", "train/cls", "train/reg", "val/loss"} <= set(events.Tags()["scalars"])
+    losses = [float(r["loss"]) for r in _rows(run / "metrics.csv")]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(losses, abs=1e-6)
+    assert_same_run(reference, run)
