@@ -57,6 +57,9 @@ from lorat.video import FrameSource, VideoWriter, draw_targets, open_source
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "assets" / "box.mp4"
+EXAMPLE_BOX = [290.0, 14.0, 308.0, 228.0]  # the box on the example's first frame (assets/box_pseudo_gt.txt)
+_STOPS: dict[str, threading.Event] = {}  # session -> "stop the running Track" (set by the Stop button)
+_STOPS_LOCK = threading.Lock()
 KEEP_RESULTS = 4  # request folders kept; Gradio has its own copy of the files once a request returns
 CACHE_LIFETIME_S = 3600  # Gradio's cached uploads and results older than this are deleted
 log = logging.getLogger("lorat.app")
@@ -167,7 +170,27 @@ def _refuse(message: str, *paths: str | os.PathLike) -> gr.Error:
 # ---- handlers ------------------------------------------------------------------------------------
 
 def _empty_state() -> dict:
-    return {"boxes": [], "pending": None, "frame": None}
+    return {"boxes": [], "pending": None, "frame": None, "start": 0}
+
+
+def _is_example(video: str) -> bool:
+    """Whether an upload is the bundled example (Gradio serves a copy of it under its own path)."""
+    path = Path(video)
+    return (EXAMPLE.is_file() and path.name == EXAMPLE.name and path.stat().st_size == EXAMPLE.stat().st_size
+            and path.read_bytes() == EXAMPLE.read_bytes())
+
+
+def _stop_event(request: gr.Request | None) -> threading.Event:
+    """The Stop flag of the request's browser session (one per session; cleared when a Track starts)."""
+    key = getattr(request, "session_hash", None) or "no-session"
+    with _STOPS_LOCK:
+        return _STOPS.setdefault(key, threading.Event())
+
+
+def stop_tracking(request: gr.Request) -> str:
+    """Ask the session's running Track to stop after its current frame (its results so far are kept)."""
+    _stop_event(request).set()
+    return "Stopping after the current frame..."
 
 
 def _open_video(video: str, max_side: int) -> FrameSource:
@@ -195,23 +218,56 @@ def _check_size(width: int, height: int, max_side: int) -> None:
                       f"the long side. Please downscale it (e.g. with ffmpeg's scale filter) and upload it again.")
 
 
-def make_load_fn(limits: Limits) -> Callable[[str | None], tuple]:
+def make_load_fn(limits: Limits) -> Callable[..., tuple]:
     """The handler of a new upload, refusing videos over ``limits.max_side``."""
 
-    def load_first_frame(video: str | None) -> tuple[np.ndarray | None, dict, str]:
-        """New video: show its first frame for drawing; reset the boxes."""
+    def load_first_frame(video: str | None):
+        """New video: show its first frame for drawing; reset the boxes (the example comes with its box);
+        the start-frame slider spans the frames that can be tracked."""
         if not video:
-            return None, _empty_state(), "Upload a video or pick the example."
+            return None, _empty_state(), "Upload a video, record one, or pick the example.", gr.update(value=0)
         source = _open_video(video, limits.max_side)
         try:
             _, frame = next(iter(source))
-            info = f"{source.width}x{source.height}, {source.frame_count or '?'} frames at {source.fps:.0f} fps. "
+            count = source.frame_count
+            info = f"{source.width}x{source.height}, {count or '?'} frames at {source.fps:.0f} fps. "
         finally:
             source.close()
+        if frame is None:
+            raise _refuse("The first frame of this video cannot be decoded.", video)
         state = {**_empty_state(), "frame": frame}
-        return frame, state, info + "Click two opposite corners of the target (repeat for more targets)."
+        if count and count > limits.max_frames:
+            info += f"Longer than the {limits.max_frames} frames this demo tracks: it will be trimmed. "
+        if _is_example(video):
+            state["boxes"] = [list(EXAMPLE_BOX)]
+            message = info + "The example's box is selected: press Track, or clear it and click your own."
+        else:
+            message = info + "Click two opposite corners of the target (repeat for more targets)."
+        slider = gr.update(value=0, maximum=max((count or limits.max_frames) - 1, 1))  # a slider needs max > min
+        return _draw_selection(frame, state["boxes"], None), state, message, slider
 
     return load_first_frame
+
+
+def make_start_fn(limits: Limits) -> Callable[..., tuple]:
+    """The handler of the start-frame slider: show that frame for drawing; tracking will start there."""
+
+    def show_start_frame(video: str | None, start: float, state: dict) -> tuple[np.ndarray, dict, str]:
+        if not video:
+            raise _refuse("Load a video first.")
+        index = int(start)
+        source = _open_video(video, limits.max_side)
+        try:
+            frame = next((f for i, f in itertools.islice(source, index, index + 1)), None)
+        finally:
+            source.close()
+        if frame is None:
+            raise _refuse(f"Frame {index + 1} of this video cannot be decoded; pick another start frame.")
+        state = {**_empty_state(), "frame": frame, "start": index}
+        return frame.copy(), state, (f"Start frame {index + 1}: click two opposite corners of each target there "
+                                     f"(tracking starts on this frame).")
+
+    return show_start_frame
 
 
 def _draw_selection(frame: np.ndarray, boxes: list, pending) -> np.ndarray:
@@ -299,24 +355,28 @@ def _score_plot(scores: np.ndarray, threshold: float):
     return fig
 
 
-def _track_frames(tracker: lorat.Tracker, source: FrameSource, boxes: list, writer: VideoWriter,
-                  threshold: float, max_frames: int, progress: gr.Progress) -> tuple[list[tuple], list[list[float]]]:
-    """Track ``boxes`` through ``source`` into ``writer``: rows (frame, target, x, y, w, h, score), scores.
+def _track_frames(tracker: lorat.Tracker, source: FrameSource, boxes: list, writer: VideoWriter, threshold: float,
+                  start: int, count: int, stop: threading.Event, progress: gr.Progress
+                  ) -> tuple[list[tuple], list[list[float]]]:
+    """Track ``boxes`` from frame ``start`` for at most ``count`` frames of ``source`` into ``writer``:
+    rows (frame, target, x, y, w, h, score), scores. Stops early when ``stop`` is set.
 
     An undecodable frame repeats the previous boxes with score 0 and the last picture (line k = frame k).
     """
-    total = min(source.frame_count or max_frames, max_frames)
     rows, scores, drawn = [], [], None
-    frames = (frame for _, frame in itertools.islice(source, max_frames))
+    frames = (frame for _, frame in itertools.islice(source, start, start + count))
     try:
         for result in tracker.stream(frames, boxes):
             if result.frame is not None:
                 drawn = draw_targets(result.frame, [r.box for r in result.targets],
                                      [r.score for r in result.targets], threshold)
             writer.write(drawn)
-            rows.extend((result.index + 1, k + 1, *r.box, r.score) for k, r in enumerate(result.targets))
+            number = start + result.index + 1
+            rows.extend((number, k + 1, *r.box, r.score) for k, r in enumerate(result.targets))
             scores.append([r.score for r in result.targets])
-            progress((result.index + 1) / total, desc=f"frame {result.index + 1}/{total}")
+            progress((result.index + 1) / count, desc=f"frame {number}")
+            if stop.is_set():
+                break
     except lorat.LoratError as err:
         raise _refuse(str(err)) from None
     return rows, scores
@@ -339,33 +399,41 @@ def _write_box_files(out: Path, rows: list[tuple], targets: int) -> list[str]:
 def make_track_fn(models: Models, limits: Limits, results: ResultFolders) -> Callable[..., tuple]:
     """The Track handler; its files go to a new folder of ``results``."""
 
-    def track(video: str | None, state: dict, model_name: str, threshold: float,
+    def track(video: str | None, state: dict, model_name: str, threshold: float, request: gr.Request = None,
               progress=gr.Progress()):  # noqa: B008 (Gradio injects the progress tracker this way)
-        """Track every selected target through the video; stream frames in and out."""
+        """Track every selected target from the start frame; Stop ends it early, keeping what is done."""
         if not video:
             raise _refuse("Upload a video or pick the example first.")
-        boxes = (state or {}).get("boxes") or []
+        state = state or {}
+        boxes = state.get("boxes") or []
         if not boxes:
             raise _refuse("Select at least one target: click two corners on the first frame.")
+        start = int(state.get("start") or 0)
         source = _open_video(video, limits.max_side)
-        if source.frame_count and source.frame_count > limits.max_frames:
-            source.close()
-            raise _refuse(f"The video has {source.frame_count} frames; this demo accepts at most "
-                          f"{limits.max_frames}.")
+        left = (source.frame_count - start) if source.frame_count else limits.max_frames
+        count = min(left, limits.max_frames)
+        stop = _stop_event(request)
+        stop.clear()
         tracker = models.tracker(model_name)
         out = results.new()
         try:
             with VideoWriter(out / "tracked.mp4", source.fps, (source.width, source.height)) as writer:
-                rows, scores = _track_frames(tracker, source, boxes, writer, threshold, limits.max_frames, progress)
+                rows, scores = _track_frames(tracker, source, boxes, writer, threshold, start, max(count, 1), stop,
+                                             progress)
         finally:
             source.close()
         if not scores:
-            raise _refuse("No frame of this video could be decoded.")
+            raise _refuse(f"No frame of this video could be decoded from frame {start + 1}.")
         files = _write_box_files(out, rows, len(boxes)) + [str(out / "tracked.mp4")]
         scores = np.array(scores)
         lost = int((scores[1:] < threshold).any(axis=1).sum())
-        message = (f"Tracked {len(boxes)} target(s) over {len(scores)} frames; "
+        first, last = start + 1, start + len(scores)
+        message = (f"Tracked {len(boxes)} target(s) over {len(scores)} frames ({first}-{last}); "
                    f"{lost} frame(s) with a target under the threshold.")
+        if stop.is_set():
+            message += f" Stopped at frame {last} by the user; the results so far are below."
+        elif left > limits.max_frames:
+            message += f" Trimmed: this demo tracks at most {limits.max_frames} frames from the start frame."
         return str(out / "tracked.mp4"), _score_plot(scores, threshold), files, message
 
     return track
@@ -379,10 +447,13 @@ def build_app(models: Models, limits: Limits, results: ResultFolders, note: str 
         state = gr.State(_empty_state())
         with gr.Row():
             with gr.Column():
-                video = gr.Video(label="Video", sources=["upload"], elem_id="video-input")
+                video = gr.Video(label="Video (upload or record with the webcam)", sources=["upload", "webcam"],
+                                 elem_id="video-input")
                 if EXAMPLE.is_file():
-                    gr.Examples([[str(EXAMPLE)]], inputs=[video], label="Example (OpenCV's box.mp4)")
-                first = gr.Image(label="First frame: click two corners per target", interactive=False,
+                    gr.Examples([[str(EXAMPLE)]], inputs=[video], label="Example (OpenCV's box.mp4, box included)")
+                start = gr.Slider(0, 1, value=0, step=1, label="Start frame (move it to start, or re-initialise, "
+                                  "on a later frame)", elem_id="start-frame")
+                first = gr.Image(label="Start frame: click two corners per target", interactive=False,
                                  elem_id="first-frame")
                 with gr.Row():
                     typed = gr.Textbox(label="or type a box x,y,w,h", scale=3, elem_id="typed-box")
@@ -391,19 +462,23 @@ def build_app(models: Models, limits: Limits, results: ResultFolders, note: str 
                 with gr.Row():
                     model = gr.Dropdown(models.names, value=models.names[0], label="Model")
                     threshold = gr.Slider(0, 1, value=0.3, step=0.05, label="Lost-target threshold")
-                run = gr.Button("Track", variant="primary", elem_id="track")
+                with gr.Row():
+                    run = gr.Button("Track", variant="primary", elem_id="track", scale=3)
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop", scale=1)
                 status = gr.Markdown(elem_id="status")
             with gr.Column():
                 result = gr.Video(label="Tracked video", elem_id="result-video")
                 plot = gr.Plot(label="Score over time")
                 downloads = gr.File(label="Downloads (boxes: pytracking text and CSV; video)", file_count="multiple",
                                     elem_id="downloads")
-        video.change(make_load_fn(limits), video, [first, state, status], api_name="load_first_frame")
+        video.change(make_load_fn(limits), video, [first, state, status, start], api_name="load_first_frame")
+        start.release(make_start_fn(limits), [video, start, state], [first, state, status], api_name="start_frame")
         first.select(click, state, [first, state, status], api_name="click")
         add.click(add_typed_box, [typed, state], [first, state, status], api_name="add_typed_box")
         clear.click(clear_boxes, state, [first, state, status], api_name="clear_boxes")
         run.click(make_track_fn(models, limits, results), [video, state, model, threshold],
                   [result, plot, downloads, status], concurrency_limit=1, api_name="track")
+        stop.click(stop_tracking, None, status, api_name="stop", queue=False)
     return demo
 
 
@@ -447,7 +522,8 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
     p.add_argument("--weights", nargs="+", help="single-file weights, several give a model menu "
                                                 "(LORAT_WEIGHTS, comma-separated; the bundled demo model)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (LORAT_DEVICE; auto)")
-    p.add_argument("--max-frames", type=_positive_int, help="longer videos are refused (LORAT_MAX_FRAMES; 3000)")
+    p.add_argument("--max-frames", type=_positive_int,
+                   help="frames tracked per request; longer videos are trimmed (LORAT_MAX_FRAMES; 3000)")
     p.add_argument("--max-side", type=_positive_int,
                    help="videos with a longer frame side are refused (LORAT_MAX_SIDE; 1920)")
     p.add_argument("--max-upload-mb", type=_positive_int, help="upload size limit (LORAT_MAX_UPLOAD_MB; 200)")

@@ -56,12 +56,21 @@ def app(tmp_path_factory):
     with VideoWriter(clip, 10, (320, 240)) as writer:
         for path in sorted((TINY / "sequence").glob("*.png")):
             writer.write(cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB))
+    proc, url, log, reader = _start_app(["--weights", str(weights), "--max-frames", "100"], tmp)
+    yield {"url": url, "clip": clip, "weights": weights, "tmp": tmp, "log": log}
+    proc.terminate()  # SIGTERM: the app removes its result folders on the way out
+    proc.wait(timeout=30)
+    reader.join(timeout=10)
+    assert _folders_with_results(tmp) == [], "the app left result files behind after SIGTERM"
+
+
+def _start_app(args: list[str], tmp: Path):
+    """Start apps/gradio_app.py on a free port; return (process, url, output lines, reader thread)."""
     port = _free_port()
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", TMPDIR=str(tmp))
     env.pop("GRADIO_TEMP_DIR", None)
-    proc = subprocess.Popen([sys.executable, "apps/gradio_app.py", "--weights", str(weights), "--device", "cpu",
-                             "--port", str(port), "--max-frames", "100"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "apps/gradio_app.py", "--device", "cpu", "--port", str(port), *args],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log: list[str] = []
     reader = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)
     reader.start()
@@ -70,20 +79,14 @@ def app(tmp_path_factory):
     while time.time() < deadline:
         try:
             urllib.request.urlopen(url, timeout=2)
-            break
+            return proc, url, log, reader
         except OSError:
             if proc.poll() is not None:
                 reader.join(timeout=10)
                 raise RuntimeError("".join(log)) from None
             time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("the app did not start")
-    yield {"url": url, "clip": clip, "weights": weights, "tmp": tmp, "log": log}
-    proc.terminate()  # SIGTERM: the app removes its result folders on the way out
-    proc.wait(timeout=30)
-    reader.join(timeout=10)
-    assert _folders_with_results(tmp) == [], "the app left result files behind after SIGTERM"
+    proc.kill()
+    raise RuntimeError("the app did not start")
 
 
 def _expected_boxes(weights, clip, box):
@@ -115,7 +118,6 @@ def _assert_video_plays(page, selector: str) -> None:
 def test_browser_upload_draw_track_download(app):
     from playwright.sync_api import sync_playwright
 
-    shots = os.environ.get("LORAT_SCREENSHOTS")  # set to apps/ to refresh the README screenshots
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -139,16 +141,11 @@ def test_browser_upload_draw_track_download(app):
             image.click(position={"x": (x + 0.5) * scale, "y": (y + 0.5) * scale})
             page.wait_for_timeout(700)
         page.get_by_text("1 target(s)").wait_for(timeout=30_000)
-        if shots:
-            page.screenshot(path=str(Path(shots) / "screenshot_before.png"), full_page=True)
         page.locator("#track").click()
         link = page.locator("#downloads a[download=\"boxes.txt\"]")
         link.first.wait_for(timeout=180_000)
         _assert_video_plays(page, "#result-video")
         text = page.request.get(link.first.get_attribute("href")).text()
-        if shots:
-            page.wait_for_timeout(1500)
-            page.screenshot(path=str(Path(shots) / "screenshot_after.png"), full_page=True)
         browser.close()
     boxes = np.loadtxt(text.splitlines())
     assert boxes.shape == (16, 4)
@@ -242,3 +239,85 @@ def test_result_folders_stay_bounded(app, tmp_path):
         out = client.predict(handle_file(str(short)), "tiny", 0.3, api_name="/track")
         assert out[3].startswith("Tracked 1") and Path(out[0]).is_file()
     assert 1 <= len(_folders_with_results(app["tmp"])) <= 4
+
+
+def test_reinitialise_on_a_later_frame(app):
+    """The start-frame slider: track from frame 11 with a box drawn there (frames numbered as in the video)."""
+    from gradio_client import Client, handle_file
+
+    client = Client(app["url"], verbose=False)
+    client.predict(handle_file(str(app["clip"])), api_name="/load_first_frame")
+    client.predict(handle_file(str(app["clip"])), 10, api_name="/start_frame")
+    client.predict("70,70,40,38", api_name="/add_typed_box")
+    video, _, files, message = client.predict(handle_file(str(app["clip"])), "tiny", 0.3, api_name="/track")
+    assert "over 6 frames (11-16)" in message
+    got = np.loadtxt(next(Path(f) for f in files if Path(f).name == "boxes.txt"))
+    capture, frames = cv2.VideoCapture(str(app["clip"])), []
+    while (read := capture.read())[0]:
+        frames.append(cv2.cvtColor(read[1], cv2.COLOR_BGR2RGB))
+    tracker = Tracker.from_pretrained(app["weights"], device="cpu")
+    expected = np.array([r.targets[0].box for r in tracker.stream(frames[10:], (70, 70, 40, 38))])
+    np.testing.assert_allclose(got, expected, atol=0.01)
+
+
+def test_stop_keeps_the_frames_tracked_so_far(app, tmp_path):
+    from gradio_client import handle_file
+
+    long = tmp_path / "long.mp4"  # 160 frames, over the app's --max-frames 100: trimmed when not stopped
+    paths = sorted((TINY / "sequence").glob("*.png"))
+    with VideoWriter(long, 10, (320, 240)) as writer:
+        for i in range(160):
+            writer.write(cv2.cvtColor(cv2.imread(str(paths[i % len(paths)])), cv2.COLOR_BGR2RGB))
+    client = _session(app["url"], long, "76,77,40,38")
+    out = client.predict(handle_file(str(long)), "tiny", 0.3, api_name="/track")
+    assert "over 100 frames (1-100)" in out[3] and "Trimmed" in out[3]
+    job = client.submit(handle_file(str(long)), "tiny", 0.3, api_name="/track")
+    deadline = time.time() + 60
+    while not job.status().progress_data and not job.done() and time.time() < deadline:
+        time.sleep(0.05)  # until the first frames are reported
+    client.predict(api_name="/stop")
+    message = job.result(timeout=120)[3]
+    stopped = int(re.search(r"Stopped at frame (\d+)", message).group(1))
+    assert 1 <= stopped < 100
+    assert len(np.loadtxt(next(Path(f) for f in job.result()[2] if Path(f).name == "boxes.txt"))) == stopped
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium")
+@pytest.mark.slow
+def test_readme_screenshots_bundled_model_example_and_webcam(tmp_path):
+    """The real app (bundled demo model) on the bundled example with its pre-filled box; the webcam
+    source streams Chromium's fake camera. LORAT_SCREENSHOTS=apps/ writes the README pictures."""
+    from playwright.sync_api import sync_playwright
+
+    shots = Path(os.environ.get("LORAT_SCREENSHOTS") or tmp_path)
+    proc, url, log, reader = _start_app([], tmp_path)
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+                "--no-sandbox", "--disable-gpu", "--use-fake-device-for-media-stream",
+                "--use-fake-ui-for-media-stream", "--no-first-run", "--disable-background-networking"])
+            context = browser.new_context(viewport={"width": 1400, "height": 1000},
+                                          permissions=["camera", "microphone"])
+            page = context.new_page()
+            page.goto(url)
+            page.locator(".gallery-item").first.click()
+            page.get_by_text("The example's box is selected").wait_for(timeout=60_000)
+            page.wait_for_timeout(1000)
+            page.screenshot(path=str(shots / "screenshot_before.png"), full_page=True)
+            page.locator("#track").click()
+            page.locator('#downloads a[download="boxes.txt"]').first.wait_for(timeout=300_000)
+            _assert_video_plays(page, "#result-video")
+            page.wait_for_timeout(1500)
+            page.screenshot(path=str(shots / "screenshot_after.png"), full_page=True)
+            # the webcam source: Chromium's fake camera streams into the input's <video>
+            page.goto(url)  # a fresh page: the input empty, its sources shown
+            page.locator("#video-input button[aria-label='Capture from camera']").first.click()
+            page.locator("#video-input").get_by_text("Click to Access Webcam").first.click()
+            page.wait_for_function("() => Array.from(document.querySelectorAll('#video-input video'))"
+                                   ".some(v => v.srcObject && v.readyState >= 2 && v.videoWidth > 0)", timeout=60_000)
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        reader.join(timeout=10)
+    assert (shots / "screenshot_after.png").stat().st_size > 10_000

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +98,7 @@ def test_the_frame_size_limit_is_checked_at_upload_and_in_track(app, tmp_path):
     track = app.make_track_fn(NoModels(), limits, app.ResultFolders(tmp_path / "results"))
     with pytest.raises(gr.Error, match=r"200x100.*150"):
         track(str(wide), state, "tiny", 0.3)
-    frame, state, info = app.make_load_fn(app.Limits(max_frames=100, max_side=200))(str(wide))
+    frame, state, info, _ = app.make_load_fn(app.Limits(max_frames=100, max_side=200))(str(wide))
     assert frame.shape == (100, 200, 3) and info.startswith("200x100")
 
 
@@ -167,7 +168,8 @@ def test_an_undecodable_frame_keeps_line_k_for_frame_k(app):
 
     writer = Writer()
     tracker = lorat.Tracker.from_pretrained(DEFAULT_WEIGHTS, device="cpu")
-    rows, scores = app._track_frames(tracker, source, [list(boxes[0])], writer, 0.3, 100, lambda *a, **k: None)
+    rows, scores = app._track_frames(tracker, source, [list(boxes[0])], writer, 0.3, 0, 100, threading.Event(),
+                                     lambda *a, **k: None)
     assert [r[0] for r in rows] == [1, 2, 3, 4]
     assert rows[2][2:6] == rows[1][2:6] and rows[2][6] == 0.0 and rows[1][6] > 0
     assert rows[3][6] > 0 and scores[0] == [1.0]
@@ -191,3 +193,42 @@ def test_each_request_keeps_the_dtype_the_model_was_loaded_with(app, monkeypatch
     first, second = models.tracker(models.names[0]), models.tracker(models.names[0])
     assert first.dtype == second.dtype == torch.bfloat16 and len(calls) == 1
     assert first is not second and first.model is second.model is loaded.model
+
+
+def test_start_frame_trimming_and_stop(app):
+    """Tracking starts on the chosen frame (numbered as in the video), takes at most ``count`` frames,
+    and a Stop ends it after the current frame with the rows so far."""
+    import lorat
+    from lorat.runtime import DEFAULT_WEIGHTS
+
+    from .helpers import textured_clip
+
+    frames, boxes = textured_clip(6, (320, 240))
+    source = type("Source", (), {"__iter__": lambda self: iter(enumerate(frames))})()
+    writer = type("Writer", (), {"write": lambda self, frame: None})()
+    tracker = lorat.Tracker.from_pretrained(DEFAULT_WEIGHTS, device="cpu")
+    rows, scores = app._track_frames(tracker, source, [list(boxes[2])], writer, 0.3, 2, 3, threading.Event(),
+                                     lambda *a, **k: None)
+    assert [r[0] for r in rows] == [3, 4, 5] and len(scores) == 3  # frames 3-5 of 6: trimmed to 3
+    expected = [r.targets[0].box for r in tracker.stream(frames[2:5], boxes[2])]
+    assert [tuple(r[2:6]) for r in rows] == expected
+    stop = threading.Event()
+    rows, _ = app._track_frames(tracker, source, [list(boxes[0])], writer, 0.3, 0, 6, stop,
+                                lambda *a, **k: stop.set())  # Stop pressed while the first frame is shown
+    assert [r[0] for r in rows] == [1]
+
+
+def test_the_example_comes_with_its_box(app, tmp_path):
+    if not app.EXAMPLE.is_file():
+        pytest.skip("the example clip is not in this install")
+    import shutil
+
+    copy = tmp_path / "cache" / app.EXAMPLE.name  # Gradio serves the example from its cache
+    copy.parent.mkdir()
+    shutil.copy(app.EXAMPLE, copy)
+    frame, state, message, slider = app.make_load_fn(app.Limits())(str(copy))
+    assert state["boxes"] == [app.EXAMPLE_BOX] and "press Track" in message
+    assert slider["maximum"] > 100 and state["start"] == 0
+    other = tmp_path / "other.mp4"
+    shutil.copy(app.EXAMPLE, other)
+    assert app.make_load_fn(app.Limits())(str(other))[1]["boxes"] == []
