@@ -472,7 +472,8 @@ def build_app(models: Models, limits: Limits, results: ResultFolders, note: str 
                 downloads = gr.File(label="Downloads (boxes: pytracking text and CSV; video)", file_count="multiple",
                                     elem_id="downloads")
         video.change(make_load_fn(limits), video, [first, state, status, start], api_name="load_first_frame")
-        start.release(make_start_fn(limits), [video, start, state], [first, state, status], api_name="start_frame")
+        start.input(make_start_fn(limits), [video, start, state], [first, state, status], api_name="start_frame",
+                    trigger_mode="always_last")  # the user's moves only (not the reset on upload), the latest wins
         first.select(click, state, [first, state, status], api_name="click")
         add.click(add_typed_box, [typed, state], [first, state, status], api_name="add_typed_box")
         clear.click(clear_boxes, state, [first, state, status], api_name="clear_boxes")

@@ -2,12 +2,12 @@
 
 They live at the top of the checkout (``configs/``, ``weights/``) and inside an installed wheel as
 the packages ``lorat.configs`` and ``lorat.weights`` (``pyproject.toml`` maps one onto the other),
-so both are found with :mod:`importlib.resources` from any folder.
+so both are found through the import system (:func:`importlib.util.find_spec`) from any folder.
 """
 
 from __future__ import annotations
 
-from importlib import resources
+import importlib.util
 from pathlib import Path
 
 __all__ = ["bundled_weights", "bundled_config", "config_names"]
@@ -16,10 +16,13 @@ DEMO_WEIGHTS = "lorat_demo.safetensors"
 
 
 def _folder(package: str) -> Path | None:
+    """The folder of a data package (also when it is found as a namespace package), or None."""
     try:
-        return Path(str(resources.files(package)))
+        spec = importlib.util.find_spec(package)
     except ModuleNotFoundError:  # lorat/ copied without its data
         return None
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return Path(locations[0]) if locations else None
 
 
 def bundled_weights() -> Path:

@@ -321,3 +321,41 @@ def test_readme_screenshots_bundled_model_example_and_webcam(tmp_path):
         proc.wait(timeout=30)
         reader.join(timeout=10)
     assert (shots / "screenshot_after.png").stat().st_size > 10_000
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium")
+def test_browser_stop_trim_and_reinitialise(app, tmp_path):
+    """In the page: a 160-frame upload is trimmed to the app's 100 frames; Stop ends a second run early;
+    the start-frame field moves tracking to frame 151 with a box drawn there."""
+    from playwright.sync_api import sync_playwright
+
+    long = tmp_path / "long.mp4"
+    paths = sorted((TINY / "sequence").glob("*.png"))
+    with VideoWriter(long, 10, (320, 240)) as writer:
+        for i in range(160):
+            writer.write(cv2.cvtColor(cv2.imread(str(paths[i % len(paths)])), cv2.COLOR_BGR2RGB))
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(app["url"])
+        page.locator("#video-input input[type=file]").set_input_files(str(long))
+        page.get_by_text("it will be trimmed").wait_for(timeout=60_000)
+        page.locator("#typed-box textarea, #typed-box input").first.fill("76,77,40,38")
+        page.locator("#add-box").click()
+        page.get_by_text("1 target(s)").wait_for(timeout=30_000)
+        page.locator("#track").click()
+        page.get_by_text(re.compile(r"over 100 frames \(1-100\).*Trimmed")).wait_for(timeout=180_000)
+        page.locator("#track").click()
+        page.get_by_text(re.compile(r"frame \d+")).first.wait_for(timeout=60_000)  # the progress bar is up
+        page.locator("#stop").click()
+        page.get_by_text(re.compile(r"Stopped at frame \d+ by the user")).wait_for(timeout=180_000)
+        number = page.locator("#start-frame input[type=number]")
+        number.fill("150")
+        number.press("Enter")
+        page.get_by_text("Start frame 151").wait_for(timeout=60_000)
+        page.locator("#typed-box textarea, #typed-box input").first.fill("70,70,40,38")
+        page.locator("#add-box").click()
+        page.get_by_text("1 target(s)").wait_for(timeout=30_000)
+        page.locator("#track").click()
+        page.get_by_text(re.compile(r"over 10 frames \(151-160\)")).wait_for(timeout=180_000)
+        browser.close()
