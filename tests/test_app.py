@@ -323,6 +323,13 @@ def test_readme_screenshots_bundled_model_example_and_webcam(tmp_path):
     assert (shots / "screenshot_after.png").stat().st_size > 10_000
 
 
+def _add_typed_box(page, box: str) -> None:
+    """Type one box into the page and add it (the only target)."""
+    page.locator("#typed-box textarea, #typed-box input").first.fill(box)
+    page.locator("#add-box").click()
+    page.get_by_text("1 target(s)").wait_for(timeout=30_000)
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium")
 def test_browser_stop_trim_and_reinitialise(app, tmp_path):
     """In the page: a 160-frame upload is trimmed to the app's 100 frames; Stop ends a second run early;
@@ -340,9 +347,7 @@ def test_browser_stop_trim_and_reinitialise(app, tmp_path):
         page.goto(app["url"])
         page.locator("#video-input input[type=file]").set_input_files(str(long))
         page.get_by_text("it will be trimmed").wait_for(timeout=60_000)
-        page.locator("#typed-box textarea, #typed-box input").first.fill("76,77,40,38")
-        page.locator("#add-box").click()
-        page.get_by_text("1 target(s)").wait_for(timeout=30_000)
+        _add_typed_box(page, "76,77,40,38")
         page.locator("#track").click()
         page.get_by_text(re.compile(r"over 100 frames \(1-100\).*Trimmed")).wait_for(timeout=180_000)
         page.locator("#track").click()
@@ -353,9 +358,7 @@ def test_browser_stop_trim_and_reinitialise(app, tmp_path):
         number.fill("150")
         number.press("Enter")
         page.get_by_text("Start frame 151").wait_for(timeout=60_000)
-        page.locator("#typed-box textarea, #typed-box input").first.fill("70,70,40,38")
-        page.locator("#add-box").click()
-        page.get_by_text("1 target(s)").wait_for(timeout=30_000)
+        _add_typed_box(page, "70,70,40,38")
         page.locator("#track").click()
         page.get_by_text(re.compile(r"over 10 frames \(151-160\)")).wait_for(timeout=180_000)
         browser.close()
