@@ -177,6 +177,11 @@ def probe_inputs(config, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor, to
             torch.randint(0, 2, (batch, *m.template_grid), generator=generator))
 
 
+def max_difference(out: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    """Max |difference| of the score maps and boxes of two network outputs (any device, any dtype)."""
+    return max(float((out[k].float().cpu() - reference[k].float().cpu()).abs().max()) for k in ("score_map", "boxes"))
+
+
 def reference_outputs(tracker: Tracker) -> dict[str, torch.Tensor]:
     """The tracker's network on :func:`probe_inputs`, as it is now, without autocast (float32)."""
     inputs = tuple(t.to(tracker.device) for t in probe_inputs(tracker.config))
@@ -200,7 +205,7 @@ def output_delta(tracker: Tracker, reference: dict[str, torch.Tensor]) -> float:
         graph.replay()
     else:
         out = run()
-    return max(float((out[k].float() - reference[k].float()).abs().max()) for k in ("score_map", "boxes"))
+    return max_difference(out, reference)
 
 
 def _without(argv: list[str], valued: tuple[str, ...], flags: tuple[str, ...]) -> list[str]:
@@ -230,8 +235,7 @@ def _export_for_table(args: argparse.Namespace, path: Path) -> float:
     inputs = probe_inputs(config)
     with torch.inference_mode():
         reference = model(*inputs)
-    out = OnnxModel(path, config)(*inputs)
-    return max(float((out[k].float() - reference[k]).abs().max()) for k in ("score_map", "boxes"))
+    return max_difference(OnnxModel(path, config)(*inputs), reference)
 
 
 def _random_model(config, device: torch.device) -> torch.nn.Module:

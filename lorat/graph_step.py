@@ -76,7 +76,7 @@ class GraphedStep:
 
         self.frame_size = tuple(frame_size)
         self.autocast_dtype = autocast_dtype
-        self.state = TrackState(*(t.clone() for t in (state.template, state.mask, state.background, state.box)))
+        self.state = TrackState(*(t.clone() for t in state.tensors()))
         self._frame = torch.zeros((*self.frame_size, 3), dtype=torch.uint8, device=state.box.device)
         n = len(self.state)
 
@@ -94,18 +94,15 @@ class GraphedStep:
     def matches(self, state, frame_size: tuple[int, int], autocast_dtype: torch.dtype | None) -> bool:
         """Whether this graph can track ``state``'s targets in frames of ``frame_size`` (H, W) with
         ``autocast_dtype``."""
-        mine = (self.state.template, self.state.mask, self.state.background, self.state.box)
-        theirs = (state.template, state.mask, state.background, state.box)
         same = (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
-                for a, b in zip(mine, theirs, strict=True))
+                for a, b in zip(self.state.tensors(), state.tensors(), strict=True))
         return tuple(frame_size) == self.frame_size and autocast_dtype == self.autocast_dtype and all(same)
 
     def load(self, state) -> None:
         """Track ``state``'s targets from now on (after a re-initialisation); see :meth:`matches`."""
         if state is self.state:
             return
-        for mine, theirs in zip((self.state.template, self.state.mask, self.state.background, self.state.box),
-                                (state.template, state.mask, state.background, state.box), strict=True):
+        for mine, theirs in zip(self.state.tensors(), state.tensors(), strict=True):
             mine.copy_(theirs)
 
     def __call__(self, frame: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from lorat.errors import LoratError, WeightsError
 
 __all__ = ["NamedModel", "MODELS", "named_model", "lorat_home", "dinov2_cache", "fetch", "dinov2_weights",
-           "dinov2_release",
+           "dinov2_release", "dinov2_path",
            "resolve_named", "DINOV2_BASE", "LORAT_FOLDER"]
 
 DINOV2_BASE = "https://dl.fbaipublicfiles.com"
@@ -165,6 +165,11 @@ def dinov2_release(model_cfg) -> str | None:
     return _DINOV2.get((b.embed_dim, b.depth)) if b.stem == "patch" and b.patch_size == 14 else None
 
 
+def dinov2_path(name: str) -> Path:
+    """Where torch hub's cache keeps the DINOv2 release ``name`` (``dinov2_vitb14``)."""
+    return dinov2_cache() / f"{name}_pretrain.pth"
+
+
 def dinov2_weights(model_cfg, progress: bool = True) -> Path:
     """The DINOv2 backbone file for a model config, from torch hub's cache or downloaded (checked).
 
@@ -180,7 +185,7 @@ def dinov2_weights(model_cfg, progress: bool = True) -> Path:
                            f"stem {model_cfg.backbone.stem})",
                            missing="backbone_weights")
     url = _mirrored(f"{DINOV2_BASE}/dinov2/{name}/{name}_pretrain.pth")
-    return fetch(url, dinov2_cache() / f"{name}_pretrain.pth", lambda p: check_backbone_file(model_cfg, p),
+    return fetch(url, dinov2_path(name), lambda p: check_backbone_file(model_cfg, p),
                  f"the DINOv2 {name} backbone", progress=progress)
 
 

@@ -140,16 +140,19 @@ class TrackState:
     def __len__(self) -> int:
         return self.box.shape[0]
 
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(template, mask, background, box), the constructor's order."""
+        return self.template, self.mask, self.background, self.box
+
     def select(self, index: Sequence[int] | torch.Tensor) -> TrackState:
         """The sub-batch of the given sequences."""
         idx = torch.as_tensor(index, dtype=torch.int64, device=self.box.device)
-        return TrackState(self.template[idx], self.mask[idx], self.background[idx], self.box[idx])
+        return TrackState(*(t[idx] for t in self.tensors()))
 
     @staticmethod
     def cat(states: Sequence[TrackState]) -> TrackState:
         """Concatenate states of several sequences into one batch."""
-        return TrackState(*(torch.cat([getattr(s, f) for s in states])
-                            for f in ("template", "mask", "background", "box")))
+        return TrackState(*(torch.cat(parts) for parts in zip(*(s.tensors() for s in states), strict=True)))
 
 
 @dataclass

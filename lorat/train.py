@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _pretrained_backbone(config, env) -> str | None:
     """The DINOv2 file a LoRA run starts from when --backbone-weights is not given: torch hub's cache
     or Meta's URL (rank 0 downloads, the others wait); None for models without a DINOv2 release."""
-    from lorat.hub import dinov2_cache, dinov2_release, dinov2_weights
+    from lorat.hub import dinov2_path, dinov2_release, dinov2_weights
 
     name = dinov2_release(config.model)
     if name is None:
@@ -133,7 +133,7 @@ def _pretrained_backbone(config, env) -> str | None:
         path = dinov2_weights(config.model)
         print(f"backbone: {path} (DINOv2 {name}; --backbone-weights FILE to use another)")
     env.barrier()
-    return str(dinov2_cache() / f"{name}_pretrain.pth")
+    return str(dinov2_path(name))
 
 
 if __name__ == "__main__":
