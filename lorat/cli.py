@@ -1,11 +1,11 @@
-"""Console scripts (``lorat-track``, ``lorat-train``, ``lorat-evaluate``, ``lorat-app``): each is the
-``python -m`` command of the same name, with the same error handling (one ``error:`` line, exit 2)."""
+"""Console scripts (``lorat-track``, ``lorat-train``, ``lorat-evaluate``, ``lorat-app``, ``lorat-vot``, ...): each is
+the ``python -m`` command of the same name, with the same error handling (one ``error:`` line, exit 2)."""
 
 from __future__ import annotations
 
 from lorat.errors import run_cli
 
-__all__ = ["track", "train", "evaluate", "app", "export", "bench"]
+__all__ = ["track", "train", "evaluate", "app", "export", "bench", "vot"]
 
 
 def track() -> int:
@@ -40,5 +40,11 @@ def bench() -> int:
 
 def app() -> int:
     from lorat.apps.gradio_app import main
+
+    return run_cli(main)
+
+
+def vot() -> int:
+    from lorat.vot import main
 
     return run_cli(main)

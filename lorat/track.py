@@ -38,8 +38,8 @@ import numpy as np
 from tqdm import tqdm
 
 from lorat.errors import LoratError, run_cli
+from lorat.options import add_tracker_arguments, tracker_from_arguments
 from lorat.results import box_line
-from lorat.runtime import BACKENDS, default_weights, default_weights_notice, set_threads
 from lorat.video import FrameSource, VideoWriter, draw_targets, has_display, open_source, prefetched
 
 if TYPE_CHECKING:  # torch is imported once the arguments are parsed: --help stays instant
@@ -213,28 +213,14 @@ def _build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.split("\n")[1:]))
     p.add_argument("source", help="video file, folder of images, webcam index (0) or stream URL")
-    p.add_argument("--config", help="model config YAML (not needed with our single-file weights)")
-    p.add_argument("--weights", help="our single file, a merged state dict, or an official checkpoint "
-                                     "(default: the bundled demo model)")
-    p.add_argument("--backbone-weights", help="DINOv2 file, for official trainable-only checkpoints")
     p.add_argument("--init", action="append", type=parse_box, metavar="X,Y,W,H",
                    help="initial box in frame-1 pixels; repeat for several targets (default: draw it)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: torch's choice; on a busy machine "
-                                                             "fewer can be faster)")
-    p.add_argument("--dtype", default="auto", help="auto (float16 on CUDA; bfloat16 for DINOv2 variants on a CPU "
-                   "with native bfloat16; else float32), float32, float16, bfloat16")
-    p.add_argument("--no-cuda-graph", action="store_true",
-                   help="on CUDA: launch every kernel of each step instead of replaying the step as a CUDA graph")
-    p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="auto (onnxruntime for an .onnx --weights file, else torch), torch or onnxruntime")
     p.add_argument("--output", type=_output_path, help="annotated video (.mp4 or .avi)")
     p.add_argument("--save-txt", type=_output_path, help="box file(s), one x\\ty\\tw\\th line per frame")
     p.add_argument("--show", action="store_true", help="live window (q quit, r re-select, space pause)")
     p.add_argument("--lost-threshold", type=float, default=0.3, help="score under which a target is marked lost")
-    p.add_argument("--no-assignment", action="store_true",
-                   help="track several targets fully independently (no lap identity assignment)")
     p.add_argument("--max-frames", type=int, help="stop after this many frames")
+    add_tracker_arguments(p)
     return p
 
 
@@ -244,19 +230,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise LoratError("--show needs a display (none found: DISPLAY is unset)")
     if args.max_frames is not None and args.max_frames < 1:
         raise LoratError("--max-frames must be at least 1")
-    set_threads(args.threads)
-    weights = args.weights or default_weights()
-    if not args.weights:
-        print(default_weights_notice(weights))
     source = open_source(args.source)  # validate the source and the outputs before loading the model
     try:
         _check_outputs(args, len(args.init) if args.init else 1, source)
-        from lorat.tracker import Tracker
-
-        tracker = Tracker.from_pretrained(weights, args.config, args.backbone_weights, device=args.device,
-                                          dtype=args.dtype, backend=args.backend, assignment=not args.no_assignment,
-                                          cuda_graph=not args.no_cuda_graph)
-        return _run(tracker, source, args)
+        return _run(tracker_from_arguments(args), source, args)
     finally:
         source.close()
 

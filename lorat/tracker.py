@@ -440,6 +440,22 @@ class Tracker:
         self.state = init_state([image] * len(xyxy), xyxy, self.model.cfg, self.config.tracking)
         return [TrackResult(tuple(float(v) for v in xyxy_to_xywh(b)), 1.0) for b in xyxy]
 
+    def add(self, frame: Frame, box: Sequence[float] | Sequence[Sequence[float]] | np.ndarray) -> list[TrackResult]:
+        """Start more targets on ``frame`` beside those already tracked (objects that appear later).
+
+        Call it after :meth:`track_all` on the same frame; the new targets follow the others in
+        every later result. Without targets this is :meth:`init`.
+
+        Returns:
+            The new targets' initial results (their boxes clipped to the frame, score 1.0).
+        """
+        if self.state is None:
+            return self.init(frame, box)
+        previous = self.state
+        results = self.init(frame, box)
+        self.state = TrackState.cat([previous, self.state])
+        return results
+
     def track_all(self, frame: Frame, timer: StageTimer | None = None) -> list[TrackResult]:
         """Advance every target by one frame; one batched forward pass.
 
