@@ -186,9 +186,10 @@ def load_sam(path: str | Path, device: str | torch.device = "cpu") -> Sam:
     sam = build_sam(sam_architecture(state, str(path)))
     try:
         sam.load_state_dict(state)
-    except RuntimeError as err:
-        raise WeightsError(f"{path} does not fit a SAM {sam_architecture(state).name}: "
-                           f"{str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}") from None
+    except RuntimeError as err:  # "Error(s) in loading state_dict ...:" then one line per problem
+        lines = str(err).splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else str(err)
+        raise WeightsError(f"{path} does not fit a SAM {sam_architecture(state).name}: {detail}") from None
     return sam.to(device)
 
 

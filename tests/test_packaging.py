@@ -53,7 +53,7 @@ def test_bundled_files_are_found_by_name():
 
 def test_console_scripts_are_declared_for_every_command():
     scripts = _pyproject()["project"]["scripts"]
-    assert {"lorat-track", "lorat-train", "lorat-evaluate", "lorat-app"} <= set(scripts)
+    assert {"lorat-track", "lorat-train", "lorat-evaluate", "lorat-app", "lorat-vot"} <= set(scripts)
     import lorat.cli
 
     for target in scripts.values():
@@ -72,6 +72,7 @@ def test_wheel_tracks_from_another_folder(tmp_path):
                    check=True, capture_output=True)
     assert (target / "lorat" / "weights" / "lorat_demo.safetensors").is_file()
     assert (target / "lorat" / "configs" / "b224.yaml").is_file()
+    assert (target / "lorat" / "configs" / "trackers.ini").is_file()  # the VOT-toolkit registry example
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(target)}
