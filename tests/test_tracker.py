@@ -127,6 +127,29 @@ def test_assignment_leaves_targets_that_do_not_compete_alone():
     assert alone_a[-1].box != alone_a[0].box  # it did move
 
 
+def test_add_starts_a_target_later_beside_the_others():
+    """``add`` on frame 2 (after ``track_all``): the new target follows the others and is tracked as a
+    tracker of its own started on frame 2 tracks it; ``add`` without targets is ``init``."""
+    cfg = config_from_dict({"model": {"backbone": {"embed_dim": 8, "depth": 1, "num_heads": 2}}})
+    model = bright_spot_model(cfg)
+    frames = []
+    for t in range(6):
+        frame = np.zeros((240, 320, 3), np.uint8)
+        frame[60 + 2 * t:80 + 2 * t, 40 + 3 * t:60 + 3 * t] = 250
+        frame[150 - t:175 - t, 230 - 2 * t:260 - 2 * t] = 120
+        frames.append(frame)
+    a, b = (40, 60, 20, 20), (226, 148, 30, 25)
+    tracker = Tracker(model, cfg)
+    assert tracker.add(frames[0], a)[0].box == a and tracker.num_targets == 1
+    tracker.track_all(frames[1])
+    tracker.track_all(frames[2])
+    assert tracker.add(frames[2], b)[0].score == 1.0 and tracker.num_targets == 2
+    later = [tracker.track_all(f) for f in frames[3:]]
+    alone_a = [r.targets[0].box for r in Tracker(model, cfg).stream(frames, a)][3:]
+    alone_b = [r.targets[0].box for r in Tracker(model, cfg).stream(frames[2:], b)][1:]
+    assert [r[0].box for r in later] == alone_a and [r[1].box for r in later] == alone_b
+
+
 def test_stream_repeats_boxes_on_unreadable_frames_and_keeps_the_state(tmp_path):
     model, cfg = _random_tracker_model(tmp_path)
     frames, boxes = textured_clip(5)
