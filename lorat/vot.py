@@ -240,7 +240,7 @@ def _start(region: Any, index: int, frame_size: tuple[int, int], trax: Any) -> S
     raise LoratError(f"object {index + 1}: an initial region of type {kind!r} cannot be tracked")
 
 
-def _encode(answer: Answer, trax: Any) -> Any:
+def _encode(answer: Answer) -> Any:
     from trax.region import Mask, Rectangle
 
     if answer.mask is None:
@@ -278,13 +278,17 @@ def serve(session: VotSession, multiobject: bool, trax: Any) -> None:
             else:
                 if not started:
                     raise LoratError("the toolkit sent a frame before initialising any object")
+                if frame is None and request.objects:
+                    raise LoratError(f"new objects were given on a frame that cannot be read: {name}")
                 if frame is None:
                     _note(f"warning: cannot read {name}; the last regions are repeated with confidence 0")
-                size = frame.shape[:2] if frame is not None else (0, 0)
-                offset = len(session.last)
-                new = [_start(r, offset + k, size, trax) for k, (r, _) in enumerate(request.objects or [])]
-                answers = session.frame(frame, new)
-            server.status([(_encode(a, trax), {"confidence": f"{a.score:.4f}"}) for a in answers])
+                    answers = session.frame(None)
+                else:
+                    regions = [r for r, _ in request.objects or []]
+                    known = len(session.last)
+                    new = [_start(r, known + k, frame.shape[:2], trax) for k, r in enumerate(regions)]
+                    answers = session.frame(frame, new)
+            server.status([(_encode(a), {"confidence": f"{a.score:.4f}"}) for a in answers])
     except LoratError as err:
         server.quit(reason=str(err))
         raise
