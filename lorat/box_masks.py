@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
 __all__ = ["BoxMasker", "filled_boxes", "SamMasker", "SamArchitecture", "sam_architecture", "build_sam", "load_sam"]
 
+_SAM_KEYS = ("image_encoder.patch_embed.proj.weight", "image_encoder.pos_embed", "image_encoder.neck.0.weight",
+             "prompt_encoder.no_mask_embed.weight", "mask_decoder.iou_token.weight")  # a SAM has these at least
 SAM_VARIANTS = {(768, 12): "vit_b", (1024, 24): "vit_l", (1280, 32): "vit_h"}  # (width, depth) -> name
 
 
@@ -99,6 +101,9 @@ def sam_architecture(state: Mapping[str, torch.Tensor], source: str = "the SAM c
     Raises:
         WeightsError: the tensors are not those of a Segment Anything model.
     """
+    missing = [k for k in _SAM_KEYS if k not in state]
+    if missing:
+        raise WeightsError(f"{source} is not a Segment Anything (SAM) model: it has no {missing[0]}")
     try:
         width, _, patch, _ = state["image_encoder.patch_embed.proj.weight"].shape
         grid = state["image_encoder.pos_embed"].shape[1]
@@ -107,7 +112,6 @@ def sam_architecture(state: Mapping[str, torch.Tensor], source: str = "the SAM c
         hidden = state["image_encoder.blocks.0.mlp.lin1.weight"].shape[0]
         prompt_dim = state["image_encoder.neck.0.weight"].shape[0]
         decoder_mlp = state["mask_decoder.transformer.layers.0.mlp.lin1.weight"].shape[0]
-        state["prompt_encoder.no_mask_embed.weight"], state["mask_decoder.iou_token.weight"]  # noqa: B018
     except (KeyError, ValueError, IndexError) as err:
         raise WeightsError(f"{source} is not a Segment Anything (SAM) model: no or odd tensor {err}") from None
     global_blocks = tuple(i for i, shape in enumerate(rel) if shape[0] == 2 * grid - 1)

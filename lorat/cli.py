@@ -3,48 +3,41 @@ the ``python -m`` command of the same name, with the same error handling (one ``
 
 from __future__ import annotations
 
+import importlib
+
 from lorat.errors import run_cli
 
 __all__ = ["track", "train", "evaluate", "app", "export", "bench", "vot"]
 
 
-def track() -> int:
-    from lorat.track import main
+def _run(module: str) -> int:
+    """Import ``module`` only now (``--help`` of one command loads no other) and run its ``main``."""
+    return run_cli(importlib.import_module(module).main)
 
-    return run_cli(main)
+
+def track() -> int:
+    return _run("lorat.track")
 
 
 def train() -> int:
-    from lorat.train import main
-
-    return run_cli(main)
+    return _run("lorat.train")
 
 
 def evaluate() -> int:
-    from lorat.evaluate import main
-
-    return run_cli(main)
+    return _run("lorat.evaluate")
 
 
 def export() -> int:
-    from lorat.export import main
-
-    return run_cli(main)
+    return _run("lorat.export")
 
 
 def bench() -> int:
-    from lorat.bench import main
-
-    return run_cli(main)
+    return _run("lorat.bench")
 
 
 def app() -> int:
-    from lorat.apps.gradio_app import main
-
-    return run_cli(main)
+    return _run("lorat.apps.gradio_app")
 
 
 def vot() -> int:
-    from lorat.vot import main
-
-    return run_cli(main)
+    return _run("lorat.vot")
