@@ -4,40 +4,28 @@ the ``python -m`` command of the same name, with the same error handling (one ``
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 from lorat.errors import run_cli
 
 __all__ = ["track", "train", "evaluate", "app", "export", "bench", "vot"]
 
 
-def _run(module: str) -> int:
-    """Import ``module`` only now (``--help`` of one command loads no other) and run its ``main``."""
-    return run_cli(importlib.import_module(module).main)
+def _command(module: str) -> Callable[[], int]:
+    """The console script of ``python -m module``: imports the module only when run (``--help`` of one
+    command loads no other) and runs its ``main``."""
+
+    def run() -> int:
+        return run_cli(importlib.import_module(module).main)
+
+    run.__name__ = run.__qualname__ = module.rsplit(".", 1)[-1]
+    return run
 
 
-def track() -> int:
-    return _run("lorat.track")
-
-
-def train() -> int:
-    return _run("lorat.train")
-
-
-def evaluate() -> int:
-    return _run("lorat.evaluate")
-
-
-def export() -> int:
-    return _run("lorat.export")
-
-
-def bench() -> int:
-    return _run("lorat.bench")
-
-
-def app() -> int:
-    return _run("lorat.apps.gradio_app")
-
-
-def vot() -> int:
-    return _run("lorat.vot")
+track = _command("lorat.track")
+train = _command("lorat.train")
+evaluate = _command("lorat.evaluate")
+export = _command("lorat.export")
+bench = _command("lorat.bench")
+app = _command("lorat.apps.gradio_app")
+vot = _command("lorat.vot")

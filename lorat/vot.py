@@ -107,7 +107,7 @@ def start_from_mask(mask: np.ndarray, offset: tuple[int, int], frame_size: tuple
 
 
 def start_from_points(points: Sequence[tuple[float, float]], index: int) -> Start:
-    """A rectangle's corners or a polygon -> its bounding box (x, y, w, h).
+    """A rectangle's corners or a polygon's points -> their bounding box (x, y, w, h).
 
     Raises:
         LoratError: the region has no area.
@@ -147,8 +147,7 @@ class VotSession:
         """The answers on an object's first frame: its region as given (a mask, or the clipped box)."""
         answers = []
         missing = [k for k, s in enumerate(starts) if self._wants_mask(s) and s.mask is None]
-        made = self._masks(frame, [boxes[k] for k in missing]) if missing else []
-        masks = dict(zip(missing, made, strict=True))
+        masks = dict(zip(missing, self._masks(frame, [boxes[k] for k in missing]), strict=True))
         for k, (start, box) in enumerate(zip(starts, boxes, strict=True)):
             mask = (start.mask if start.mask is not None else masks[k]) if self._wants_mask(start) else None
             answers.append(Answer(box, mask, 1.0))
@@ -196,8 +195,12 @@ class VotSession:
         """One masker call (one SAM image embedding) for all the boxes of a frame."""
         if not boxes:
             return []
-        xywh = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-        return list(self.masker(frame, np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)))
+        import torch
+
+        from lorat.boxes import xywh_to_xyxy
+
+        xyxy = xywh_to_xyxy(torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4)).numpy()
+        return list(self.masker(frame, xyxy))
 
 
 # ----------------------------------------------------------------------------- TraX
@@ -230,9 +233,7 @@ def _start(region: Any, index: int, frame_size: tuple[int, int], trax: Any) -> S
     kind = region.type
     if kind == trax.Region.RECTANGLE:
         x, y, w, h = region.bounds()
-        if not (w > 0 and h > 0):
-            raise LoratError(f"object {index + 1}: the initial rectangle {x:g},{y:g},{w:g},{h:g} has no area")
-        return Start((x, y, w, h))
+        return start_from_points([(x, y), (x + w, y + h)], index)
     if kind == trax.Region.POLYGON:
         return start_from_points(list(region), index)
     if kind == trax.Region.MASK:
