@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import itertools
 import logging
 import math
@@ -51,7 +52,9 @@ import gradio as gr
 import numpy as np
 
 import lorat
-from lorat.results import box_line
+from lorat.checkpoint.loader import LoadedModel, load
+from lorat.evaluation.results import box_line
+from lorat.options import ModelOptions, add_model_arguments
 from lorat.runtime import default_weights, default_weights_notice
 from lorat.video import FrameSource, VideoWriter, draw_targets, open_source
 
@@ -74,13 +77,14 @@ class Limits:
 
 
 class Models:
-    """Weight files loaded once and shared; ``tracker`` is thread-safe and gives each request its own
-    :class:`lorat.Tracker` over the shared model, with the dtype chosen at load (float16 on CUDA)."""
+    """Weight files loaded once (through :func:`lorat.checkpoint.loader.load`, with the app's model
+    options) and shared; ``tracker`` is thread-safe and gives each request its own
+    :class:`lorat.Tracker` over the shared model, with the compute dtype chosen at load (float16 on CUDA)."""
 
-    def __init__(self, weights: Sequence[str], device: str):
-        self.device = device
+    def __init__(self, weights: Sequence[str | os.PathLike], options: ModelOptions | None = None):
+        self.options = options or ModelOptions()
         self.paths = {Path(w).stem: Path(w) for w in weights}
-        self._loaded: dict[str, lorat.Tracker] = {}
+        self._loaded: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
         for name in self.paths:  # load at start-up: a bad file fails now, not on the first request
             self.tracker(name)
@@ -92,9 +96,9 @@ class Models:
     def tracker(self, name: str) -> lorat.Tracker:
         with self._lock:
             if name not in self._loaded:
-                self._loaded[name] = lorat.Tracker.from_pretrained(self.paths[name], device=self.device)
+                self._loaded[name] = load(dataclasses.replace(self.options, weights=self.paths[name]), say=None)
             loaded = self._loaded[name]
-        return lorat.Tracker(loaded.model, loaded.config, dtype=loaded.dtype)
+        return lorat.Tracker.from_loaded(loaded)
 
 
 class ResultFolders:
@@ -520,9 +524,9 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
     p = argparse.ArgumentParser(description="LoRAT web demo (settings: flag > environment > default)")
     p.add_argument("--host", help="address to serve on (LORAT_HOST, GRADIO_SERVER_NAME; 127.0.0.1)")
     p.add_argument("--port", type=_port, help="port (LORAT_PORT, GRADIO_SERVER_PORT; 7860)")
-    p.add_argument("--weights", nargs="+", help="single-file weights, several give a model menu "
-                                                "(LORAT_WEIGHTS, comma-separated; the bundled demo model)")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (LORAT_DEVICE; auto)")
+    add_model_arguments(p, ("weights", "device", "dtype", "threads"), weights={
+        "nargs": "+", "help": "weight files, several give a model menu (LORAT_WEIGHTS, comma-separated; the bundled "
+                              "demo model)"}, device={"default": None})
     p.add_argument("--max-frames", type=_positive_int,
                    help="frames tracked per request; longer videos are trimmed (LORAT_MAX_FRAMES; 3000)")
     p.add_argument("--max-side", type=_positive_int,
@@ -572,7 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(default_weights_notice(Path(args.weights[0])))
             note = (f"Model: the bundled demo model `{Path(args.weights[0]).name}`, a small CPU model trained "
                     f"for this demo, not the paper's (see the README for the official weights).")
-        models = Models(args.weights, args.device)
+        models = Models(args.weights, ModelOptions.from_args(args, weights=None))
     except lorat.LoratError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

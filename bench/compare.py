@@ -5,7 +5,7 @@
 
 Trackers: ``lorat`` (the given weights), ``static`` (the init box, never moved) and, with
 ``--mil``, OpenCV's MIL tracker. Every tracker starts from the ground-truth box of frame 1 and is
-scored with :mod:`lorat.metrics` (pytracking-compatible OPE). Prints a Markdown table and, with
+scored with :mod:`lorat.evaluation.metrics` (pytracking-compatible OPE). Prints a Markdown table and, with
 ``--json``, one JSON object.
 """
 
@@ -22,10 +22,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from lorat.checkpoint.loader import load
 from lorat.data.sequences import read_boxes, read_dataset
 from lorat.errors import run_cli
-from lorat.metrics import sequence_curves, summarize_curves
-from lorat.tracker import Tracker
+from lorat.evaluation.metrics import sequence_curves, summarize_curves
+from lorat.options import ModelOptions, add_model_arguments
+from lorat.tracking.tracker import Tracker
 from lorat.video import open_source, read_rgb
 
 
@@ -73,16 +75,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--split", default="all", help="dataset split (default all sequences)")
     parser.add_argument("--video", help="a single video file")
     parser.add_argument("--gt", help="ground truth x,y,w,h per frame for --video")
-    parser.add_argument("--weights", required=True)
-    parser.add_argument("--config")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="auto", help="autocast dtype, as for python -m lorat.track")
+    add_model_arguments(parser, weights={"required": True})
     parser.add_argument("--mil", action="store_true", help="also run OpenCV's MIL tracker")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if bool(args.video) == bool(args.dataset) or (args.video and not args.gt):
         parser.error("give --dataset NAME=PATH, or --video FILE with --gt FILE")
-    tracker = Tracker.from_pretrained(args.weights, args.config, device=args.device, dtype=args.dtype)
+    tracker = Tracker.from_loaded(load(ModelOptions.from_args(args), say=None))
     kinds = ["lorat", "static"] + (["mil"] if args.mil else [])
     curves = {k: [] for k in kinds}
     speed = {k: [] for k in kinds}

@@ -2,7 +2,7 @@
 
     python bench/eval_throughput.py configs/b224.yaml --dataset lasot=/data/syn --batch 1 16 --device cuda
 
-Uses the evaluator's runner (:func:`lorat.runner.track_sequences`: frames read by a thread pool,
+Uses the evaluator's runner (:func:`lorat.evaluation.runner.track_sequences`: frames read by a thread pool,
 one forward pass per step for ``batch`` sequences) on a randomly initialised model; speed does not
 depend on the weights. Model load and a short warm-up are not timed. Prints a Markdown table.
 """
@@ -17,26 +17,28 @@ from pathlib import Path
 
 import torch
 
-from lorat.build import build_lorat
+from lorat.checkpoint.build import build_lorat
 from lorat.config import load_config
 from lorat.data.sequences import read_dataset
 from lorat.errors import run_cli
-from lorat.runner import track_sequences
-from lorat.runtime import dtype_name, resolve_device, resolve_dtype
-from lorat.tracker import cast_for_autocast
+from lorat.evaluation.runner import track_sequences
+from lorat.options import ModelOptions, add_model_arguments
+from lorat.runtime import cast_for_autocast, dtype_name, resolve_device, resolve_dtype, set_threads
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", help="model config YAML")
+    add_model_arguments(parser, ("config", "device", "dtype", "threads"), config_positional=True)
     parser.add_argument("--dataset", required=True, help="NAME=PATH, e.g. lasot=/data/syn")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="batch sizes to time")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
     args = parser.parse_args(argv)
-    device = resolve_device(args.device)
-    config = load_config(args.config)
-    dtype = resolve_dtype(args.dtype, device, config.model.backbone.embed_dim)
+    options = ModelOptions.from_args(args)
+    if options.config is None:
+        parser.error("give a CONFIG (a random model of it is timed)")
+    set_threads(options.threads)
+    device = resolve_device(options.device)
+    config = load_config(options.config)
+    dtype = resolve_dtype(options.dtype, device, config.model.backbone.embed_dim)
     torch.manual_seed(0)
     model = cast_for_autocast(build_lorat(config.model, lora=False).eval().to(device), dtype)
     name, root = args.dataset.split("=", 1)

@@ -8,7 +8,7 @@ import cv2
 import torch
 
 from lorat import load_config
-from lorat.tracker import Tracker
+from lorat.tracking.tracker import Tracker
 
 TINY = "tests/fixtures/official-tiny/"
 frames = [cv2.cvtColor(cv2.imread(p), cv2.COLOR_BGR2RGB) for p in sorted(glob.glob(TINY + "sequence/*.png"))]

@@ -1,1 +1,1 @@
-"""The model configs, shipped inside the package as ``lorat.configs`` (see ``lorat/resources.py``)."""
+"""The model configs, shipped inside the package as ``lorat.configs`` (see ``lorat/files.py``)."""

@@ -4,7 +4,7 @@ Public API::
 
     from lorat import Tracker, TrackResult, load_model, load_config, build_lorat
 
-    tracker = Tracker.from_pretrained("weights/lorat_b224.safetensors")
+    tracker = Tracker.from_pretrained("LoRAT-B-224")  # or a weight file; None: the bundled demo model
     tracker.init(first_frame_rgb, (x, y, w, h))
     result = tracker.track(next_frame_rgb)      # TrackResult(box=(x, y, w, h), score=...)
 """
@@ -15,15 +15,15 @@ from typing import TYPE_CHECKING
 from lorat.errors import ConfigError, LoratError, WeightsError
 
 if TYPE_CHECKING:  # the public API below is imported on first use, so ``import lorat`` stays light
-    from lorat.build import build_lorat
-    from lorat.checkpoint import load_model, save_model
+    from lorat.checkpoint.build import build_lorat
+    from lorat.checkpoint.loader import load_model, save_model
     from lorat.config import Config, load_config
-    from lorat.model import LoRAT
-    from lorat.tracker import Tracker, TrackResult
+    from lorat.model.vit import LoRAT
+    from lorat.tracking.tracker import Tracker, TrackResult
 
-_LAZY = {"build_lorat": "lorat.build", "load_model": "lorat.checkpoint", "save_model": "lorat.checkpoint",
-         "Config": "lorat.config", "load_config": "lorat.config", "LoRAT": "lorat.model", "Tracker": "lorat.tracker",
-         "TrackResult": "lorat.tracker"}
+_LAZY = {"build_lorat": "lorat.checkpoint.build", "load_model": "lorat.checkpoint.loader",
+         "save_model": "lorat.checkpoint.loader", "Config": "lorat.config", "load_config": "lorat.config",
+         "LoRAT": "lorat.model.vit", "Tracker": "lorat.tracking.tracker", "TrackResult": "lorat.tracking.tracker"}
 
 __version__ = "0.1.0"
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import platform
@@ -33,13 +34,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lorat.build import build_lorat
-from lorat.checkpoint import load_model
+from lorat.checkpoint.build import build_lorat
+from lorat.checkpoint.loader import load
 from lorat.config import load_config
 from lorat.errors import run_cli
-from lorat.graph_step import capture
-from lorat.runtime import BACKENDS, cpu_has_bf16, dtype_name, resolve_device, resolve_dtype, set_threads
-from lorat.tracker import Tracker, cast_for_autocast, run_model, search_crops, to_frame_tensor
+from lorat.options import ModelOptions, add_model_arguments
+from lorat.runtime import cast_for_autocast, cpu_has_bf16, dtype_name, resolve_device, resolve_dtype, set_threads
+from lorat.tracking.cuda_graph import capture
+from lorat.tracking.step import run_model, search_crops, to_frame_tensor
+from lorat.tracking.tracker import Tracker
 from lorat.video import prefetched
 
 __all__ = ["main"]
@@ -221,15 +224,16 @@ def _without(argv: list[str], valued: tuple[str, ...], flags: tuple[str, ...]) -
     return out
 
 
-def _export_for_table(args: argparse.Namespace, path: Path) -> float:
+def _export_for_table(options: ModelOptions, path: Path) -> float:
     """Export the benchmarked network (the weights, or the seeded random model every variant builds)
     to ONNX at ``path``; return the ONNX Runtime outputs' max |difference| from torch float32."""
-    from lorat.onnx_backend import OnnxModel, export_onnx
+    from lorat.checkpoint.onnx import OnnxModel, export_onnx
 
-    config = load_config(args.config) if args.config else None
-    if args.weights:
-        model, config = load_model(args.weights, config, args.backbone_weights)
+    if options.weights:
+        loaded = load(dataclasses.replace(options, device="cpu", dtype="float32"), say=None)
+        model, config = loaded.model, loaded.config
     else:
+        config = load_config(options.config)
         model = _random_model(config, torch.device("cpu"))
     export_onnx(model, config, path)
     inputs = probe_inputs(config)
@@ -245,10 +249,10 @@ def _random_model(config, device: torch.device) -> torch.nn.Module:
         return build_lorat(config.model, lora=False).eval()
 
 
-def _table(args: argparse.Namespace, argv: list[str]) -> str:
+def _table(options: ModelOptions, argv: list[str]) -> str:
     """Run every variant this machine supports in a process of its own (clean peak memory); compare
     each one's outputs with torch float32 on the same seeded inputs, here."""
-    device = resolve_device(args.device)
+    device = resolve_device(options.device)
     # (backend, dtype, options): each run reports its own output difference, except ONNX (below)
     variants = [("torch", "float32", [])]
     if device.type == "cuda":
@@ -267,7 +271,7 @@ def _table(args: argparse.Namespace, argv: list[str]) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         if device.type == "cpu" and importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript"):
             path = Path(tmp) / "model.onnx"
-            onnx_delta = _export_for_table(args, path)
+            onnx_delta = _export_for_table(options, path)
             variants.append(("onnxruntime", "float32", ["--weights", str(path), "--backend", "onnxruntime"]))
         for backend, dtype, extra in tqdm(variants, desc="variants", unit="run"):
             base = _without(argv, ("--dtype", "--backend"), ("--compile", "--no-cuda-graph"))
@@ -287,50 +291,39 @@ def _table(args: argparse.Namespace, argv: list[str]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lorat.bench", description=__doc__.split("\n")[0].split(": ")[1])
-    parser.add_argument("config", nargs="?", help="model config YAML (optional with single-file --weights)")
-    parser.add_argument("--weights", help="weights to load (default: random init; speed is the same)")
-    parser.add_argument("--backbone-weights", help="DINOv2 file for official trainable-only checkpoints")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    parser.add_argument("--threads", type=int, metavar="N",
-                        help="CPU threads (default: torch's choice; on a busy machine fewer can be faster)")
-    parser.add_argument("--dtype", default="auto",
-                        help="auto (float16 on CUDA; bfloat16 for DINOv2 variants on a CPU with native "
-                   "bfloat16; else float32), float32, float16, bfloat16")
+    add_model_arguments(parser, config_positional=True)
     parser.add_argument("--frames", type=int, default=100, help="length of the synthetic clip")
     parser.add_argument("--iters", type=int, default=100, help="timed model-only iterations")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model first")
     parser.add_argument("--no-cuda-graph", action="store_true",
                         help="on CUDA: launch every kernel (default: each tracking step and the model-only pass "
                              "replayed as a CUDA graph; off with --compile)")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto",
-                        help="onnxruntime (or auto) with an .onnx --weights file from python -m lorat.export --onnx")
     parser.add_argument("--table", action="store_true",
                         help="every backend and dtype this machine runs, each in its own process: a Markdown table")
     args = parser.parse_args(argv)
-    if args.config is None and args.weights is None:
+    options = ModelOptions.from_args(args)
+    if options.config is None and options.weights is None:
         parser.error("give a CONFIG or --weights")
-    set_threads(args.threads)
+    set_threads(options.threads)
     if args.table:
-        print(_table(args, [a for a in (sys.argv[1:] if argv is None else argv) if a != "--table"]))
+        print(_table(options, [a for a in (sys.argv[1:] if argv is None else argv) if a != "--table"]))
         return 0
     graph = not (args.no_cuda_graph or args.compile)
-    onnx = args.backend == "onnxruntime" or (args.backend == "auto" and str(args.weights).lower().endswith(".onnx"))
-    if args.weights:  # either backend, as Tracker.from_pretrained chooses it; torch: float32 until cast below
-        tracker = Tracker.from_pretrained(args.weights, args.config, args.backbone_weights, device=args.device,
-                                          dtype=args.dtype if onnx else "float32", backend=args.backend,
-                                          cuda_graph=graph)
+    if options.weights:  # either backend, as the loader chooses it; torch: cast to the dtype below
+        tracker = Tracker.from_loaded(load(options, say=None, cast=False), cuda_graph=graph)
     else:
-        device = resolve_device(args.device)
-        tracker = Tracker(_random_model(load_config(args.config), device), load_config(args.config), cuda_graph=graph)
+        device = resolve_device(options.device)
+        config = load_config(options.config)
+        tracker = Tracker(_random_model(config, device), config, cuda_graph=graph)
     backend = getattr(tracker.model, "backend", "torch")
     reference = None
-    if backend == "torch":  # float32 outputs first; then the weights go to the dtype, as from_pretrained does
+    if backend == "torch":  # float32 outputs first; then the weights go to the dtype, as the loader does
         reference = reference_outputs(tracker)
-        tracker.dtype = resolve_dtype(args.dtype, tracker.device, tracker.config.model.backbone.embed_dim)
+        tracker.dtype = resolve_dtype(options.dtype, tracker.device, tracker.config.model.backbone.embed_dim)
         cast_for_autocast(tracker.model, tracker.dtype)
     if args.compile and backend == "torch":
         tracker.model = torch.compile(tracker.model)  # attribute access (cfg, device) falls through to the module
-    result = {"config": args.config or str(args.weights), "variant": tracker.config.model.variant,
+    result = {"config": str(options.config or options.weights), "variant": tracker.config.model.variant,
               "device": _device_name(tracker.device), "dtype": dtype_name(tracker.dtype), "backend": backend,
               "compiled": args.compile and backend == "torch", "cuda_graph": _graphed(tracker),
               "torch": torch.__version__}

@@ -301,14 +301,14 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
     """Read a YAML config strictly, apply ``key=value`` overrides, validate.
 
     ``path`` is a file, or the name of a bundled config (``b224``, ``configs/b224.yaml`` from any
-    folder; see :mod:`lorat.resources`).
+    folder; see :mod:`lorat.files`).
 
     Raises:
         ConfigError: missing file, YAML syntax error, unknown key, wrong type or bad value.
     """
     path = Path(path)
     if not path.is_file():
-        from lorat.resources import bundled_config, config_names
+        from lorat.files import bundled_config, config_names
 
         bundled = bundled_config(str(path))
         if bundled is None:

@@ -38,12 +38,13 @@ it; an unreadable later frame repeats the previous box, with a warning.
 Datasets: ``lasot`` (``--split test``, the default, or ``train``: ``testing_set.txt`` /
 ``training_set.txt`` in the root, else every sequence), ``lasot_ext``, ``got10k`` (``--split val``,
 the default, ``test`` or ``train``), ``trackingnet`` (``test`` or ``train``), ``tnl2k``,
-``custom``. Metrics follow :mod:`lorat.metrics` (pytracking-compatible).
+``custom``. Metrics follow :mod:`lorat.evaluation.metrics` (pytracking-compatible).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -56,13 +57,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lorat import __version__
-from lorat.config import Config, config_to_dict, load_config
+from lorat.config import Config, config_to_dict
 from lorat.data.sequences import DATASETS, DatasetError, TrackingSequence, init_frame, read_dataset
 from lorat.errors import LoratError, listed, run_cli
-from lorat.files import write_atomic
-from lorat.metrics import P20, P_NORM_02, SequenceCurves, got10k_metrics, sequence_curves, summarize_curves
-from lorat.report import format_table, mean_curves, plot_curves, write_report
-from lorat.results import (
+from lorat.evaluation.metrics import P20, P_NORM_02, SequenceCurves, got10k_metrics, sequence_curves, summarize_curves
+from lorat.evaluation.report import format_table, mean_curves, plot_curves, write_report
+from lorat.evaluation.results import (
     FILE_OFFSET,
     claim_folder,
     finished,
@@ -71,7 +71,9 @@ from lorat.results import (
     write_got10k_zip,
     write_trackingnet_zip,
 )
-from lorat.runtime import Distributed, default_weights, dtype_name, resolve_dtype, set_threads
+from lorat.files import write_atomic
+from lorat.options import ModelOptions, add_model_arguments
+from lorat.runtime import Distributed, dtype_name, set_threads
 
 if TYPE_CHECKING:  # torch and the model load once the arguments are parsed: --help stays instant
     import torch
@@ -281,43 +283,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lorat.evaluate", description="Run and score a benchmark.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.split("\n")[1:]))
-    p.add_argument("config", nargs="?", help="config YAML (not needed with our single-file weights)")
-    p.add_argument("--weights", help="weights (default: the bundled demo model)")
-    p.add_argument("--backbone-weights", help="DINOv2 file for official trainable-only checkpoints")
+    add_model_arguments(p, config_positional=True)
     p.add_argument("--dataset", required=True, help="NAME=PATH")
     p.add_argument("--split", help="dataset split (default: the benchmark's test split; GOT-10k: val)")
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--name", help="tracker name in the result paths (default: the config's variant)")
     p.add_argument("--repeat", type=int, default=1, help="track every sequence this many times")
     p.add_argument("--batch", type=int, default=8, help="sequences per forward pass")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: torch's choice; on a busy machine "
-                                                             "fewer can be faster)")
-    p.add_argument("--dtype", default="auto", help="autocast dtype, as for lorat.track (auto, float32, float16, "
-                   "bfloat16)")
     args = p.parse_args(argv)
     if args.repeat < 1 or args.batch < 1:
         raise LoratError("--repeat and --batch must be at least 1")
     name, path, split = _dataset_arg(args.dataset, args.split)
-    from lorat.checkpoint import load_model
-    from lorat.runner import track_sequences
-    from lorat.tracker import cast_for_autocast
+    from lorat.checkpoint.loader import load
+    from lorat.evaluation.runner import track_sequences
 
-    set_threads(args.threads)
-    with Distributed(args.device) as env:
+    options = ModelOptions.from_args(args)
+    set_threads(options.threads)
+    with Distributed(options.device) as env:
         sequences = _trackable(name, split, _read(name, path, split), verbose=env.main)
-        config = load_config(args.config) if args.config else None
-        weights = Path(args.weights) if args.weights else default_weights()
-        model, config = load_model(weights, config, args.backbone_weights, device=env.device)
-        dtype = resolve_dtype(args.dtype, env.device, config.model.backbone.embed_dim)
-        cast_for_autocast(model, dtype)
+        loaded = load(dataclasses.replace(options, device=env.device), say=None)
+        model, config, dtype = loaded.model, loaded.config, loaded.dtype
         tracker = (args.name or config.model.variant).replace("/", "-")
         if tracker.strip(".") == "":
             raise LoratError(f"--name must be usable as a folder name, got {tracker!r}")
         runs = [args.output / name / (tracker if args.repeat == 1 else f"{tracker}_{r:03d}")
                 for r in range(1, args.repeat + 1)]
-        manifest = tracker_manifest(weights, Path(args.backbone_weights) if args.backbone_weights else None,
-                                    config, dtype)
+        manifest = tracker_manifest(loaded.weights, loaded.backbone_weights, config, dtype)
         for folder in runs:
             claim_folder(folder, manifest, ignore=MANIFEST_IGNORED)
         offset = FILE_OFFSET.get(name, 0.0)

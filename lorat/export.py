@@ -6,7 +6,7 @@
 
 The output is one safetensors file with the merged model and its config in the metadata:
 ``python -m lorat.track video.mp4 --weights weights/lorat_b224.safetensors`` needs nothing else.
-Any format :func:`lorat.checkpoint.load_model` reads can be the input.
+Any format :func:`lorat.checkpoint.loader.load_model` reads can be the input.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from collections.abc import Sequence
 
 import torch
 
-from lorat.checkpoint import load_model, save_model
-from lorat.config import load_config
+from lorat.checkpoint.loader import load, save_model
 from lorat.errors import run_cli
+from lorat.options import FILE_OPTIONS, ModelOptions, add_model_arguments
 
 __all__ = ["main"]
 
@@ -28,26 +28,25 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lorat.export",
                                      description="Export LoRAT weights as one self-describing safetensors file.")
-    parser.add_argument("--config", help="model config YAML (not needed if --weights is our single file)")
-    parser.add_argument("--weights", required=True, help="official checkpoint, merged state dict or single file")
-    parser.add_argument("--backbone-weights", help="DINOv2 file (needed for official trainable-only checkpoints)")
+    add_model_arguments(parser, (*FILE_OPTIONS, "threads"), weights={"required": True})
     parser.add_argument("--output", help="output .safetensors path")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="stored dtype")
+    parser.add_argument("--save-dtype", choices=sorted(_DTYPES), default="float32",
+                        help="dtype the weights are stored in (float16 / bfloat16 halve the file)")
     parser.add_argument("--onnx", metavar="PATH", help="also (or only) write the network as ONNX for the onnxruntime "
                                                         "backend, checked against PyTorch (pip install 'lorat[onnx]')")
     args = parser.parse_args(argv)
     if not (args.output or args.onnx):
         parser.error("give --output FILE.safetensors and/or --onnx FILE.onnx")
 
-    config = load_config(args.config) if args.config else None
-    model, config = load_model(args.weights, config, args.backbone_weights)
+    loaded = load(ModelOptions.from_args(args, device="cpu", dtype="float32", backend="torch"), say=None)
+    model, config = loaded.model, loaded.config
     n = sum(p.numel() for p in model.parameters())
     if args.output:
-        path = save_model(model, config, args.output, dtype=_DTYPES[args.dtype])
-        print(f"wrote {path} ({config.model.variant}, {n:,} parameters, {args.dtype}, "
+        path = save_model(model, config, args.output, dtype=_DTYPES[args.save_dtype])
+        print(f"wrote {path} ({config.model.variant}, {n:,} parameters, {args.save_dtype}, "
               f"{path.stat().st_size / 2**20:.1f} MiB)")
     if args.onnx:
-        from lorat.onnx_backend import export_onnx
+        from lorat.checkpoint.onnx import export_onnx
 
         worst = export_onnx(model, config, args.onnx)
         print(f"wrote {args.onnx} ({config.model.variant}, dynamic batch; ONNX Runtime vs PyTorch: max |diff| "

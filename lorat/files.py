@@ -1,7 +1,14 @@
-"""Writing files so that readers, resumed runs and a kill mid-write never see half a file."""
+"""Files: writing them so that readers, resumed runs and a kill mid-write never see half a file, and
+finding the ones shipped with the package (the model configs and the bundled demo model).
+
+The shipped files live at the top of the checkout (``configs/``, ``weights/``) and inside an installed
+wheel as the packages ``lorat.configs`` and ``lorat.weights`` (``pyproject.toml`` maps one onto the
+other), so both are found through the import system (:func:`importlib.util.find_spec`) from any folder.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable
 from contextlib import suppress
@@ -14,7 +21,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", 
 # The official rasterisation rule: a pixel counts when a box covers more than this much of it.
 RASTER_EPS = 1e-4
 
-__all__ = ["write_atomic"]
+__all__ = ["write_atomic", "bundled_weights", "bundled_config", "config_names"]
 
 
 def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
@@ -38,3 +45,38 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
         with suppress(OSError):
             tmp.unlink(missing_ok=True)
     return path
+
+
+DEMO_WEIGHTS = "lorat_demo.safetensors"
+
+
+def _folder(package: str) -> Path | None:
+    """The folder of a data package (also when it is found as a namespace package), or None."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except ModuleNotFoundError:  # lorat/ copied without its data
+        return None
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return Path(locations[0]) if locations else None
+
+
+def bundled_weights() -> Path:
+    """The bundled demo model's file (it may be missing from a partial install: check ``is_file()``)."""
+    folder = _folder("lorat.weights")
+    return (folder or Path(__file__).resolve().parent.parent / "weights") / DEMO_WEIGHTS
+
+
+def config_names() -> list[str]:
+    """Names of the bundled configs (``b224``, ``demo``, ...)."""
+    folder = _folder("lorat.configs")
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder else []
+
+
+def bundled_config(name: str) -> Path | None:
+    """The bundled config called ``name`` (``b224``, ``b224.yaml`` or ``configs/b224.yaml``), or None."""
+    folder = _folder("lorat.configs")
+    stem = Path(name).name.removesuffix(".yaml").removesuffix(".yml")
+    if folder is None or Path(name).parent.name not in ("", "configs"):
+        return None
+    path = folder / f"{stem}.yaml"
+    return path if path.is_file() else None

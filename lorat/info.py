@@ -12,11 +12,12 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from lorat.build import build_lorat, build_training_model
-from lorat.checkpoint import load_model
+from lorat.checkpoint.build import build_lorat, build_training_model
+from lorat.checkpoint.files import load_state_for_info
+from lorat.checkpoint.loader import load
 from lorat.config import Config, load_config
 from lorat.errors import LoratError, run_cli
-from lorat.weight_files import load_state_for_info
+from lorat.options import FILE_OPTIONS, ModelOptions, add_model_arguments
 
 __all__ = ["main", "model_summary"]
 
@@ -48,23 +49,23 @@ def model_summary(config: Config) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lorat.info", description=__doc__.split("\n")[0])
-    parser.add_argument("config", nargs="?", help="model config YAML (optional with a single-file --weights)")
-    parser.add_argument("--weights", help="LoRAT weights: our single file, merged or official checkpoint")
-    parser.add_argument("--backbone-weights", help="DINOv2 file (for official trainable-only checkpoints)")
+    add_model_arguments(parser, FILE_OPTIONS, config_positional=True)
     args = parser.parse_args(argv)
-    if args.config is None and args.weights is None:
+    options = ModelOptions.from_args(args, device="cpu", dtype="float32", backend="torch")
+    if options.config is None and options.weights is None:
         parser.error("give a CONFIG, or --weights with one of our single files")
 
-    config = load_config(args.config) if args.config else None
+    config = load_config(options.config) if options.config else None
     files = []
-    if args.weights:
-        model, config = load_model(args.weights, config, args.backbone_weights)
-        for role, path in (("weights", args.weights), ("backbone_weights", args.backbone_weights)):
+    if options.weights:
+        loaded = load(options, say=None)
+        model, config = loaded.model, loaded.config
+        for role, path in (("weights", loaded.weights), ("backbone_weights", loaded.backbone_weights)):
             if path:
                 fmt, n = load_state_for_info(path)
                 files.append({"role": role, "path": str(path), "format": fmt, "tensors": n})
         loaded_params = sum(p.numel() for p in model.parameters())
-    elif args.backbone_weights:
+    elif options.backbone_weights:
         raise LoratError("--backbone-weights needs --weights (the LoRAT checkpoint)")
     assert config is not None
     summary = model_summary(config)

@@ -1,49 +1,139 @@
-"""The model options that every tracking command shares (``lorat.track``, ``lorat.vot``), and the one
-way they become a :class:`lorat.Tracker`."""
+"""The model options, defined once for every command and the web demo, and what they become.
+
+``--weights``, ``--config``, ``--backbone-weights`` name the files; ``--device``, ``--dtype``,
+``--threads``, ``--backend`` say how the model runs. Each has one meaning everywhere: ``--dtype``
+is always the compute (autocast) dtype, never a storage type. A command takes the ones it uses
+(:func:`add_model_arguments`), turns them into a :class:`ModelOptions`, and gives that to the one
+loader, :func:`lorat.checkpoint.loader.load`. The tracking commands add ``--no-cuda-graph`` and
+``--no-assignment`` (:func:`add_tracker_arguments`) and get a :class:`lorat.Tracker` from
+:func:`tracker_from_arguments`.
+
+Nothing here imports torch: ``--help`` stays instant.
+"""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from lorat.runtime import BACKENDS, default_weights, default_weights_notice, set_threads
+from lorat.errors import LoratError
 
-if TYPE_CHECKING:  # torch loads with the tracker, after the arguments are parsed
-    from lorat.tracker import Tracker
+if TYPE_CHECKING:
+    from lorat.config import Config
+    from lorat.tracking.tracker import Tracker
 
-__all__ = ["add_tracker_arguments", "tracker_from_arguments"]
+__all__ = ["BACKENDS", "ModelOptions", "MODEL_OPTIONS", "FILE_OPTIONS", "add_model_arguments", "add_tracker_arguments",
+           "tracker_from_arguments"]
+
+# What runs the network: auto (ONNX Runtime for an .onnx weight file, else torch), torch, onnxruntime.
+BACKENDS = ("auto", "torch", "onnxruntime")
 
 
-def add_tracker_arguments(p: argparse.ArgumentParser) -> None:
-    """``--weights``, ``--config``, ``--backbone-weights``, ``--device``, ``--threads``, ``--dtype``,
-    ``--no-cuda-graph``, ``--backend`` and ``--no-assignment``."""
-    p.add_argument("--config", help="model config YAML (not needed with our single-file weights)")
-    p.add_argument("--weights", help="our single file, a merged state dict, an official checkpoint or a named model "
-                                     "(LoRAT-B-224, ...) (default: the bundled demo model)")
-    p.add_argument("--backbone-weights", help="DINOv2 file, for official trainable-only checkpoints")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: torch's choice; on a busy machine "
-                                                             "fewer can be faster)")
-    p.add_argument("--dtype", default="auto", help="auto (float16 on CUDA; bfloat16 for DINOv2 variants on a CPU "
-                   "with native bfloat16; else float32), float32, float16, bfloat16")
-    p.add_argument("--no-cuda-graph", action="store_true",
-                   help="on CUDA: launch every kernel of each step instead of replaying the step as a CUDA graph")
-    p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="auto (onnxruntime for an .onnx --weights file, else torch), torch or onnxruntime")
-    p.add_argument("--no-assignment", action="store_true",
-                   help="track several targets fully independently (no lap identity assignment)")
+@dataclass(frozen=True)
+class ModelOptions:
+    """Which model to load and how it runs (what the command-line options say).
+
+    Attributes:
+        weights: a weight file (any format :func:`lorat.load_model` reads, or an ``.onnx`` file) or a
+            named model (``LoRAT-B-224``); None: ``$LORAT_WEIGHTS`` or the bundled demo model.
+        config: a config (YAML path, bundled name such as ``b224``, or a :class:`~lorat.config.Config`);
+            None: the one embedded in the weights.
+        backbone_weights: the DINOv2 file official trainable-only checkpoints need.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        dtype: compute (autocast) dtype: ``auto``, ``float32``, ``float16`` or ``bfloat16`` (see
+            :func:`lorat.runtime.resolve_dtype`).
+        threads: CPU threads for torch and ONNX Runtime; None: torch's choice.
+        backend: one of :data:`BACKENDS`.
+    """
+
+    weights: str | Path | None = None
+    config: str | Path | Config | None = None
+    backbone_weights: str | Path | None = None
+    device: Any = "auto"
+    dtype: Any = "auto"
+    threads: int | None = None
+    backend: str = "auto"
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **changes: Any) -> ModelOptions:
+        """The options a parser built with :func:`add_model_arguments` read; ``changes`` override them.
+
+        Raises:
+            LoratError: the config is given both as the positional argument and as ``--config``.
+        """
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+        positional = getattr(args, "config_file", None)
+        if positional is not None:
+            if values.get("config") not in (None, positional):
+                raise LoratError(f"two configs given: {positional} and --config {values['config']}; give one")
+            values["config"] = positional
+        return cls(**(values | changes))
+
+
+# name -> (flag, argparse keywords); the one definition of each option.
+_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "weights": ("--weights", {
+        "help": "our single file, a merged state dict, an official checkpoint, an .onnx file or a named model "
+                "(LoRAT-B-224, ...) (default: $LORAT_WEIGHTS, else the bundled demo model)"}),
+    "config": ("--config", {
+        "help": "model config: a YAML file or a bundled name (b224, ...); not needed with our single-file weights"}),
+    "backbone_weights": ("--backbone-weights", {
+        "metavar": "FILE",
+        "help": "DINOv2 backbone file (torchvision's MobileNetV2 for a mobilenetv2 stem): what official "
+                "trainable-only checkpoints and training start from"}),
+    "device": ("--device", {"default": "auto", "help": "auto, cpu, cuda, cuda:N or mps (default auto)"}),
+    "dtype": ("--dtype", {
+        "default": "auto",
+        "help": "compute (autocast) dtype: auto (float16 on CUDA; bfloat16 for DINOv2 variants on a CPU with "
+                "native bfloat16; else float32), float32, float16, bfloat16"}),
+    "threads": ("--threads", {
+        "type": int, "metavar": "N",
+        "help": "CPU threads (default: torch's choice; on a busy machine fewer can be faster)"}),
+    "backend": ("--backend", {
+        "choices": BACKENDS, "default": "auto",
+        "help": "auto (onnxruntime for an .onnx --weights file, else torch), torch or onnxruntime"}),
+}
+MODEL_OPTIONS = tuple(_OPTIONS)
+FILE_OPTIONS = ("weights", "config", "backbone_weights")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, names: Iterable[str] = MODEL_OPTIONS,
+                        config_positional: bool = False, **changes: dict[str, Any]) -> None:
+    """Add the model options ``names`` (default: all of :data:`MODEL_OPTIONS`) to ``parser``.
+
+    Args:
+        config_positional: also accept the config as an optional positional argument (``CONFIG``).
+        changes: per option, argparse keywords that differ for this command (``weights={"nargs": "+"}``,
+            ``device={"default": None}``); the flag and its meaning stay the same.
+    """
+    names = list(names)
+    unknown = [n for n in [*names, *changes] if n not in _OPTIONS]
+    if unknown:
+        raise ValueError(f"unknown model options {unknown}; known: {MODEL_OPTIONS}")
+    if config_positional and "config" in names:
+        parser.add_argument("config_file", nargs="?", metavar="CONFIG", help=_OPTIONS["config"][1]["help"])
+    for name in names:
+        flag, keywords = _OPTIONS[name]
+        parser.add_argument(flag, **(keywords | changes.get(name, {})))
+
+
+def add_tracker_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every model option, ``--no-cuda-graph`` and ``--no-assignment`` (``lorat.track``, ``lorat.vot``)."""
+    add_model_arguments(parser)
+    parser.add_argument("--no-cuda-graph", action="store_true",
+                        help="on CUDA: launch every kernel of each step instead of replaying the step as a CUDA graph")
+    parser.add_argument("--no-assignment", action="store_true",
+                        help="track several targets fully independently (no lap identity assignment)")
 
 
 def tracker_from_arguments(args: argparse.Namespace, say: Callable[[str], object] = print) -> Tracker:
-    """Load the tracker the options of :func:`add_tracker_arguments` describe; ``say`` reports which
+    """The tracker the options of :func:`add_tracker_arguments` describe; ``say`` reports which
     weights were chosen when none were given."""
-    set_threads(args.threads)
-    weights = args.weights or default_weights()
-    if not args.weights:
-        say(default_weights_notice(weights))
-    from lorat.tracker import Tracker
+    from lorat.checkpoint.loader import load
+    from lorat.tracking.tracker import Tracker
 
-    return Tracker.from_pretrained(weights, args.config, args.backbone_weights, device=args.device, dtype=args.dtype,
-                                   backend=args.backend, assignment=not args.no_assignment,
-                                   cuda_graph=not args.no_cuda_graph)
+    return Tracker.from_loaded(load(ModelOptions.from_args(args), say=say), assignment=not args.no_assignment,
+                               cuda_graph=not args.no_cuda_graph)

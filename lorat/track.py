@@ -38,12 +38,12 @@ import numpy as np
 from tqdm import tqdm
 
 from lorat.errors import LoratError, run_cli
+from lorat.evaluation.results import box_line
 from lorat.options import add_tracker_arguments, tracker_from_arguments
-from lorat.results import box_line
 from lorat.video import FrameSource, VideoWriter, draw_targets, has_display, open_source, prefetched
 
 if TYPE_CHECKING:  # torch is imported once the arguments are parsed: --help stays instant
-    from lorat.tracker import Tracker, TrackResult
+    from lorat.tracking.tracker import Tracker, TrackResult
 
 __all__ = ["main", "parse_box"]
 

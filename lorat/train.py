@@ -73,8 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     # torch and the rest load only now: --help stays instant
     from lorat.data.loading import parse_data
-    from lorat.run_folder import check_resume_config, read_args, read_state
-    from lorat.trainer import run_training
+    from lorat.training.run_folder import check_resume_config, read_args, read_state
+    from lorat.training.trainer import run_training
 
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     out = args.resume or args.output
@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _pretrained_backbone(config, env) -> str | None:
     """The DINOv2 file a LoRA run starts from when --backbone-weights is not given: torch hub's cache
     or Meta's URL (rank 0 downloads, the others wait); None for models without a DINOv2 release."""
-    from lorat.hub import dinov2_path, dinov2_release, dinov2_weights
+    from lorat.checkpoint.hub import dinov2_path, dinov2_release, dinov2_weights
 
     name = dinov2_release(config.model)
     if name is None:

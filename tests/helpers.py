@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from lorat.checkpoint import peft_to_official_keys
+from lorat.checkpoint.keys import peft_to_official_keys
 from lorat.config import Config, config_from_dict
-from lorat.model import LoRAT
+from lorat.model.vit import LoRAT
 
 
 def tiny_config(**backbone) -> Config:

@@ -17,8 +17,8 @@ import cv2
 import numpy as np
 import pytest
 
-from lorat.checkpoint import load_model, save_model
-from lorat.tracker import Tracker
+from lorat.checkpoint.loader import load_model, save_model
+from lorat.tracking.tracker import Tracker
 from lorat.video import VideoWriter
 
 from .conftest import ROOT, TINY

@@ -183,16 +183,17 @@ def test_each_request_keeps_the_dtype_the_model_was_loaded_with(app, monkeypatch
     """The app must run float16 on CUDA as the CLI does: its per-request trackers keep the loaded dtype."""
     import torch
 
-    import lorat
+    import lorat.checkpoint.loader
+    from lorat.options import ModelOptions
     from lorat.runtime import DEFAULT_WEIGHTS
 
-    loaded = lorat.Tracker.from_pretrained(DEFAULT_WEIGHTS, device="cpu", dtype="bfloat16")
     calls = []
-    monkeypatch.setattr(lorat.Tracker, "from_pretrained", lambda path, device: calls.append(path) or loaded)
-    models = app.Models([str(DEFAULT_WEIGHTS)], "cpu")
+    real = lorat.checkpoint.loader.load
+    monkeypatch.setattr(app, "load", lambda options, say: calls.append(options) or real(options, say))
+    models = app.Models([str(DEFAULT_WEIGHTS)], ModelOptions(device="cpu", dtype="bfloat16"))
     first, second = models.tracker(models.names[0]), models.tracker(models.names[0])
     assert first.dtype == second.dtype == torch.bfloat16 and len(calls) == 1
-    assert first is not second and first.model is second.model is loaded.model
+    assert first is not second and first.model is second.model
 
 
 def test_start_frame_trimming_and_stop(app):

@@ -8,10 +8,10 @@ import cv2
 import numpy as np
 import pytest
 
-from lorat.checkpoint import save_model
+from lorat.checkpoint.loader import save_model
 from lorat.data.sequences import read_dataset
-from lorat.metrics import sequence_curves, summarize_curves
-from lorat.model import LoRAT
+from lorat.evaluation.metrics import sequence_curves, summarize_curves
+from lorat.model.vit import LoRAT
 
 from .conftest import ROOT
 from .helpers import tiny_config

@@ -4,15 +4,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorat.checkpoint import (
-    build_lorat,
-    detect_format,
-    load_backbone,
-    load_model,
-    peft_to_official_keys,
-    read_weights,
-    save_model,
-)
+from lorat.checkpoint.build import build_lorat, load_backbone
+from lorat.checkpoint.files import detect_format, read_weights
+from lorat.checkpoint.keys import peft_to_official_keys
+from lorat.checkpoint.loader import load_model, save_model
 from lorat.config import config_from_dict, config_to_dict
 from lorat.errors import WeightsError
 
@@ -79,7 +74,7 @@ def test_merged_state_dict_file(official, tmp_path, tiny_config):
 def test_official_full_unmerged_state_dict(tiny_config, tiny_files, tmp_path):
     """The official in-memory training state dict (380 entries for B-224), lora_alpha included."""
     model = build_lorat(tiny_config.model, tiny_files["backbone"])
-    from lorat.checkpoint import load_official_trainable
+    from lorat.checkpoint.build import load_official_trainable
 
     load_official_trainable(model, load_file(tiny_files["trainable"]), tiny_files["trainable"])
     sd = peft_to_official_keys(model.state_dict(), swiglu=False)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorat.checkpoint import load_model
+from lorat.checkpoint.loader import load_model
 from lorat.errors import run_cli
 from lorat.export import main as export_main
 from lorat.info import main as info_main

@@ -369,16 +369,16 @@ def test_text_write_error_mid_run(tmp_path, short_sources, capsys, monkeypatch):
 
 
 def test_non_finite_model_outputs_stop_with_the_lines_kept(tmp_path, short_sources, capsys, monkeypatch):
-    import lorat.tracker
+    import lorat.tracking.step
 
-    original, calls = lorat.tracker.run_model, []
+    original, calls = lorat.tracking.step.run_model, []
 
     def run_model(*args, **kwargs):
         out = original(*args, **kwargs)
         calls.append(1)
         return {k: torch.full_like(v, float("nan")) if len(calls) >= 3 else v for k, v in out.items()}
 
-    monkeypatch.setattr(lorat.tracker, "run_model", run_model)
+    monkeypatch.setattr(lorat.tracking.step, "run_model", run_model)
     code = run_cli(main, [str(short_sources["folder"]), *MODEL_ARGS, *ONE, "--save-txt", str(tmp_path / "o.txt")])
     stdout, stderr = capsys.readouterr()
     assert code == 2 and "non-finite" in stderr and "Traceback" not in stderr

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from lorat.boxes import clip_xyxy, rasterize, xywh_to_xyxy, xyxy_to_xywh
-from lorat.crop import box_from_crop, box_to_crop, crop_frames, nominal_crop_params, template_mask
+from lorat.tracking.boxes import clip_xyxy, rasterize, xywh_to_xyxy, xyxy_to_xywh
+from lorat.tracking.crop import box_from_crop, box_to_crop, crop_frames, nominal_crop_params, template_mask
 
 from . import reference
 

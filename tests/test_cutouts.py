@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from lorat.checkpoint import build_training_model, save_model
+from lorat.checkpoint.build import build_training_model
+from lorat.checkpoint.loader import save_model
 from lorat.config import config_from_dict, config_to_dict
 from lorat.data.cutouts import Cutout, held_out, is_photograph, load_cutouts, main, make_clip
 from lorat.data.pairs import PairDataset, Source
@@ -100,7 +101,7 @@ def test_holdout_split_is_deterministic():
 
 
 def test_init_weights_start_the_training_model(tmp_path):
-    from lorat.trainer import load_init_weights
+    from lorat.training.trainer import load_init_weights
 
     cfg = config_from_dict(config_to_dict(tiny_config()) | {"train": {"finetune": "full"}})
     torch.manual_seed(1)

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from lorat.boxes import xywh_to_xyxy
-from lorat.checkpoint import load_model
+from lorat.checkpoint.loader import load_model
 from lorat.data.sequences import read_boxes
 from lorat.runtime import DEFAULT_WEIGHTS
-from lorat.tracker import Tracker
+from lorat.tracking.boxes import xywh_to_xyxy
+from lorat.tracking.tracker import Tracker
 from lorat.video import open_source
 
 from .conftest import ROOT

@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from lorat.checkpoint import build_lorat, save_model
+from lorat.checkpoint.build import build_lorat
+from lorat.checkpoint.loader import save_model
 from lorat.config import load_config
 from lorat.data.sequences import DatasetError
 from lorat.data.synthetic import write_dataset
 from lorat.errors import run_cli
 from lorat.evaluate import main
 from lorat.runtime import DEFAULT_WEIGHTS
-from lorat.tracker import Tracker
+from lorat.tracking.tracker import Tracker
 
 from .conftest import ROOT
 
@@ -370,7 +371,7 @@ def test_run_and_score_input_errors(setup, tmp_path, capsys):
 
 
 def test_read_sequence_and_times(tmp_path):
-    from lorat.results import read_sequence, read_times
+    from lorat.evaluation.results import read_sequence, read_times
 
     path = tmp_path / "a.txt"
     path.write_text("1\t2\t3\t4\n\nnan\tnan\tnan\tnan\n5,6,0,0\n")
@@ -391,10 +392,10 @@ def test_read_sequence_and_times(tmp_path):
 
 def test_non_finite_model_outputs_stop_the_run(setup, tmp_path):
     """A model whose outputs are NaN (weights damaged in memory) stops with an error, never writes nan boxes."""
-    from lorat.checkpoint import load_model
+    from lorat.checkpoint.loader import load_model
     from lorat.data.sequences import read_dataset
     from lorat.errors import LoratError
-    from lorat.runner import track_sequences
+    from lorat.evaluation.runner import track_sequences
 
     data, weights = setup
     model, config = load_model(weights)

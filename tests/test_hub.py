@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lorat import hub
-from lorat.checkpoint import load_model
+from lorat.checkpoint.loader import load_model
 from lorat.errors import WeightsError, run_cli
 
 TINY = Path(__file__).parent / "fixtures" / "official-tiny"

@@ -22,7 +22,7 @@ def test_import_lorat_loads_no_heavy_library():
 
 
 def test_loading_and_tracking_load_neither_peft_gradio_nor_matplotlib():
-    assert _loaded("import lorat; from lorat.checkpoint import load_model; lorat.Tracker", HEAVY) == []
+    assert _loaded("import lorat; from lorat.checkpoint.loader import load_model; lorat.Tracker", HEAVY) == []
 
 
 @pytest.mark.parametrize("command", ["lorat.track", "lorat.evaluate", "lorat.train"])

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lorat.metrics import got10k_metrics, sequence_curves, summarize_curves
+from lorat.evaluation.metrics import got10k_metrics, sequence_curves, summarize_curves
 
 GT = np.array([[10.0, 10, 20, 20]] * 4)
 

@@ -5,11 +5,12 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from lorat.checkpoint import build_lorat, load_model, load_official_trainable
+from lorat.checkpoint.build import build_lorat, load_official_trainable
+from lorat.checkpoint.loader import load_model
 from lorat.config import load_config
 from lorat.info import model_summary
-from lorat.lora import SplitQKV, has_lora, merge_lora
-from lorat.model import LoRAT, resample_pos_embed
+from lorat.model.lora import SplitQKV, has_lora, merge_lora
+from lorat.model.vit import LoRAT, resample_pos_embed
 
 from .conftest import ROOT
 from .helpers import official_trainable, random_inputs, tiny_config, write_dinov2

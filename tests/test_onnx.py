@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from lorat.errors import run_cli
 from lorat.export import main as export_main
 from lorat.track import main as track_main
-from lorat.tracker import Tracker
+from lorat.tracking.tracker import Tracker
 
 from .conftest import TINY
 
@@ -27,7 +27,7 @@ def tiny_onnx(tmp_path_factory):
 
 
 def test_onnxruntime_matches_the_official_forward(tiny_onnx):
-    from lorat.onnx_backend import load_onnx
+    from lorat.checkpoint.onnx import load_onnx
 
     model, config = load_onnx(tiny_onnx)
     assert config.model.variant == "official-tiny"

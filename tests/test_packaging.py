@@ -15,7 +15,7 @@ from packaging.requirements import Requirement
 
 from lorat.config import load_config
 from lorat.errors import ConfigError
-from lorat.resources import bundled_config, bundled_weights, config_names
+from lorat.files import bundled_config, bundled_weights, config_names
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,11 +9,13 @@ import torch
 import torchvision
 from safetensors.torch import load_file
 
-from lorat.checkpoint import build_lorat, detect_format, load_model, read_weights, save_model
+from lorat.checkpoint.build import build_lorat
+from lorat.checkpoint.files import detect_format, read_weights
+from lorat.checkpoint.loader import load_model, save_model
 from lorat.config import config_from_dict
 from lorat.data.synthetic import _draw_quad, load_photos, make_clip
 from lorat.errors import ConfigError, LoratError, WeightsError
-from lorat.model import sincos_pos_embed
+from lorat.model.vit import sincos_pos_embed
 from lorat.train import main
 
 from .helpers import random_inputs

@@ -5,12 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from lorat.checkpoint import build_lorat, load_model
+from lorat.checkpoint.build import build_lorat
+from lorat.checkpoint.loader import load_model
 from lorat.config import config_from_dict
 from lorat.errors import LoratError
-from lorat.lora import merge_lora
+from lorat.model.lora import merge_lora
 from lorat.runtime import resolve_device
-from lorat.tracker import Tracker, TrackState, init_state, to_frame_tensor, track_step
+from lorat.tracking.step import TrackState, init_state, to_frame_tensor, track_step
+from lorat.tracking.tracker import Tracker
 
 from . import reference
 from .helpers import bright_spot_model, textured_clip, write_dinov2
@@ -266,7 +268,7 @@ def test_cuda_graph_option_is_eager_off_cuda(tiny_dir, tiny_config, tiny_files):
 
 
 def test_static_constants_share_one_tensor():
-    from lorat.crop import const, static_constants
+    from lorat.tracking.constants import const, static_constants
 
     assert const([1, 2], torch.float64, torch.device("cpu")) is not const([1, 2], torch.float64, torch.device("cpu"))
     store: dict = {}
@@ -324,7 +326,7 @@ def test_auto_dtype_rule(monkeypatch):
 def test_weights_stored_in_the_autocast_dtype_give_identical_outputs(tiny_files, tiny_config):
     from safetensors.torch import load_file
 
-    from lorat.tracker import cast_for_autocast
+    from lorat.runtime import cast_for_autocast
 
     model, _ = load_model(tiny_files["trainable"], tiny_config, tiny_files["backbone"])
     ref = load_file(tiny_files["forward"])

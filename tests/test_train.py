@@ -10,15 +10,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorat.checkpoint import build_lorat, load_model
+from lorat.checkpoint.build import build_lorat
+from lorat.checkpoint.loader import load_model
 from lorat.config import TrainConfig, config_from_dict, load_config
 from lorat.data.augment import color_jitter, deit3, hflip
 from lorat.data.pairs import PairDataset, Source, epoch_picker, jittered_search_params, search_labels
 from lorat.data.sequences import DatasetError, read_dataset
 from lorat.errors import run_cli
-from lorat.loss import iou_and_giou, lorat_loss
-from lorat.optim import learning_rate, lr_for_step, parameter_groups
 from lorat.train import main
+from lorat.training.loss import iou_and_giou, lorat_loss
+from lorat.training.optim import learning_rate, lr_for_step, parameter_groups
 
 from .conftest import ROOT
 

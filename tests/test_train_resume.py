@@ -18,8 +18,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import lorat.optim as optim
-import lorat.trainer as trainer
+import lorat.training.optim as optim
+import lorat.training.trainer as trainer
 from lorat.config import TrainConfig, load_config
 from lorat.data.pairs import PairDataset, Source, UnusableDataError
 from lorat.data.sequences import read_dataset

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from lorat.box_masks import SamArchitecture, SamMasker, build_sam, filled_boxes, load_sam, sam_architecture
 from lorat.errors import LoratError, WeightsError
-from lorat.results import rasterize_xywh
+from lorat.evaluation.results import rasterize_xywh
 from lorat.runtime import DEFAULT_WEIGHTS
-from lorat.tracker import Tracker
-from lorat.vot import Start, VotSession, start_from_mask, start_from_points, trackers_ini
-from lorat.vot_workspace import write_sequence, write_workspace
+from lorat.tracking.tracker import Tracker
+from lorat.vot.masks import SamArchitecture, SamMasker, build_sam, filled_boxes, load_sam, sam_architecture
+from lorat.vot.server import Start, VotSession, start_from_mask, start_from_points, trackers_ini
+from lorat.vot.workspace import write_sequence, write_workspace
 
 from .helpers import textured_clip
 

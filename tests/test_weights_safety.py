@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorat.checkpoint import CONFIG_KEY, FORMAT_KEY, load_model, read_weights, save_model
+from lorat.checkpoint.files import CONFIG_KEY, FORMAT_KEY, read_weights
+from lorat.checkpoint.loader import load_model, save_model
 from lorat.config import config_to_dict
 from lorat.errors import LoratError, WeightsError, run_cli
 
@@ -18,7 +19,7 @@ from .helpers import tiny_config
 @pytest.fixture()
 def single_file(tmp_path):
     """A tiny model in our single-file format."""
-    from lorat.model import LoRAT
+    from lorat.model.vit import LoRAT
 
     cfg = tiny_config()
     torch.manual_seed(0)
@@ -39,12 +40,12 @@ def test_huge_embedded_config_refused_before_building(single_file, tmp_path, mon
     d = config_to_dict(cfg)
     d["model"]["backbone"] |= {"embed_dim": 8192, "depth": 400, "num_heads": 64}
     bomb = _rewrite(path, tmp_path / "bomb.safetensors", config=d)
-    import lorat.model
+    import lorat.model.vit
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was built")
 
-    monkeypatch.setattr(lorat.model.LoRAT, "__init__", refuse)
+    monkeypatch.setattr(lorat.model.vit.LoRAT, "__init__", refuse)
     with pytest.raises(WeightsError, match=r"bomb.safetensors: .*depth 400.*2 blocks"):
         load_model(bomb)
     d["model"]["backbone"] |= {"depth": 2}  # same depth as the file, far wider
@@ -58,16 +59,16 @@ def test_config_checked_against_tensor_shapes_before_building(single_file, tmp_p
     d = config_to_dict(cfg)
     d["model"]["backbone"] |= {"embed_dim": 64, "num_heads": 2}  # plausible size, wrong shapes
     other = _rewrite(path, tmp_path / "other.safetensors", config=d)
-    import lorat.model
+    import lorat.model.vit
 
-    real_init = lorat.model.LoRAT.__init__
+    real_init = lorat.model.vit.LoRAT.__init__
     devices = []
 
     def spy(self, *args, **kwargs):
         devices.append(torch.empty(0).device.type)
         real_init(self, *args, **kwargs)
 
-    monkeypatch.setattr(lorat.model.LoRAT, "__init__", spy)
+    monkeypatch.setattr(lorat.model.vit.LoRAT, "__init__", spy)
     with pytest.raises(WeightsError, match=r"other.safetensors: .*does not fit .*wrong shapes"):
         load_model(other)
     assert devices == ["meta"]  # only a shape-only model was built

@@ -1,1 +1,1 @@
-"""The bundled demo model, shipped inside the package as ``lorat.weights`` (see ``lorat/resources.py``)."""
+"""The bundled demo model, shipped inside the package as ``lorat.weights`` (see ``lorat/files.py``)."""

@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lorat.boxes import rasterize
 from lorat.config import ModelConfig, TrainConfig
-from lorat.crop import box_to_crop, crop_frames, nominal_crop_params, normalize_crops, template_mask
 from lorat.data.augment import color_jitter, deit3, hflip
 from lorat.data.sequences import DatasetError, TrackingSequence
+from lorat.tracking.boxes import rasterize
+from lorat.tracking.crop import box_to_crop, crop_frames, nominal_crop_params, normalize_crops, template_mask
 from lorat.video import read_rgb
 
 __all__ = ["Source", "PairDataset", "UnusableDataError", "epoch_picker", "jittered_search_params", "search_labels"]

@@ -3,7 +3,7 @@
 Ours is the official inference layout with peft's LoRA names; the official trainer writes
 ``X.lora.A`` / ``X.linear.*`` and SwiGLU as ``w12`` / ``w3``; DINOv2 release files may chunk their
 blocks (``blocks.C.N.``) and carry a 37x37 ``pos_embed`` that the search grid resamples. (The
-MobileNetV2 stem's mapping lives with the stem: :func:`lorat.stem.imagenet_stem_weights`.)
+MobileNetV2 stem's mapping lives with the stem: :func:`lorat.model.stem.imagenet_stem_weights`.)
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
+from lorat.checkpoint.check import describe
 from lorat.errors import WeightsError
-from lorat.fit import describe
-from lorat.model import LoRAT, resample_pos_embed
+from lorat.model.vit import LoRAT, resample_pos_embed
 
 __all__ = ["DINOV2_FILES", "official_to_peft_keys", "peft_to_official_keys", "dinov2_to_lorat"]
 

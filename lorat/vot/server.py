@@ -39,8 +39,8 @@ from lorat.errors import LoratError, run_cli
 from lorat.options import add_tracker_arguments, tracker_from_arguments
 
 if TYPE_CHECKING:
-    from lorat.box_masks import BoxMasker
-    from lorat.tracker import Tracker
+    from lorat.tracking.tracker import Tracker
+    from lorat.vot.masks import BoxMasker
 
 __all__ = ["main", "Start", "Answer", "VotSession", "start_from_mask", "start_from_points", "trackers_ini"]
 
@@ -182,7 +182,7 @@ class VotSession:
         return answers
 
     def _track(self, frame: np.ndarray) -> list[Answer]:
-        from lorat.results import rasterize_xywh
+        from lorat.evaluation.results import rasterize_xywh
 
         results = self.tracker.track_all(frame)
         boxes = [r.box for r in results]
@@ -197,7 +197,7 @@ class VotSession:
             return []
         import torch
 
-        from lorat.boxes import xywh_to_xyxy
+        from lorat.tracking.boxes import xywh_to_xyxy
 
         xyxy = xywh_to_xyxy(torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4)).numpy()
         return list(self.masker(frame, xyxy))
@@ -371,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _masker(args: argparse.Namespace, tracker: Tracker) -> BoxMasker:
-    from lorat.box_masks import SamMasker, filled_boxes, load_sam
+    from lorat.vot.masks import SamMasker, filled_boxes, load_sam
 
     if args.sam_weights is not None:
         masker = SamMasker(load_sam(args.sam_weights, tracker.device))

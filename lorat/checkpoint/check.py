@@ -16,8 +16,8 @@ import torch
 
 from lorat.config import LoraConfig, ModelConfig
 from lorat.errors import WeightsError, listed
-from lorat.lora import add_lora
-from lorat.model import LoRAT
+from lorat.model.lora import add_lora
+from lorat.model.vit import LoRAT
 
 __all__ = ["describe", "check_fit", "check_size", "expected_shapes"]
 

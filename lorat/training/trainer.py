@@ -3,8 +3,8 @@
 :func:`run_training` builds the run (:func:`_setup`), then trains epoch after epoch
 (:func:`_train_epoch`: one optimiser step per batch, then its log row), ending each epoch with a
 checkpoint, the resumable state and validation (:func:`_end_epoch`), and stops on a signal,
-``--stop-after`` or a data error with the state saved. The recipe is in :mod:`lorat.optim`, the
-run folder's files in :mod:`lorat.run_folder`, the data loaders in :mod:`lorat.data.loading`.
+``--stop-after`` or a data error with the state saved. The recipe is in :mod:`lorat.training.optim`, the
+run folder's files in :mod:`lorat.training.run_folder`, the data loaders in :mod:`lorat.data.loading`.
 """
 
 from __future__ import annotations
@@ -25,18 +25,19 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from lorat.build import build_training_model
-from lorat.checkpoint import load_model
+from lorat.checkpoint.build import build_training_model
+from lorat.checkpoint.loader import load_model
 from lorat.config import Config, config_to_dict
 from lorat.data.loading import batches, loader, sources
 from lorat.data.pairs import PairDataset
 from lorat.data.sequences import DatasetError
 from lorat.errors import LoratError
 from lorat.files import write_atomic
-from lorat.loss import lorat_loss
-from lorat.model import LoRAT
-from lorat.optim import make_optimizer, make_scheduler, update
-from lorat.run_folder import (
+from lorat.model.vit import LoRAT
+from lorat.runtime import Distributed
+from lorat.training.loss import lorat_loss
+from lorat.training.optim import make_optimizer, make_scheduler, update
+from lorat.training.run_folder import (
     checkpoint_complete,
     checkpoint_due,
     logged_epochs,
@@ -45,7 +46,6 @@ from lorat.run_folder import (
     save_state,
     trim_log,
 )
-from lorat.runtime import Distributed
 
 __all__ = ["run_training", "load_init_weights"]
 

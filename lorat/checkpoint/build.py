@@ -1,6 +1,7 @@
 """Building LoRAT models: random, with a pretrained backbone, with LoRA, or from a whole state dict.
 
-Every file is read and checked (:mod:`lorat.fit`) before the model takes memory.
+Every file is read and checked (:mod:`lorat.checkpoint.check`) before the model takes memory.
+Whole models from files: :mod:`lorat.checkpoint.formats`.
 """
 
 from __future__ import annotations
@@ -12,30 +13,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorat.config import Config, LoraConfig, ModelConfig
-from lorat.convert import DINOV2_FILES, dinov2_to_lorat, official_to_peft_keys
+from lorat.checkpoint.check import check_fit, check_size
+from lorat.checkpoint.files import detect_format, read_weights
+from lorat.checkpoint.keys import DINOV2_FILES, dinov2_to_lorat, official_to_peft_keys
+from lorat.config import Config, ModelConfig
 from lorat.errors import WeightsError
-from lorat.fit import check_fit, check_size, expected_shapes
-from lorat.lora import add_lora
-from lorat.model import LoRAT, sincos_pos_embed
-from lorat.stem import imagenet_stem_weights
-from lorat.weight_files import detect_format, read_weights
+from lorat.model.lora import add_lora
+from lorat.model.stem import imagenet_stem_weights
+from lorat.model.vit import LoRAT, sincos_pos_embed
 
-__all__ = ["build_lorat", "build_training_model", "build_loaded", "load_backbone", "load_official_trainable",
-           "check_backbone_file", "check_official_checkpoint"]
-
-
-def build_loaded(cfg: ModelConfig, given: Mapping[str, torch.Tensor], path: Path, what: str,
-                  original: Mapping[str, torch.Tensor], lora: LoraConfig | None = None) -> LoRAT:
-    """Check a whole-model state dict against the config (size, then names and shapes) before
-    allocating the model; then build it (with adapters if ``lora``) and load the weights."""
-    check_size(cfg, original, path, full=True)
-    check_fit(given, expected_shapes(cfg, lora), path, cfg.variant, what, original)
-    model = LoRAT(cfg)
-    if lora is not None:
-        add_lora(model, lora)
-    load_checked(model, given, None, path, what, original)
-    return model
+__all__ = ["build_lorat", "build_training_model", "load_checked", "load_backbone", "load_official_trainable",
+           "check_backbone_file"]
 
 
 def load_checked(model: nn.Module, given: Mapping[str, torch.Tensor], keys: list[str] | None,
@@ -104,20 +92,6 @@ def check_backbone_file(cfg: ModelConfig, path: str | Path) -> None:
         converted = dinov2_to_lorat({k: v for k, v in sd.items() if k != "pos_embed"}, model, path)
         check_fit(converted, {k: v for k, v in expected.items() if k != "pos_embed"}, path, cfg.variant,
                   "DINOv2 backbone", sd)
-
-
-def check_official_checkpoint(cfg: ModelConfig, path: str | Path) -> None:
-    """Raise :class:`WeightsError` unless ``path`` is an official trainable-only checkpoint of ``cfg``."""
-    path = Path(path)
-    sd, meta = read_weights(path)
-    fmt = detect_format(sd, meta)
-    if fmt != "official-trainable":
-        raise WeightsError(f"{path}: expected an official LoRAT checkpoint (the trainable tensors), found a {fmt} file")
-    check_size(cfg, sd, path, full=False)
-    with torch.device("meta"):
-        model = build_lorat(cfg)
-    expected = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
-    check_fit(official_to_peft_keys(sd), expected, path, cfg.variant, "official LoRAT checkpoint", sd)
 
 
 def load_official_trainable(model: LoRAT, sd: Mapping[str, torch.Tensor], path: Path) -> None:

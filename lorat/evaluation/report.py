@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from lorat.errors import LoratError
-from lorat.metrics import (
+from lorat.evaluation.metrics import (
     NORM_PRECISION_THRESHOLDS,
     P20,
     P_NORM_02,

@@ -17,11 +17,12 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from lorat.checkpoint import peft_to_official_keys, save_model
+from lorat.checkpoint.keys import peft_to_official_keys
+from lorat.checkpoint.loader import save_model
 from lorat.config import Config, TrainConfig, config_to_dict
 from lorat.errors import LoratError
 from lorat.files import write_atomic
-from lorat.model import LoRAT
+from lorat.model.vit import LoRAT
 
 __all__ = ["trim_log", "logged_epochs", "read_args", "read_state", "check_resume_config", "save_state",
            "restore_state", "checkpoint_due", "checkpoint_complete", "save_checkpoint"]

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lorat.checkpoint.files import CONFIG_KEY
 from lorat.config import Config, config_from_dict, config_to_dict
 from lorat.errors import ConfigError, LoratError, WeightsError
-from lorat.model import LoRAT
-from lorat.weight_files import CONFIG_KEY
+from lorat.model.vit import LoRAT
 
 __all__ = ["export_onnx", "OnnxModel", "load_onnx"]
 
@@ -103,7 +103,7 @@ class OnnxModel:
     """An exported model run by ONNX Runtime on the CPU, called like :class:`lorat.LoRAT`.
 
     ``model(z, x, mask)`` takes and returns torch tensors (``score_map``, ``boxes``), so
-    :class:`lorat.Tracker` and the batched functions of :mod:`lorat.tracker` use it unchanged.
+    :class:`lorat.Tracker` and the batched functions of :mod:`lorat.tracking.tracker` use it unchanged.
     """
 
     backend = "onnxruntime"

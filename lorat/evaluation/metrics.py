@@ -25,7 +25,7 @@ Zero-size predictions are not replaced: their IoU is 0, their centre x + (0 - 1)
 scored for precision. NaN predictions (a lost target) are misses on every curve (``lorat.evaluate``
 warns about those on frames with a visible target). Predictions with a negative width or height
 or an infinite value have no meaning and are refused (``ValueError`` naming the frame;
-:func:`lorat.results.read_sequence` already names the file and line). Predictions on invalid
+:func:`lorat.evaluation.results.read_sequence` already names the file and line). Predictions on invalid
 frames (absent target) are never looked at, so any placeholder is fine there.
 
 GOT-10k metrics (:func:`got10k_metrics`, the GOT-10k toolkit convention): continuous IoU, first

@@ -15,19 +15,16 @@ the host, so a GPU pipeline never synchronises here.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Sequence
 
 import torch
 
-from lorat.boxes import rasterize
+from lorat.tracking.boxes import rasterize
+from lorat.tracking.constants import const
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "const",
-    "static_constants",
     "geometry_dtype",
     "nominal_crop_params",
     "crop_frames",
@@ -39,41 +36,6 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-_STATIC: ContextVar[dict | None] = ContextVar("lorat_static_constants", default=None)
-
-
-def const(values, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
-    """A small constant tensor on ``device`` without a host-device synchronisation.
-
-    ``torch.tensor(..., device="cuda")`` copies synchronously; a non-blocking copy from pageable
-    memory is staged by CUDA at once and does not wait for queued kernels. Inside
-    :func:`static_constants` equal values give one shared tensor (never modify it).
-    """
-    store = _STATIC.get()
-    key = (repr(values), dtype, torch.device(device))
-    if store is not None and key in store:
-        return store[key]
-    tensor = torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-    if store is not None:
-        store[key] = tensor
-    return tensor
-
-
-@contextmanager
-def static_constants(store: dict) -> Iterator[dict]:
-    """Within this block :func:`const` keeps each distinct constant in ``store`` and reuses it.
-
-    A CUDA graph cannot copy from host memory while it is captured: run the step once inside this
-    block (the constants are uploaded), then capture it inside the same block (they are reused).
-    The graph reads them at every replay, so keep ``store`` as long as the graph.
-    """
-    token = _STATIC.set(store)
-    try:
-        yield store
-    finally:
-        _STATIC.reset(token)
 
 
 def geometry_dtype(device: torch.device) -> torch.dtype:

@@ -2,9 +2,9 @@
 
 One batched forward pass per step (``batch`` sequences, the official evaluator's scheme); a
 sequence joins on its *init frame* (the first with the target present; the box checked and
-clipped by :func:`lorat.tracker.init_boxes`, as ``Tracker.init`` does) and leaves when its last
+clipped by :func:`lorat.tracking.step.init_boxes`, as ``Tracker.init`` does) and leaves when its last
 frame is done, its result files written at once. An unreadable later frame follows the tracker's
-one policy (:meth:`lorat.tracker.Tracker.stream`): the previous box, the state unchanged.
+one policy (:meth:`lorat.tracking.tracker.Tracker.stream`): the previous box, the state unchanged.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lorat.boxes import xyxy_to_xywh
 from lorat.data.sequences import DatasetError, TrackingSequence, init_frame
 from lorat.errors import LoratError, listed
-from lorat.results import write_sequence
-from lorat.tracker import TrackState, ensure_finite, init_boxes, init_state, to_frame_tensor, track_step
+from lorat.evaluation.results import write_sequence
+from lorat.tracking.boxes import xyxy_to_xywh
+from lorat.tracking.step import TrackState, init_boxes, init_state, to_frame_tensor, track_step
+from lorat.tracking.tracker import ensure_finite
 from lorat.video import read_rgb
 
 __all__ = ["track_sequences"]

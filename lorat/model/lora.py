@@ -101,7 +101,7 @@ def mark_trainable(model: nn.Module) -> None:
 def add_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     """Split every block's qkv, inject peft LoRA layers, re-initialise them officially, freeze.
 
-    Works in place on a :class:`lorat.model.LoRAT` (also on the meta device) and returns it.
+    Works in place on a :class:`lorat.model.vit.LoRAT` (also on the meta device) and returns it.
     Adapter parameters are named ``blocks.N.<target>.lora_{A,B}.default.weight``; the base
     linear becomes ``blocks.N.<target>.base_layer``.
     """

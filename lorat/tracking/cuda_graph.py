@@ -1,7 +1,7 @@
 """The whole tracking step as one CUDA graph: crop, model and post-processing replayed with one launch.
 
 At batch 1 a GPU step is bound by kernel launches (a few hundred small kernels per frame), not by
-arithmetic. :class:`GraphedStep` captures :func:`lorat.tracker.track_step` once for a fixed frame
+arithmetic. :class:`GraphedStep` captures :func:`lorat.tracking.step.track_step` once for a fixed frame
 size and number of targets, keeps the tracking state in static device tensors that the graph
 updates in place, and per frame only uploads the frame, replays the graph and copies the boxes and
 scores back (the one synchronisation of the frame). The boxes are the eager step's: the same
@@ -15,10 +15,11 @@ from typing import TypeVar
 
 import torch
 
-from lorat.boxes import xyxy_to_xywh
 from lorat.config import TrackingConfig
-from lorat.crop import static_constants
-from lorat.model import LoRAT
+from lorat.model.vit import LoRAT
+from lorat.tracking.boxes import xyxy_to_xywh
+from lorat.tracking.constants import static_constants
+from lorat.tracking.step import TrackState, track_step
 
 __all__ = ["capture", "GraphedStep"]
 
@@ -29,7 +30,7 @@ def capture(fn: Callable[[], T], store: dict, warmup: int = 2) -> tuple[torch.cu
     """Run ``fn`` ``warmup`` times on a side stream, then capture one call of it as a CUDA graph.
 
     Autocast's weight cache is off throughout (a graph must not keep casts made outside it), and
-    :func:`lorat.crop.const` constants are kept in ``store`` (keep it as long as the graph).
+    :func:`lorat.tracking.constants.const` constants are kept in ``store`` (keep it as long as the graph).
 
     Returns:
         The graph and the tensors ``fn`` returned while captured: every replay overwrites them.
@@ -57,23 +58,21 @@ def capture(fn: Callable[[], T], store: dict, warmup: int = 2) -> tuple[torch.cu
 
 
 class GraphedStep:
-    """:func:`lorat.tracker.track_step` for N targets in frames of one size, as a CUDA graph.
+    """:func:`lorat.tracking.step.track_step` for N targets in frames of one size, as a CUDA graph.
 
     Args:
         model: merged LoRAT in eval mode, on a CUDA device.
-        state: the targets' state (from :func:`lorat.tracker.init_state`); copied, not kept.
+        state: the targets' state (from :func:`lorat.tracking.step.init_state`); copied, not kept.
         frame_size: (H, W) of every frame this graph will track.
         track_cfg: tracking constants.
-        autocast_dtype: as for :func:`lorat.tracker.track_step`.
+        autocast_dtype: as for :func:`lorat.tracking.step.track_step`.
 
     Attributes:
         state: the static state the graph reads and updates; :meth:`load` replaces its values.
     """
 
-    def __init__(self, model: LoRAT, state, frame_size: tuple[int, int], track_cfg: TrackingConfig,
+    def __init__(self, model: LoRAT, state: TrackState, frame_size: tuple[int, int], track_cfg: TrackingConfig,
                  autocast_dtype: torch.dtype | None = None):
-        from lorat.tracker import TrackState, track_step
-
         self.frame_size = tuple(frame_size)
         self.autocast_dtype = autocast_dtype
         self.state = TrackState(*(t.clone() for t in state.tensors()))
@@ -91,14 +90,14 @@ class GraphedStep:
         self._graph, self._packed = capture(step, self._constants)
         self.state.box.copy_(start)
 
-    def matches(self, state, frame_size: tuple[int, int], autocast_dtype: torch.dtype | None) -> bool:
+    def matches(self, state: TrackState, frame_size: tuple[int, int], autocast_dtype: torch.dtype | None) -> bool:
         """Whether this graph can track ``state``'s targets in frames of ``frame_size`` (H, W) with
         ``autocast_dtype``."""
         same = (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
                 for a, b in zip(self.state.tensors(), state.tensors(), strict=True))
         return tuple(frame_size) == self.frame_size and autocast_dtype == self.autocast_dtype and all(same)
 
-    def load(self, state) -> None:
+    def load(self, state: TrackState) -> None:
         """Track ``state``'s targets from now on (after a re-initialisation); see :meth:`matches`."""
         if state is self.state:
             return
@@ -107,7 +106,7 @@ class GraphedStep:
 
     def __call__(self, frame: torch.Tensor) -> torch.Tensor:
         """Track one frame: (3, H, W) in [0, 255] on any device (see
-        :func:`lorat.tracker.to_frame_tensor`) -> (N, 5) host ``x, y, w, h, score`` rows (float64);
+        :func:`lorat.tracking.step.to_frame_tensor`) -> (N, 5) host ``x, y, w, h, score`` rows (float64);
         the state advances."""
         self._frame.permute(2, 0, 1).copy_(frame, non_blocking=True)
         self._graph.replay()

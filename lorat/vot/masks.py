@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import torch
 
-from lorat.boxes import rasterize
 from lorat.errors import LoratError, WeightsError
+from lorat.tracking.boxes import rasterize
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam

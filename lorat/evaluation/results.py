@@ -178,7 +178,7 @@ def claim_folder(folder: Path, manifest: Mapping[str, Any], ignore: Sequence[str
 
 
 def rasterize_xywh(boxes: np.ndarray) -> np.ndarray:
-    """Official submission rounding of (N, 4) xywh boxes, the rule of :func:`lorat.boxes.rasterize` in
+    """Official submission rounding of (N, 4) xywh boxes, the rule of :func:`lorat.tracking.boxes.rasterize` in
     numpy (NaN rows stay NaN): x1, y1 floored, x2, y2 -> floor(v + 1 - RASTER_EPS), back to xywh."""
     b = np.asarray(boxes, dtype=np.float64)
     lo = np.floor(b[:, :2])

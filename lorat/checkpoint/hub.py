@@ -176,7 +176,7 @@ def dinov2_weights(model_cfg, progress: bool = True) -> Path:
     Raises:
         WeightsError: the config's width has no DINOv2 release, or see :func:`fetch`.
     """
-    from lorat.build import check_backbone_file
+    from lorat.checkpoint.build import check_backbone_file
 
     name = dinov2_release(model_cfg)
     if name is None:
@@ -197,7 +197,7 @@ def resolve_named(model: NamedModel, backbone_weights: str | os.PathLike | None 
         WeightsError: the checkpoint is neither cached nor on a mirror (the message says which file
             to download from the Google Drive folder and where to put it), or see :func:`fetch`.
     """
-    from lorat.build import check_official_checkpoint
+    from lorat.checkpoint.formats import check_official_checkpoint
     from lorat.config import load_config
 
     config = load_config(model.config)

@@ -24,8 +24,8 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from lorat.config import BackboneConfig, ModelConfig, swiglu_hidden_size
-from lorat.head import MlpHead
-from lorat.stem import MobileNetV2Stem
+from lorat.model.head import MlpHead
+from lorat.model.stem import MobileNetV2Stem
 
 __all__ = ["LoRAT", "resample_pos_embed", "sincos_pos_embed"]
 
@@ -133,7 +133,7 @@ class LoRAT(nn.Module):
         x: (B, 3, Hs, Ws) ImageNet-normalised search crop;
         z_feat_mask: (B, Hz, Wz) int64 in {0, 1}, 1 on template cells covering the target.
     It returns ``{"score_map": (B, Hx, Wx) float32 logits, "boxes": (B, Hx, Wx, 4) float32
-    normalised x1y1x2y2}`` (see :class:`lorat.head.MlpHead`). The forward pass neither
+    normalised x1y1x2y2}`` (see :class:`lorat.model.head.MlpHead`). The forward pass neither
     changes the grad mode nor uses autocast: callers decide.
     """
 

@@ -8,7 +8,7 @@ import torch
 from timm.scheduler import CosineLRScheduler
 
 from lorat.config import TrainConfig
-from lorat.loss import lorat_loss
+from lorat.training.loss import lorat_loss
 
 __all__ = ["parameter_groups", "make_optimizer", "make_scheduler", "learning_rate", "lr_for_step", "update"]
 

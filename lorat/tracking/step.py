@@ -1,0 +1,268 @@
+"""One tracking step, stateless and batched: the official LoRAT inference for N sequences at once.
+
+:func:`init_state` starts N sequences (template crops, masks, frame-0 means, boxes) and
+:func:`track_step` advances them by one frame each with one forward pass; a :class:`TrackState`
+carries everything between frames. :class:`lorat.tracking.tracker.Tracker` drives these for one
+video; the evaluator (:mod:`lorat.evaluation.runner`) advances many sequences per forward pass.
+
+Per frame (the official ``LoRAT`` tracker's ``track``): search crop around the cached box
+(enlarged to ``min_object_size``, factor 4 or 5, padded with frame 0's mean), one forward pass
+with the cached template and mask, ``sigmoid`` scores with a symmetric Hann window (weight 0.45),
+argmax, the unpenalised score reported, the box mapped back with the *realised* crop parameters
+and clipped to the frame; the cached box is replaced only by a valid clipped box. The template is
+never updated. Crops and post-processing run in torch on the model's device, with no host
+synchronisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from lorat.config import ModelConfig, TrackingConfig
+from lorat.errors import LoratError
+from lorat.model.vit import LoRAT
+from lorat.tracking.assignment import assign_peaks, score_peaks
+from lorat.tracking.boxes import clip_xyxy, is_valid_xyxy, xywh_to_xyxy
+from lorat.tracking.constants import const
+from lorat.tracking.crop import (
+    box_from_crop,
+    box_to_crop,
+    crop_frames,
+    geometry_dtype,
+    nominal_crop_params,
+    normalize_crops,
+    template_mask,
+)
+
+__all__ = ["Frame", "StageTimer", "TrackState", "StepResult", "init_state", "track_step", "search_crops", "run_model",
+           "decode_step", "to_frame_tensor", "hann_window", "init_boxes"]
+
+Frame = np.ndarray | torch.Tensor
+StageTimer = Callable[[str], None]
+"""Called with a stage name (``"crop"``, ``"model"``, ``"postprocess"``) as each stage of a step ends."""
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def to_frame_tensor(frame: Frame, device: torch.device) -> torch.Tensor:
+    """A frame as a (3, H, W) tensor in [0, 255] on ``device`` (uint8 stays uint8: a view, no copy).
+
+    Accepts HWC uint8 RGB numpy arrays or tensors, or CHW uint8 tensors, on any device.
+    """
+    if isinstance(frame, np.ndarray):
+        if frame.ndim != 3 or frame.shape[2] != 3:
+            raise LoratError(f"expected an HxWx3 RGB frame, got an array of shape {frame.shape}")
+        # One synchronous uint8 upload; pinning a fresh buffer every frame costs more than it saves.
+        return torch.from_numpy(np.ascontiguousarray(frame)).to(device).permute(2, 0, 1)
+    if isinstance(frame, torch.Tensor):
+        if frame.ndim != 3 or 3 not in (frame.shape[0], frame.shape[2]):
+            raise LoratError(f"expected an HxWx3 or 3xHxW frame tensor, got shape {tuple(frame.shape)}")
+        tensor = frame.to(device)
+        if tensor.shape[0] != 3:  # HWC
+            tensor = tensor.permute(2, 0, 1)
+        return tensor
+    raise LoratError(f"expected a numpy array or torch tensor frame, got {type(frame).__name__}")
+
+
+def init_boxes(box: Sequence[float] | Sequence[Sequence[float]] | np.ndarray | torch.Tensor, width: int,
+               height: int) -> torch.Tensor:
+    """Check first-frame boxes and clip them to the frame, as the official pipeline does.
+
+    Args:
+        box: one (x, y, w, h) box or (N, 4) of them, pixels.
+        width, height: the frame's size.
+
+    Returns:
+        (N, 4) float64 xyxy boxes inside ``[0, width] x [0, height]``.
+
+    Raises:
+        LoratError: no box, a box with non-finite values, zero/negative size, or outside the frame.
+    """
+    boxes = torch.as_tensor(np.asarray(box, dtype=np.float64)).reshape(-1, 4)
+    if boxes.numel() == 0:
+        raise LoratError("no init box given")
+    xyxy = clip_xyxy(xywh_to_xyxy(boxes), width, height)
+    for i, (b, raw) in enumerate(zip(xyxy, boxes.tolist(), strict=True)):
+        label = f"init box {i + 1} ({', '.join(f'{v:g}' for v in raw)})"
+        if not np.isfinite(raw).all():
+            raise LoratError(f"{label} has non-finite values (nan or inf)")
+        if raw[2] <= 0 or raw[3] <= 0:
+            raise LoratError(f"{label} must have a positive width and height")
+        if not is_valid_xyxy(b):
+            raise LoratError(f"{label} lies outside the {width}x{height} frame")
+    return xyxy
+
+
+def hann_window(grid: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """(H, W) float32 outer product of *symmetric* Hann windows (zeros on the border)."""
+    h = torch.hann_window(grid[0], periodic=False, dtype=torch.float64, device=device)
+    w = torch.hann_window(grid[1], periodic=False, dtype=torch.float64, device=device)
+    return torch.outer(h, w).float()
+
+
+# ----------------------------------------------------------------------------- stateless core
+
+
+@dataclass
+class TrackState:
+    """Per-sequence tracking state, batched along the first axis (N sequences).
+
+    Attributes:
+        template: (N, 3, Ht, Wt) float32 normalised template crops (never updated).
+        mask: (N, Hz, Wz) int64 template foreground masks.
+        background: (N, 3) float32 frame-0 channel means in [0, 255] (search-crop padding).
+        box: (N, 4) xyxy cached boxes in frame px (float64; float32 on MPS).
+    """
+
+    template: torch.Tensor
+    mask: torch.Tensor
+    background: torch.Tensor
+    box: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.box.shape[0]
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(template, mask, background, box), the constructor's order."""
+        return self.template, self.mask, self.background, self.box
+
+    def select(self, index: Sequence[int] | torch.Tensor) -> TrackState:
+        """The sub-batch of the given sequences."""
+        idx = torch.as_tensor(index, dtype=torch.int64, device=self.box.device)
+        return TrackState(*(t[idx] for t in self.tensors()))
+
+    @staticmethod
+    def cat(states: Sequence[TrackState]) -> TrackState:
+        """Concatenate states of several sequences into one batch."""
+        return TrackState(*(torch.cat(parts) for parts in zip(*(s.tensors() for s in states), strict=True)))
+
+
+@dataclass
+class StepResult:
+    """Output of :func:`track_step` for N sequences (tensors on the model's device).
+
+    Attributes:
+        state: updated state.
+        box: (N, 4) xyxy frame boxes, clipped to the frame (possibly degenerate).
+        score: (N,) float32 unpenalised confidence in [0, 1].
+    """
+
+    state: TrackState
+    box: torch.Tensor
+    score: torch.Tensor
+
+
+def init_state(frames: Sequence[torch.Tensor], boxes: torch.Tensor, model_cfg: ModelConfig,
+               track_cfg: TrackingConfig) -> TrackState:
+    """Start N sequences: template crops, masks and cached boxes.
+
+    Args:
+        frames: N (3, H, W) [0, 255] first frames on the model's device (see
+            :func:`to_frame_tensor`); the same frame may appear several times (several targets).
+        boxes: (N, 4) xyxy first-frame boxes, valid and inside their frames.
+    """
+    device = frames[0].device
+    boxes = boxes.to(device=device, dtype=geometry_dtype(device))
+    background = torch.stack([f.float().mean(dim=(1, 2)) for f in frames])
+    scale, translation = nominal_crop_params(boxes, track_cfg.template_area_factor, model_cfg.template_size)
+    crops, scale, translation = crop_frames(frames, scale, translation, model_cfg.template_size, background)
+    mask = template_mask(box_to_crop(boxes, scale, translation), model_cfg.template_size, model_cfg.template_grid)
+    return TrackState(normalize_crops(crops), mask, background, boxes)
+
+
+def search_crops(state: TrackState, frames: Sequence[torch.Tensor], model_cfg: ModelConfig,
+                 track_cfg: TrackingConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalised search crops around the cached boxes, with the realised crop parameters."""
+    scale, translation = nominal_crop_params(state.box, track_cfg.search_area_factor, model_cfg.search_size,
+                                             track_cfg.min_object_size)
+    crops, scale, translation = crop_frames(frames, scale, translation, model_cfg.search_size, state.background)
+    return normalize_crops(crops), scale, translation
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None or dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def run_model(model: LoRAT, state: TrackState, x: torch.Tensor,
+              autocast_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """One forward pass on cached templates and new search crops (inference mode, optional autocast)."""
+    with torch.inference_mode(), _autocast(x.device, autocast_dtype):
+        return model(state.template, x.to(state.template.dtype), state.mask)
+
+
+def decode_step(out: dict[str, torch.Tensor], state: TrackState, frame_sizes: torch.Tensor, scale: torch.Tensor,
+                translation: torch.Tensor, track_cfg: TrackingConfig, search_size: tuple[int, int],
+                assign: bool = False, top_k: int = 5, overlap_iou: float = 0.5) -> StepResult:
+    """Post-process model outputs: Hann-penalised argmax (or peak assignment), map back, clip, update.
+
+    Args:
+        out: model outputs for N sequences.
+        state: their state before this frame.
+        frame_sizes: (N, 2) frame (W, H) in px.
+        scale, translation: realised search-crop parameters (N, 2).
+        search_size: search crop (W, H) px.
+    """
+    device = state.box.device
+    prob = out["score_map"].float().sigmoid()  # (N, H, W)
+    window = hann_window(prob.shape[1:], device)
+    penalised = (1 - track_cfg.window_penalty) * prob + track_cfg.window_penalty * window
+    size = const(search_size * 2, scale.dtype, device)
+    boxes = out["boxes"].flatten(1, 2).to(scale.dtype) * size  # (N, H*W, 4) crop px
+    n = len(state)
+    if assign and n > 1:
+        values, index = score_peaks(penalised, top_k)
+        k = index.shape[1]
+        peak_boxes = boxes.gather(1, index[..., None].expand(-1, -1, 4)).reshape(-1, 4)
+        frame_boxes = box_from_crop(peak_boxes, scale.repeat_interleave(k, 0), translation.repeat_interleave(k, 0))
+        choice = torch.as_tensor(assign_peaks(frame_boxes.view(n, k, 4), values, overlap_iou), device=device)
+        best = index.gather(1, choice[:, None])[:, 0]
+    else:
+        best = penalised.flatten(1).argmax(dim=1)
+    rows = torch.arange(n, device=device)
+    score = prob.flatten(1)[rows, best]
+    box = box_from_crop(boxes[rows, best], scale, translation)
+    box = clip_xyxy(box, frame_sizes[:, 0].to(box.dtype), frame_sizes[:, 1].to(box.dtype))
+    keep = is_valid_xyxy(box)
+    return StepResult(replace(state, box=torch.where(keep[:, None], box, state.box)), box, score)
+
+
+def track_step(model: LoRAT, state: TrackState, frames: Sequence[torch.Tensor], track_cfg: TrackingConfig,
+               autocast_dtype: torch.dtype | None = None, assign: bool = False, top_k: int = 5,
+               overlap_iou: float = 0.5, readable: torch.Tensor | None = None,
+               timer: StageTimer | None = None) -> StepResult:
+    """Advance N sequences by one frame each (stateless; one forward pass).
+
+    Args:
+        model: merged LoRAT in eval mode.
+        state: the sequences' state (from :func:`init_state` or a previous step).
+        frames: N (3, H, W) [0, 255] current frames on the model's device.
+        track_cfg: tracking constants.
+        autocast_dtype: ``torch.float16`` / ``torch.bfloat16`` for mixed precision, else float32.
+        assign: the N sequences are targets in one video: keep them on different objects
+            (:mod:`lorat.tracking.assignment`). Off for independent sequences.
+        readable: (N,) bool; where False the frame could not be read (pass any frame of the right
+            size): that sequence keeps its state and its previous box, with score 0.
+        timer: called with ``"crop"`` and ``"model"`` after those stages (benchmarks).
+    """
+    x, scale, translation = search_crops(state, frames, model.cfg, track_cfg)
+    if timer is not None:
+        timer("crop")
+    out = run_model(model, state, x, autocast_dtype)
+    if timer is not None:
+        timer("model")
+    sizes = const([[f.shape[-1], f.shape[-2]] for f in frames], torch.int64, state.box.device)
+    step = decode_step(out, state, sizes, scale, translation, track_cfg, model.cfg.search_size, assign, top_k,
+                       overlap_iou)
+    if readable is None:
+        return step
+    keep = readable.to(state.box.device)
+    return StepResult(replace(step.state, box=torch.where(keep[:, None], step.state.box, state.box)),
+                      torch.where(keep[:, None], step.box, state.box), torch.where(keep, step.score, 0.0))
