@@ -8,6 +8,7 @@ Settings: a flag, else the first environment variable set of those listed, else 
     --port           LORAT_PORT, GRADIO_SERVER_PORT    7860
     --weights        LORAT_WEIGHTS (comma-separated)   the bundled demo model
     --device         LORAT_DEVICE                      auto
+    --dtype, --threads                                 auto, torch's choice (the model options of every command)
     --max-frames     LORAT_MAX_FRAMES                  3000 (longer videos are refused)
     --max-side       LORAT_MAX_SIDE                    1920 (videos with a longer frame side are refused)
     --max-upload-mb  LORAT_MAX_UPLOAD_MB               200
@@ -54,7 +55,7 @@ import numpy as np
 import lorat
 from lorat.checkpoint.loader import LoadedModel, load
 from lorat.evaluation.results import box_line
-from lorat.options import ModelOptions, add_model_arguments
+from lorat.options import ModelOptions, add_model_arguments, parse_xywh
 from lorat.runtime import default_weights, default_weights_notice
 from lorat.video import FrameSource, VideoWriter, draw_targets, open_source
 
@@ -310,10 +311,7 @@ def parse_box(text: str, width: int, height: int) -> tuple[list[float], bool]:
     Raises:
         gr.Error: not four finite numbers, a size that is not positive, or no overlap with the frame.
     """
-    try:
-        values = [float(v) for v in text.replace(",", " ").split()]
-    except ValueError:
-        values = []
+    values = list(parse_xywh(text) or ())
     if len(values) != 4 or not all(map(math.isfinite, values)) or values[2] <= 0 or values[3] <= 0:
         raise _refuse("Type the box as four finite numbers x,y,w,h with a positive width and height.")
     x, y, w, h = values

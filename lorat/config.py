@@ -14,7 +14,7 @@ import json
 import re
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -93,7 +93,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    """Inference constants of the official tracking loop (LORAT_SPEC section 4)."""
+    """Inference constants of the tracking loop of the paper (Lin et al., ECCV 2024) and the official code."""
 
     template_area_factor: float = 2.0  # template crop context factor
     search_area_factor: float = 4.0  # search crop context factor (5.0 for the 378 variants)
@@ -103,7 +103,7 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The training recipe (LORAT_SPEC section 3); defaults are the official values."""
+    """The training recipe of the paper (Lin et al., ECCV 2024); defaults are the official code's values."""
 
     finetune: Literal["lora", "full"] = "lora"  # "full" trains every weight (no LoRA), e.g. from scratch
     batch_size: int = 128  # global batch, split over processes
@@ -157,56 +157,95 @@ def swiglu_hidden_size(embed_dim: int, mlp_ratio: float) -> int:
 _YAML11_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
+def _is_int(value: Any) -> bool:
+    """An int that is not a bool (YAML's ``true`` is no number here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _to_dataclass(value: Any, tp: Any, where: str) -> Any:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    return _build(tp, value, where)
+
+
+def _to_size(value: Any, tp: Any, where: str) -> Size:
+    if _is_int(value):
+        value = [value, value]
+    if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(map(_is_int, value)):
+        raise ConfigError(f"{where}: expected an int or [W, H] of ints, got {value!r}")
+    return (int(value[0]), int(value[1]))
+
+
+def _to_literal(value: Any, tp: Any, where: str) -> Any:
+    choices = typing.get_args(tp)
+    if value not in choices:
+        raise ConfigError(f"{where}: expected one of {list(choices)}, got {value!r}")
+    return value
+
+
+def _to_bool(value: Any, tp: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    return value
+
+
+def _to_int(value: Any, tp: Any, where: str) -> int:
+    if not _is_int(value):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    return value
+
+
+def _to_float(value: Any, tp: Any, where: str) -> float:
+    if isinstance(value, str) and _YAML11_FLOAT.match(value):  # PyYAML reads 1e-4 (no dot) as a string
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    return float(value)
+
+
+def _to_str(value: Any, tp: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _to_dict(value: Any, tp: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    item_type = typing.get_args(tp)[1]
+    return {str(k): _convert(v, item_type, f"{where}.{k}") for k, v in value.items()}
+
+
+def _to_optional(value: Any, tp: Any, where: str) -> Any:
+    """``X | None``: None, or a value of the first non-None member."""
+    if value is None:
+        return None
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return _convert(value, args[0], where)
+
+
+_Converter = Callable[[Any, Any, str], Any]
+# Converters by field type (plain classes) and by generic origin (Literal[...], dict[...], X | None).
+_BY_TYPE: dict[Any, _Converter] = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+_BY_ORIGIN: dict[Any, _Converter] = {Literal: _to_literal, dict: _to_dict, typing.Union: _to_optional,
+                                     types.UnionType: _to_optional}
+
+
+def _converter(tp: Any) -> _Converter | None:
+    """The converter of a dataclass field type; None for a type no config field has."""
+    if dataclasses.is_dataclass(tp):
+        return _to_dataclass
+    if tp is Size or (typing.get_origin(tp) is tuple and typing.get_args(tp) == (int, int)):
+        return _to_size
+    return _BY_TYPE.get(tp) or _BY_ORIGIN.get(typing.get_origin(tp))
+
+
 def _convert(value: Any, tp: Any, where: str) -> Any:
     """Check/convert one YAML value against a dataclass field type."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return _build(tp, value, where)
-    if tp is Size or (origin is tuple and typing.get_args(tp) == (int, int)):
-        if isinstance(value, int) and not isinstance(value, bool):
-            value = [value, value]
-        if (
-            not isinstance(value, (list, tuple))
-            or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        ):
-            raise ConfigError(f"{where}: expected an int or [W, H] of ints, got {value!r}")
-        return (int(value[0]), int(value[1]))
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{where}: expected one of {list(choices)}, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str) and _YAML11_FLOAT.match(value):  # PyYAML reads 1e-4 (no dot) as a string
-            value = float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return {str(k): _convert(v, typing.get_args(tp)[1], f"{where}.{k}") for k, v in value.items()}
-    if origin in (typing.Union, types.UnionType):  # Optional[X]
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _convert(value, args[0], where)
-    raise TypeError(f"unsupported config field type {tp!r} at {where}")  # a bug, not user input
+    convert = _converter(tp)
+    if convert is None:
+        raise TypeError(f"unsupported config field type {tp!r} at {where}")  # a bug, not user input
+    return convert(value, tp, where)
 
 
 def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
@@ -222,47 +261,67 @@ def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
-def _check_values(cfg: Config) -> None:
-    m, b = cfg.model, cfg.model.backbone
-    for name, value in [("embed_dim", b.embed_dim), ("depth", b.depth), ("num_heads", b.num_heads),
-                        ("patch_size", b.patch_size)]:
-        if value <= 0:
-            raise ConfigError(f"model.backbone.{name} must be positive, got {value}")
+def _backbone_problems(cfg: Config) -> Iterator[str]:
+    b = cfg.model.backbone
+    for name in ("embed_dim", "depth", "num_heads", "patch_size"):
+        if getattr(b, name) <= 0:
+            yield f"model.backbone.{name} must be positive, got {getattr(b, name)}"
     if b.embed_dim % b.num_heads:
-        raise ConfigError(
-            f"model.backbone.embed_dim ({b.embed_dim}) must be divisible by num_heads ({b.num_heads})"
-        )
+        yield f"model.backbone.embed_dim ({b.embed_dim}) must be divisible by num_heads ({b.num_heads})"
     if b.mlp_ratio <= 0 or not 0 <= b.drop_path < 1:
-        raise ConfigError("model.backbone.mlp_ratio must be > 0 and drop_path in [0, 1)")
+        yield "model.backbone.mlp_ratio must be > 0 and drop_path in [0, 1)"
     if b.stem == "mobilenetv2" and b.patch_size != 16:
-        raise ConfigError(f"model.backbone.stem mobilenetv2 has stride 16: set patch_size 16, not {b.patch_size}")
-    for name, size in [("template_size", m.template_size), ("search_size", m.search_size)]:
-        if min(size) <= 0 or size[0] % b.patch_size or size[1] % b.patch_size:
-            raise ConfigError(
-                f"model.{name} {list(size)} must be positive multiples of patch_size {b.patch_size}"
-            )
+        yield f"model.backbone.stem mobilenetv2 has stride 16: set patch_size 16, not {b.patch_size}"
+
+
+def _crop_size_problems(cfg: Config) -> Iterator[str]:
+    m, patch = cfg.model, cfg.model.backbone.patch_size
+    for name, size in (("template_size", m.template_size), ("search_size", m.search_size)):
+        if min(size) <= 0 or size[0] % patch or size[1] % patch:
+            yield f"model.{name} {list(size)} must be positive multiples of patch_size {patch}"
     if m.template_grid[0] > m.search_grid[0] or m.template_grid[1] > m.search_grid[1]:
-        raise ConfigError(
-            "model.template_size must not exceed search_size: the template takes the top-left "
-            "sub-grid of the search position embedding"
-        )
-    if m.lora.r <= 0 or not 0 <= m.lora.dropout < 1:
-        raise ConfigError("model.lora.r must be positive and dropout in [0, 1)")
+        yield ("model.template_size must not exceed search_size: the template takes the top-left "
+               "sub-grid of the search position embedding")
+
+
+def _lora_problems(cfg: Config) -> Iterator[str]:
+    lora = cfg.model.lora
+    if lora.r <= 0 or not 0 <= lora.dropout < 1:
+        yield "model.lora.r must be positive and dropout in [0, 1)"
+
+
+def _train_problems(cfg: Config) -> Iterator[str]:
     tr = cfg.train
     if tr.batch_size <= 0 or tr.samples_per_epoch < tr.batch_size or tr.epochs <= 0:
-        raise ConfigError("train.batch_size must be positive and at most train.samples_per_epoch; epochs > 0")
+        yield "train.batch_size must be positive and at most train.samples_per_epoch; epochs > 0"
     if tr.lr <= 0 or tr.warmup_epochs < 0 or tr.grad_clip <= 0 or tr.num_workers < 0 or tr.checkpoint_every < 1:
-        raise ConfigError("train: lr and grad_clip must be > 0, warmup_epochs and num_workers >= 0, "
-                          "checkpoint_every >= 1")
-    if tr.freeze_stem and b.stem == "patch":
-        raise ConfigError("train.freeze_stem needs a pretrained stem (model.backbone.stem: mobilenetv2)")
+        yield "train: lr and grad_clip must be > 0, warmup_epochs and num_workers >= 0, checkpoint_every >= 1"
+    if tr.freeze_stem and cfg.model.backbone.stem == "patch":
+        yield "train.freeze_stem needs a pretrained stem (model.backbone.stem: mobilenetv2)"
     if any(w < 0 for w in tr.dataset_weights.values()):
-        raise ConfigError("train.dataset_weights must be >= 0")
+        yield "train.dataset_weights must be >= 0"
+
+
+def _tracking_problems(cfg: Config) -> Iterator[str]:
     t = cfg.tracking
     if t.template_area_factor <= 0 or t.search_area_factor <= 0:
-        raise ConfigError("tracking area factors must be positive")
+        yield "tracking area factors must be positive"
     if t.min_object_size < 0 or not 0 <= t.window_penalty <= 1:
-        raise ConfigError("tracking.min_object_size must be >= 0 and window_penalty in [0, 1]")
+        yield "tracking.min_object_size must be >= 0 and window_penalty in [0, 1]"
+
+
+# Value checks by section, in the order they are reported. Each yields the problems it finds; a
+# check only runs once the earlier ones passed (the grid checks need a positive patch size).
+_VALUE_CHECKS: tuple[Callable[[Config], Iterator[str]], ...] = (
+    _backbone_problems, _crop_size_problems, _lora_problems, _train_problems, _tracking_problems)
+
+
+def _check_values(cfg: Config) -> None:
+    """Raise :class:`ConfigError` with the first impossible value found."""
+    for check in _VALUE_CHECKS:
+        problem = next(check(cfg), None)
+        if problem is not None:
+            raise ConfigError(problem)
 
 
 def config_from_dict(data: Mapping[str, Any] | None, where: str = "") -> Config:

@@ -26,7 +26,7 @@ number of seconds) are errors naming the file and line; ``nan`` boxes are misses
 those on frames with a visible target).
 
 Initialisation and absent targets: a sequence starts on its *init frame*, the first frame whose
-target is present (frame 1 on every public benchmark; LORAT_SPEC 4 and 5.1), with the ground-truth
+target is present (frame 1 on every public benchmark, as the official evaluation does), with the ground-truth
 box clipped to the frame, as ``Tracker.init`` does. Frames before it are written as ``nan``
 placeholders (boxes and times); their ground truth is absent, so no metric looks at them. The
 init frame is scored as its ground truth (pytracking overwrites frame 1 the same way, also in
@@ -90,7 +90,7 @@ MANIFEST_IGNORED = ("weights.file", "backbone_weights.file")  # in tracker.json 
 def _gt(seq: TrackingSequence) -> tuple[np.ndarray, np.ndarray]:
     """(T, 4) xywh ground truth and (T,) presence of a sequence's first track.
 
-    Absent frames get a NaN box, as in the official evaluation (LORAT_SPEC 5.1).
+    Absent frames get a NaN box, as in the official evaluation.
     """
     track = seq.tracks[0]
     xywh = track.xywh()
@@ -247,14 +247,31 @@ def _read(name: str, path: str, split: str) -> list[TrackingSequence]:
     return sequences
 
 
-def _score_main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m lorat.evaluate score", description="Score result files.")
-    p.add_argument("--dataset", required=True, help="NAME=PATH")
-    p.add_argument("--split")
-    p.add_argument("--results", required=True, nargs="+", type=Path, help="one tracker's <seq>.txt folder each")
-    p.add_argument("--output", type=Path, help="write metrics.json, sequences.csv and plots here")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    args = p.parse_args(argv)
+def _build_parser() -> argparse.ArgumentParser:
+    """``run`` (the default command: ``python -m lorat.evaluate [CONFIG] ...``) and ``score``."""
+    p = argparse.ArgumentParser(prog="python -m lorat.evaluate", description="Run and score a benchmark.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.split("\n")[1:]))
+    commands = p.add_subparsers(dest="command", metavar="{run,score}",
+                                help="run (the default when no command is named) or score")
+    run = commands.add_parser("run", help="track a benchmark and score it", description="Run and score a benchmark.")
+    add_model_arguments(run, config_positional=True)
+    run.add_argument("--dataset", required=True, help="NAME=PATH")
+    run.add_argument("--split", help="dataset split (default: the benchmark's test split; GOT-10k: val)")
+    run.add_argument("--output", type=Path, required=True)
+    run.add_argument("--name", help="tracker name in the result paths (default: the config's variant)")
+    run.add_argument("--repeat", type=int, default=1, help="track every sequence this many times")
+    run.add_argument("--batch", type=int, default=8, help="sequences per forward pass")
+    score = commands.add_parser("score", help="score result files", description="Score result files.")
+    score.add_argument("--dataset", required=True, help="NAME=PATH")
+    score.add_argument("--split")
+    score.add_argument("--results", required=True, nargs="+", type=Path, help="one tracker's <seq>.txt folder each")
+    score.add_argument("--output", type=Path, help="write metrics.json, sequences.csv and plots here")
+    score.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return p
+
+
+def _score(args: argparse.Namespace) -> int:
     name, path, split = _dataset_arg(args.dataset, args.split)
     if (name, split) in SUBMISSION_ONLY:
         raise LoratError(f"{name} {split} has no public ground truth to score against; submit the zip that "
@@ -278,19 +295,13 @@ def _score_main(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["score"]:
-        return _score_main(argv[1:])
-    p = argparse.ArgumentParser(prog="python -m lorat.evaluate", description="Run and score a benchmark.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.split("\n")[1:]))
-    add_model_arguments(p, config_positional=True)
-    p.add_argument("--dataset", required=True, help="NAME=PATH")
-    p.add_argument("--split", help="dataset split (default: the benchmark's test split; GOT-10k: val)")
-    p.add_argument("--output", type=Path, required=True)
-    p.add_argument("--name", help="tracker name in the result paths (default: the config's variant)")
-    p.add_argument("--repeat", type=int, default=1, help="track every sequence this many times")
-    p.add_argument("--batch", type=int, default=8, help="sequences per forward pass")
-    args = p.parse_args(argv)
+    if argv[:1] not in (["run"], ["score"], ["-h"], ["--help"]):
+        argv.insert(0, "run")  # running is the default command
+    args = _build_parser().parse_args(argv)
+    return _score(args) if args.command == "score" else _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.repeat < 1 or args.batch < 1:
         raise LoratError("--repeat and --batch must be at least 1")
     name, path, split = _dataset_arg(args.dataset, args.split)

@@ -6,7 +6,7 @@ is always the compute (autocast) dtype, never a storage type. A command takes th
 (:func:`add_model_arguments`), turns them into a :class:`ModelOptions`, and gives that to the one
 loader, :func:`lorat.checkpoint.loader.load`. The tracking commands add ``--no-cuda-graph`` and
 ``--no-assignment`` (:func:`add_tracker_arguments`) and get a :class:`lorat.Tracker` from
-:func:`tracker_from_arguments`.
+:func:`lorat.tracking.tracker.tracker_from_arguments`.
 
 Nothing here imports torch: ``--help`` stays instant.
 """
@@ -14,7 +14,7 @@ Nothing here imports torch: ``--help`` stays instant.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,10 +23,9 @@ from lorat.errors import LoratError
 
 if TYPE_CHECKING:
     from lorat.config import Config
-    from lorat.tracking.tracker import Tracker
 
 __all__ = ["BACKENDS", "ModelOptions", "MODEL_OPTIONS", "FILE_OPTIONS", "add_model_arguments", "add_tracker_arguments",
-           "tracker_from_arguments"]
+           "parse_xywh"]
 
 # What runs the network: auto (ONNX Runtime for an .onnx weight file, else torch), torch, onnxruntime.
 BACKENDS = ("auto", "torch", "onnxruntime")
@@ -129,11 +128,12 @@ def add_tracker_arguments(parser: argparse.ArgumentParser) -> None:
                         help="track several targets fully independently (no lap identity assignment)")
 
 
-def tracker_from_arguments(args: argparse.Namespace, say: Callable[[str], object] = print) -> Tracker:
-    """The tracker the options of :func:`add_tracker_arguments` describe; ``say`` reports which
-    weights were chosen when none were given."""
-    from lorat.checkpoint.loader import load
-    from lorat.tracking.tracker import Tracker
-
-    return Tracker.from_loaded(load(ModelOptions.from_args(args), say=say), assignment=not args.no_assignment,
-                               cuda_graph=not args.no_cuda_graph)
+def parse_xywh(text: str) -> tuple[float, float, float, float] | None:
+    """A typed box, ``"x,y,w,h"`` (commas and/or spaces), as four floats (possibly nan or inf: the
+    caller says what it accepts); None when the text is not four numbers. The one box syntax of the
+    ``--init`` option and of the web demo's box field."""
+    try:
+        values = tuple(float(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        return None
+    return values if len(values) == 4 else None  # type: ignore[return-value]

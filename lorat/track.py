@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from lorat.errors import LoratError, run_cli
 from lorat.evaluation.results import box_line
-from lorat.options import add_tracker_arguments, tracker_from_arguments
+from lorat.options import add_tracker_arguments, parse_xywh
 from lorat.video import FrameSource, VideoWriter, draw_targets, has_display, open_source, prefetched
 
 if TYPE_CHECKING:  # torch is imported once the arguments are parsed: --help stays instant
@@ -53,12 +53,8 @@ _NEGATIVE_VALUE = re.compile(r"-\.?\d")
 
 def parse_box(text: str) -> tuple[float, float, float, float]:
     """``"x,y,w,h"`` (commas or spaces) -> floats."""
-    parts = text.replace(",", " ").split()
-    try:
-        values = tuple(float(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) != 4:
+    values = parse_xywh(text)
+    if values is None:
         raise LoratError(f"--init expects x,y,w,h (four numbers), got {text!r}")
     if not all(math.isfinite(v) for v in values):
         raise LoratError(f"--init {text!r}: the coordinates must be finite numbers (no nan or inf)")
@@ -233,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     source = open_source(args.source)  # validate the source and the outputs before loading the model
     try:
         _check_outputs(args, len(args.init) if args.init else 1, source)
+        from lorat.tracking.tracker import tracker_from_arguments  # torch loads only now: --help stays instant
+
         return _run(tracker_from_arguments(args), source, args)
     finally:
         source.close()
@@ -257,6 +255,47 @@ def _run(tracker: Tracker, source: FrameSource, args: argparse.Namespace) -> int
         frames.close()  # stops the decoding thread before the source is closed
 
 
+def _frame_total(source: FrameSource, args: argparse.Namespace) -> int | None:
+    """How many frames the run will take, when known (for the progress bar)."""
+    known = [x for x in (source.frame_count, args.max_frames) if x]
+    return min(known) if known else None
+
+
+class _Emitter:
+    """Writes one frame's results everywhere (files, video, window, progress bar) and notes targets
+    that leave the frame and frames that cannot be read."""
+
+    def __init__(self, outputs: _Outputs, bar: tqdm, targets: int, args: argparse.Namespace):
+        self.outputs, self.bar, self.args = outputs, bar, args
+        self.left = [False] * targets
+        self.started = time.perf_counter()
+
+    def __call__(self, index: int, frame: np.ndarray | None, results: list[TrackResult]) -> str | None:
+        """Returns the key pressed in the window, if any."""
+        self.outputs.write(results)
+        self._note_departures(index, results)
+        if frame is None:
+            self.bar.write(f"warning: frame {index + 1} is unreadable; previous boxes repeated with score 0")
+        key = None
+        if (self.outputs.video or self.args.show) and frame is not None:
+            drawn = draw_targets(frame, [r.box for r in results], [r.score for r in results], self.args.lost_threshold)
+            if self.outputs.video:
+                self.outputs.video.write(drawn)
+            if self.args.show:
+                key = _show(drawn)
+        self.bar.update(1)
+        self.bar.set_postfix(fps=f"{(index + 1) / (time.perf_counter() - self.started):.1f}",
+                             score=" ".join(f"{r.score:.2f}" for r in results))
+        return key
+
+    def _note_departures(self, index: int, results: list[TrackResult]) -> None:
+        for k, r in enumerate(results):
+            gone = r.box[2] <= 0 or r.box[3] <= 0
+            if gone and not self.left[k]:
+                self.bar.write(f"target {k + 1} left the frame at frame {index + 1}")
+            self.left[k] = gone
+
+
 def _track(tracker: Tracker, frames: Iterator[np.ndarray | None], source: FrameSource,
            args: argparse.Namespace) -> int:
     first = next(frames, None)
@@ -266,35 +305,10 @@ def _track(tracker: Tracker, frames: Iterator[np.ndarray | None], source: FrameS
     results = next(stream)  # the targets are initialised (a bad box stops here, before any output exists)
     n = len(results.targets)
     outputs = _Outputs(args, n, source)  # only now: a failed start leaves existing files alone
-    total = min(x for x in (source.frame_count, args.max_frames) if x) if (source.frame_count or args.max_frames) \
-        else None
-    bar = tqdm(total=total, unit="frame", desc="tracking", disable=args.show, dynamic_ncols=True)
-    left = [False] * n
-    done, started, stop_reason, finished = 0, time.perf_counter(), None, False
+    bar = tqdm(total=_frame_total(source, args), unit="frame", desc="tracking", disable=args.show, dynamic_ncols=True)
+    emit = _Emitter(outputs, bar, n, args)
+    done, stop_reason, finished = 0, None, False
     previous: np.ndarray = first
-
-    def emit(index: int, frame: np.ndarray | None, results: list[TrackResult]) -> str | None:
-        """Write one frame's results everywhere; return the key pressed in the window."""
-        outputs.write(results)
-        for k, r in enumerate(results):
-            gone = r.box[2] <= 0 or r.box[3] <= 0
-            if gone and not left[k]:
-                bar.write(f"target {k + 1} left the frame at frame {index + 1}")
-            left[k] = gone
-        if frame is None:
-            bar.write(f"warning: frame {index + 1} is unreadable; previous boxes repeated with score 0")
-        key = None
-        if (outputs.video or args.show) and frame is not None:
-            drawn = draw_targets(frame, [r.box for r in results], [r.score for r in results], args.lost_threshold)
-            if outputs.video:
-                outputs.video.write(drawn)
-            if args.show:
-                key = _show(drawn)
-        bar.update(1)
-        bar.set_postfix(fps=f"{(index + 1) / (time.perf_counter() - started):.1f}",
-                        score=" ".join(f"{r.score:.2f}" for r in results))
-        return key
-
     try:
         while True:
             key = emit(results.index, results.frame, results.targets)
@@ -321,7 +335,7 @@ def _track(tracker: Tracker, frames: Iterator[np.ndarray | None], source: FrameS
             print(f"kept {done} frame(s) in {', '.join(outputs.paths)}")
     for warning in source.warnings or []:
         print(f"warning: {warning}")
-    elapsed = time.perf_counter() - started
+    elapsed = time.perf_counter() - emit.started
     print(f"tracked {n} target(s) over {done} frames in {elapsed:.1f}s ({done / max(elapsed, 1e-9):.1f} FPS)"
           + (f"; {stop_reason}" if stop_reason else ""))
     for path in outputs.paths:

@@ -31,14 +31,21 @@ numbers as TensorBoard events in ``tensorboard/`` (``tensorboard --logdir DIR/te
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lorat.config import load_config
 from lorat.data.sequences import DATASETS
 from lorat.errors import LoratError, run_cli
+from lorat.options import add_model_arguments
 from lorat.runtime import Distributed
+
+if TYPE_CHECKING:
+    from lorat.config import Config
+    from lorat.training.trainer import TrainingRun
 
 __all__ = ["main"]
 
@@ -52,8 +59,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help=f"training dataset, repeatable; NAME in {', '.join(DATASETS)} (NAME:SPLIT=PATH for a split)")
     p.add_argument("--val-data", action="append", default=[], metavar="NAME=PATH",
                    help="validation dataset (default: GOT-10k val if GOT-10k is given, else none)")
-    p.add_argument("--backbone-weights", help="DINOv2 file, or torchvision MobileNetV2 for a mobilenetv2 stem "
-                                                "(without it the backbone starts random)")
+    add_model_arguments(p, ("backbone_weights", "device"),
+                        device={"help": "auto, cpu, cuda or cuda:N (torchrun: the local GPU)"})
     p.add_argument("--init-weights", type=Path, metavar="FILE",
                    help="start from this single-file model (same architecture; train.finetune full): fine-tuning")
     p.add_argument("--output", type=Path, help="output folder")
@@ -62,7 +69,6 @@ def _build_parser() -> argparse.ArgumentParser:
                         "again where the files live there)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, repeatable (with --resume: schedule keys only, e.g. train.epochs)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (torchrun: the local GPU)")
     p.add_argument("--stop-after", type=int, metavar="STEPS", help="stop (resumably) after this many steps in total")
     p.add_argument("--log-every", type=int, metavar="STEPS",
                    help="steps between metrics.csv rows (default 10; a resumed run keeps its own)")
@@ -72,53 +78,70 @@ def _build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     # torch and the rest load only now: --help stays instant
-    from lorat.data.loading import parse_data
-    from lorat.training.run_folder import check_resume_config, read_args, read_state
     from lorat.training.trainer import run_training
 
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     out = args.resume or args.output
     if out is None:
         raise LoratError("give --output DIR (or --resume DIR)")
+    run = _resumed_run(args, out) if _resuming(args, out) else _new_run(args, out)
+    with Distributed(args.device, types=("cpu", "cuda")) as env:
+        if run.backbone_weights is None and run.init_weights is None and run.state is None:
+            run = dataclasses.replace(run, backbone_weights=_pretrained_backbone(run.config, env))
+        return run_training(run, env)
+
+
+def _resuming(args: argparse.Namespace, out: Path) -> bool:
+    """--resume, or a worker that torchrun restarted (``--max-restarts``) after the run saved a state."""
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    return args.resume is not None or (restarted and (out / "state.pt").is_file())
+
+
+def _new_run(args: argparse.Namespace, out: Path) -> TrainingRun:
+    """A fresh run in ``out`` from CONFIG and the options; never over an existing run."""
+    if args.config is None:
+        raise LoratError("give a CONFIG to start a run")
+    if (out / "state.pt").is_file():
+        raise LoratError(f"{out} already holds a run ({out / 'state.pt'}); use --resume {out} or another --output")
+    config = load_config(args.config, args.set)
+    init = str(args.init_weights) if args.init_weights else None
+    return _training_run(args, out, config, {"init_weights": init}, state=None)
+
+
+def _resumed_run(args: argparse.Namespace, out: Path) -> TrainingRun:
+    """The run saved in ``out``: ``state.pt``, ``config.yaml`` (schedule overrides allowed) and ``args.json``."""
+    from lorat.training.run_folder import check_resume_config, read_args, read_state
+
     state_path = out / "state.pt"
-    resume = args.resume is not None or (restarted and state_path.is_file())
-    state = None
-    if resume:
-        if not state_path.is_file():
-            raise LoratError(f"nothing to resume: {state_path} not found")
-        state = read_state(state_path)
-        saved_args = read_args(out / "args.json")
-        config = load_config(out / "config.yaml", args.set)  # schedule overrides allowed (more epochs, workers)
-        check_resume_config(config, state, state_path)
-        # another machine: the same datasets and backbone file may live elsewhere (--data, --val-data,
-        # --backbone-weights given again replace the saved paths, and args.json keeps the new ones)
-        data = args.data or saved_args["data"]
-        val_data = args.val_data or saved_args.get("val_data", [])
-        backbone = args.backbone_weights or saved_args.get("backbone_weights")
-        init = saved_args.get("init_weights")
-        log_every = args.log_every or saved_args.get("log_every", 10)
-    else:
-        if args.config is None:
-            raise LoratError("give a CONFIG to start a run")
-        if state_path.is_file():
-            raise LoratError(f"{out} already holds a run ({state_path}); use --resume {out} or another --output")
-        config = load_config(args.config, args.set)
-        data, val_data, backbone = args.data, args.val_data, args.backbone_weights
-        init = str(args.init_weights) if args.init_weights else None
-        log_every = args.log_every or 10
+    if not state_path.is_file():
+        raise LoratError(f"nothing to resume: {state_path} not found")
+    state = read_state(state_path)
+    saved = read_args(out / "args.json")
+    config = load_config(out / "config.yaml", args.set)  # schedule overrides allowed (more epochs, workers)
+    check_resume_config(config, state, state_path)
+    return _training_run(args, out, config, saved, state)
+
+
+def _training_run(args: argparse.Namespace, out: Path, config: Config, saved: dict, state: dict | None) -> TrainingRun:
+    """The run's :class:`~lorat.training.trainer.TrainingRun`: the options given now, else the ``saved``
+    ones (``args.json``; the init weights always come from there), checked, the datasets parsed.
+
+    On another machine the same datasets and backbone file may live elsewhere: --data, --val-data
+    and --backbone-weights given again with --resume replace the saved paths (args.json keeps the new ones).
+    """
+    from lorat.data.loading import parse_data
+    from lorat.training.trainer import TrainingRun
+
+    data = args.data or saved.get("data", [])
+    log_every = args.log_every or saved.get("log_every", 10)
     if not data:
         raise LoratError("give at least one --data NAME=PATH")
     if log_every < 1:
         raise LoratError(f"--log-every must be at least 1, got {log_every}")
-    args.log_every = log_every
-    saved_args = {"data": data, "val_data": val_data, "backbone_weights": backbone, "log_every": log_every,
-                  "init_weights": init}
-    with Distributed(args.device, types=("cpu", "cuda")) as env:
-        if backbone is None and init is None and state is None:
-            backbone = _pretrained_backbone(config, env)
-            saved_args["backbone_weights"] = backbone
-        return run_training(config, parse_data(data, "--data"), parse_data(val_data, "--val-data"), backbone, out,
-                            env, state, args, saved_args)
+    return TrainingRun(config=config, data=tuple(parse_data(data, "--data")), out=out,
+                       val_data=tuple(parse_data(args.val_data or saved.get("val_data", []), "--val-data")),
+                       backbone_weights=args.backbone_weights or saved.get("backbone_weights"),
+                       init_weights=saved.get("init_weights"), log_every=log_every, stop_after=args.stop_after,
+                       state=state)
 
 
 def _pretrained_backbone(config, env) -> str | None:

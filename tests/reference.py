@@ -1,4 +1,4 @@
-"""A literal, slow re-statement of the official tracking loop (LORAT_SPEC sections 1.5, 3.4, 4).
+"""A literal, slow re-statement of the official tracking loop (the official tracker: template mask, SiamFC crop, post-processing).
 
 Written straight from the spec with numpy float64 geometry and ``F.interpolate`` on integer
 slices, one frame at a time, so the device-side batched implementation in ``lorat`` can be

@@ -15,7 +15,7 @@ def _frame(h=480, w=640, seed=0):
 
 
 def test_spec_search_crop_example():
-    """LORAT_SPEC 3.4: 640x480 frame, box (100.3,120.7,180.2,200.9), f=4, O=224."""
+    """The official crop on a 640x480 frame, box (100.3,120.7,180.2,200.9), f=4, O=224."""
     box = torch.tensor([[100.3, 120.7, 180.2, 200.9]], dtype=torch.float64)
     s, t = nominal_crop_params(box, 4.0, (224, 224))
     np.testing.assert_allclose(s[0].numpy(), [0.699563] * 2, atol=1e-6)
@@ -27,7 +27,7 @@ def test_spec_search_crop_example():
 
 
 def test_spec_template_mask_example():
-    """LORAT_SPEC 1.5: the box maps to (28.035, 28.313, 83.617, 84.104), cells c 2..5, r 2..6."""
+    """Template mask as the official code computes it: the box maps to (28.035, 28.313, 83.617, 84.104), cells c 2..5, r 2..6."""
     box = torch.tensor([[100.3, 120.7, 180.2, 200.9]], dtype=torch.float64)
     frame = _frame()
     s, t = nominal_crop_params(box, 2.0, (112, 112))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from lorat import hub
+from lorat.checkpoint import hub
 from lorat.checkpoint.loader import load_model
 from lorat.errors import WeightsError, run_cli
 

@@ -1,4 +1,4 @@
-"""Hand-computed metric cases, including the pytracking quirks of LORAT_SPEC section 5.2."""
+"""Hand-computed metric cases, including the quirks of pytracking's analysis code (``extract_results.py``)."""
 
 import numpy as np
 import pytest

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorat.errors import run_cli
+from lorat.errors import WeightsError, run_cli
 from lorat.export import main as export_main
 from lorat.track import main as track_main
 from lorat.tracking.tracker import Tracker
@@ -59,3 +59,106 @@ def test_backend_errors_are_messages(tiny_onnx, tmp_path, capsys):
     assert "not a readable ONNX model" in capsys.readouterr().err
     with pytest.raises(Exception, match="CPU in float32"):
         Tracker.from_pretrained(tiny_onnx, device="cpu", dtype="bfloat16")
+
+
+# ----------------------------------------------------------------------------- hostile files
+
+
+def _with_config(proto, config: dict, path):
+    """Save an ONNX proto with ``config`` as its embedded lorat config."""
+    import json
+
+    import onnx
+
+    from lorat.checkpoint.files import CONFIG_KEY
+
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = CONFIG_KEY, json.dumps(config)
+    onnx.save(proto, str(path))
+    return path
+
+
+@pytest.fixture()
+def no_session(monkeypatch):
+    """Opening an ONNX Runtime session fails the test."""
+    import onnxruntime
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an inference session was opened")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", refuse)
+
+
+@pytest.mark.parametrize("template, search, message", [
+    (160000, 160000, r"model\.template_size \[160000, 160000\] must be positive multiples of patch_size 14"),
+    (160006, 160006, r"model\.template_size \[160006, 160006\] exceeds 4096 px per side"),
+    (112, 160006, r"model\.search_size \[160006, 160006\] exceeds 4096 px per side"),
+    (112, 252, r"x is declared as float32 \['batch', 3, 224, 224\], but the embedded config \(official-tiny\) "
+               r"makes it float32 \[batch, 3, 252, 252\]"),
+    (126, 224, r"z is declared as float32 \['batch', 3, 112, 112\].*\[batch, 3, 126, 126\]"),
+], ids=["not-a-patch-multiple", "huge", "huge-search", "search-not-the-graph's", "template-not-the-graph's"])
+def test_embedded_sizes_checked_before_a_session(tiny_onnx, tmp_path, no_session, capsys, template, search, message):
+    """Only the metadata's crop sizes changed: refused before ONNX Runtime or the tracker allocates anything."""
+    import onnx
+
+    from lorat.checkpoint.onnx import load_onnx
+    from lorat.config import config_to_dict, load_config
+
+    config = config_to_dict(load_config(TINY / "config.yaml"))
+    config["model"] |= {"template_size": [template, template], "search_size": [search, search]}
+    bomb = _with_config(onnx.load(str(tiny_onnx), load_external_data=False), config, tmp_path / "bomb.onnx")
+    with pytest.raises(WeightsError, match=rf"bomb\.onnx: .*{message}"):
+        load_onnx(bomb)
+    assert run_cli(track_main, [str(TINY / "sequence"), "--weights", str(bomb), "--init", "76,77,40,38"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bomb}: ") and len(err.strip().splitlines()) == 1
+
+
+def test_another_network_with_our_metadata_is_refused_at_load(tmp_path, no_session, capsys):
+    """A valid ONNX graph (one Identity node) carrying a LoRAT config: refused before any output."""
+    from onnx import TensorProto, helper
+
+    from lorat.checkpoint.onnx import load_onnx
+    from lorat.config import config_to_dict, load_config
+
+    graph = helper.make_graph([helper.make_node("Identity", ["a"], ["b"])], "identity",
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("b", TensorProto.FLOAT, [1])])
+    config = config_to_dict(load_config(TINY / "config.yaml"))
+    other = _with_config(helper.make_model(graph), config, tmp_path / "identity.onnx")
+    message = (f"{other}: not a LoRAT network: its inputs are ['a'] and outputs ['b'] (expected inputs "
+               f"['z', 'x', 'z_feat_mask'], outputs ['score_map', 'boxes'])")
+    with pytest.raises(WeightsError) as err:
+        load_onnx(other)
+    assert str(err.value) == message
+    assert run_cli(track_main, [str(TINY / "sequence"), "--weights", str(other), "--init", "76,77,40,38"]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_graph_declarations_must_be_the_networks(tmp_path, no_session):
+    """Our input and output names, but a static batch axis, another element type or other sizes."""
+    from onnx import TensorProto, helper
+
+    from lorat.checkpoint.onnx import load_onnx
+    from lorat.config import config_to_dict, load_config
+
+    def graph(z_batch="batch", mask_type=TensorProto.INT64, grid=16):
+        value = helper.make_tensor_value_info
+        return helper.make_model(helper.make_graph(
+            [helper.make_node("Identity", ["x"], ["score_map"]), helper.make_node("Identity", ["x"], ["boxes"])],
+            "declared", [value("z", TensorProto.FLOAT, [z_batch, 3, 112, 112]),
+                         value("x", TensorProto.FLOAT, ["batch", 3, 224, 224]),
+                         value("z_feat_mask", mask_type, ["batch", 8, 8])],
+            [value("score_map", TensorProto.FLOAT, ["batch", grid, grid]),
+             value("boxes", TensorProto.FLOAT, ["batch", grid, grid, 4])]))
+
+    config = config_to_dict(load_config(TINY / "config.yaml"))
+    for proto, message in [(graph(z_batch=1), r"z is declared with shape \[1, 3, 112, 112\], expected \[batch, 3, "
+                                              r"112, 112\] with a dynamic batch axis"),
+                           (graph(mask_type=TensorProto.FLOAT), r"z_feat_mask is declared as float32 \['batch', 8, "
+                                                                r"8\], but the embedded config .* makes it int64"),
+                           (graph(grid=17), r"score_map is declared as float32 \['batch', 17, 17\], but the embedded "
+                                            r"config \(official-tiny\) makes it float32 \[batch, 16, 16\]")]:
+        with pytest.raises(WeightsError, match=message):
+            load_onnx(_with_config(proto, config, tmp_path / "declared.onnx"))

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import lorat.training.optim as optim
+import lorat.training.step as training_step
 import lorat.training.trainer as trainer
 from lorat.config import TrainConfig, load_config
 from lorat.data.pairs import PairDataset, Source, UnusableDataError
@@ -102,7 +102,7 @@ def assert_same_run(expected: Path, got: Path) -> None:
 def _train_calls(monkeypatch, action) -> None:
     """Run ``action(n)`` inside the loss of the n-th training step (1-based; validation not counted)."""
     calls = {"n": 0}
-    loss = optim.lorat_loss
+    loss = training_step.lorat_loss
 
     def wrapped(*args, **kwargs):
         if torch.is_grad_enabled():
@@ -110,7 +110,7 @@ def _train_calls(monkeypatch, action) -> None:
             action(calls["n"])
         return loss(*args, **kwargs)
 
-    monkeypatch.setattr(optim, "lorat_loss", wrapped)
+    monkeypatch.setattr(training_step, "lorat_loss", wrapped)
 
 
 # ----------------------------------------------------------------------------- stops and kills
@@ -336,6 +336,23 @@ def test_pairs_that_cannot_be_made_raise_a_one_line_dataset_error(synthetic):
     relayed = UnusableDataError("Caught UnusableDataError in DataLoader worker process 0.\nOriginal Traceback (most "
                                 "recent call last):\n  File ...\nlorat.data.pairs.UnusableDataError: the message\n")
     assert str(relayed) == "the message"
+
+
+def test_run_files_keep_the_args_json_that_resume_reads(tmp_path):
+    """args.json holds the options as given (the keys and order of every earlier version), read back
+    unchanged by --resume; config.yaml is the run's config."""
+    from lorat.training.run_folder import read_args, write_run_files
+    from lorat.training.trainer import TrainingRun
+
+    config = load_config(DEBUG)
+    run = TrainingRun(config, (("lasot", "/d/LaSOT", None), ("got10k", "/d/GOT=10k", "val")), tmp_path / "run",
+                      val_data=(("got10k", "/d/GOT-10k", "val"),), backbone_weights="b.pth", log_every=3)
+    write_run_files(run)
+    expected = {"data": ["lasot=/d/LaSOT", "got10k:val=/d/GOT=10k"], "val_data": ["got10k:val=/d/GOT-10k"],
+                "backbone_weights": "b.pth", "log_every": 3, "init_weights": None}
+    assert (tmp_path / "run" / "args.json").read_text() == json.dumps(expected, indent=2)
+    assert read_args(tmp_path / "run" / "args.json") == expected
+    assert load_config(tmp_path / "run" / "config.yaml") == config
 
 
 def test_resume_on_another_machine_with_the_data_elsewhere(synthetic, reference, tmp_path):

@@ -15,12 +15,22 @@ import numpy as np
 import pytest
 import torch
 
+from lorat.checkpoint.sam import (
+    SamArchitecture,
+    build_sam,
+    load_sam,
+    official_variants,
+    sam_architecture,
+    sam_from_state,
+    sam_shapes,
+)
 from lorat.errors import LoratError, WeightsError
 from lorat.evaluation.results import rasterize_xywh
 from lorat.runtime import DEFAULT_WEIGHTS
 from lorat.tracking.tracker import Tracker
-from lorat.vot.masks import SamArchitecture, SamMasker, build_sam, filled_boxes, load_sam, sam_architecture
-from lorat.vot.server import Start, VotSession, start_from_mask, start_from_points, trackers_ini
+from lorat.vot.masks import SamMasker, filled_boxes
+from lorat.vot.server import trackers_ini
+from lorat.vot.session import Start, VotSession, start_from_mask, start_from_points
 from lorat.vot.workspace import write_sequence, write_workspace
 
 from .helpers import textured_clip
@@ -152,30 +162,51 @@ def test_output_mask_box_and_unreadable_frames(demo):
 @pytest.mark.parametrize(("variant", "heads", "global_blocks"), [("vit_b", 12, (2, 5, 8, 11)),
                                                                   ("vit_l", 16, (5, 11, 17, 23)),
                                                                   ("vit_h", 16, (7, 15, 23, 31))])
-def test_official_sam_variants_are_recognised_and_rebuilt(variant, heads, global_blocks):
-    """segment-anything's own builders (on the meta device: shapes only) against what we read and build."""
+def test_official_sam_variants_are_recognised_and_built_by_segment_anything(variant, heads, global_blocks,
+                                                                            monkeypatch):
+    """segment-anything's own builders (on the meta device: shapes only) against what we read; the
+    variants are built by those builders, not from constants of ours."""
     from segment_anything import sam_model_registry
 
     with torch.device("meta"):
         official = sam_model_registry[variant]().state_dict()
-        arch = sam_architecture(official)
-        ours = build_sam(arch).state_dict()
-    assert (arch.name, arch.heads, arch.global_blocks, arch.window, arch.image_size) == \
-        (variant, heads, global_blocks, 14, 1024)
-    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in official.items()}
+    arch = sam_architecture(official)
+    assert (arch.name, arch.official, arch.heads, arch.global_blocks, arch.window, arch.image_size) == \
+        (variant, variant, heads, global_blocks, 14, 1024)
+    assert official_variants()[variant][0] == arch
+    assert sam_shapes(arch) == {k: v.shape for k, v in official.items()}
+    calls = []
+    builder = sam_model_registry[variant]
+    monkeypatch.setitem(sam_model_registry, variant, lambda *a, **k: calls.append(variant) or builder(*a, **k))
+    with torch.device("meta"):
+        build_sam(arch)
+    assert calls == [variant]
+
+
+def test_official_sam_takes_the_file_tensors_without_a_copy():
+    """A ViT-B state dict (uninitialised memory, never touched) is checked, then becomes the model's."""
+    state = {k: torch.empty(shape) for k, shape in official_variants()["vit_b"][1].items()}
+    sam = sam_from_state(state, "sam_vit_b.pth")
+    assert SamMasker(sam).name == "vit_b" and not any(p.is_meta for p in sam.parameters())
+    qkv = "image_encoder.blocks.0.attn.qkv.weight"
+    assert sam.state_dict()[qkv].data_ptr() == state[qkv].data_ptr()
+    assert sam.pixel_mean.flatten().tolist() == pytest.approx([123.675, 116.28, 103.53])
 
 
 def test_sam_variant_is_read_from_the_file(tiny_sam, tmp_path):
     state = torch.load(tiny_sam, weights_only=True)
-    assert sam_architecture(state) == TINY_SAM
-    assert SamMasker(load_sam(tiny_sam)).name == "ViT width 32, depth 2"
+    assert sam_architecture(state) == TINY_SAM and TINY_SAM.official is None
+    sam = load_sam(tiny_sam)
+    assert SamMasker(sam).name == "ViT width 32, depth 2"
+    assert all(torch.equal(v, state[k]) for k, v in sam.state_dict().items())
     state["mask_decoder.iou_prediction_head.layers.0.weight"] = torch.zeros(128, 32)
     torch.save(state, tmp_path / "odd.pth")
-    with pytest.raises(WeightsError, match="does not fit a SAM ViT width 32, depth 2: size mismatch for mask_decoder"):
+    with pytest.raises(WeightsError, match=r"odd.pth does not fit a SAM ViT width 32, depth 2: wrong shapes: "
+                                           r"mask_decoder\.iou_prediction_head\.layers\.0\.weight \(file \[128, 32\]"):
         load_sam(tmp_path / "odd.pth")
     other = tmp_path / "other.pth"
     torch.save({"weight": torch.zeros(3)}, other)
-    with pytest.raises(WeightsError, match="is not a Segment Anything"):
+    with pytest.raises(WeightsError, match="other.pth is not a Segment Anything"):
         load_sam(other)
     with pytest.raises(WeightsError, match="not found"):
         load_sam(tmp_path / "missing.pth")

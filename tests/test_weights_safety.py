@@ -126,3 +126,74 @@ def test_save_model_to_a_directory_is_an_error(single_file, tmp_path, capsys):
     assert "is a directory" in capsys.readouterr().err
     assert run_cli(export_main, ["--weights", str(path), "--output", "/proc/lorat.safetensors"]) == 2
     assert "cannot write /proc/lorat.safetensors" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- Segment Anything checkpoints
+
+
+@pytest.fixture(scope="module")
+def sam_state() -> dict[str, torch.Size]:
+    """The names and shapes of a small SAM (width 32, depth 2, 256 px), from a shape-only build."""
+    pytest.importorskip("segment_anything", reason="pip install 'lorat[sam]'")
+    from lorat.checkpoint.sam import SamArchitecture, sam_shapes
+
+    return sam_shapes(SamArchitecture(width=32, depth=2, heads=2, global_blocks=(1,), window=4, patch=16,
+                                      image_size=256, mlp_ratio=2.0, prompt_dim=32, decoder_mlp=64))
+
+
+@pytest.fixture()
+def sam_builds(sam_state, monkeypatch) -> list[str]:
+    """The devices SAMs are built on (a shape-only build: "meta"); building one in memory fails the test."""
+    from segment_anything.modeling import ImageEncoderViT
+
+    real_init, devices = ImageEncoderViT.__init__, []
+
+    def spy(self, *args, **kwargs):
+        devices.append(torch.empty(0).device.type)
+        if devices[-1] != "meta":
+            raise AssertionError("a SAM was built")
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(ImageEncoderViT, "__init__", spy)
+    return devices
+
+
+def test_hollow_sam_declaring_a_huge_encoder_refused_before_building(sam_state, sam_builds, tmp_path):
+    """A file of a few KB whose zero-length dimensions declare a 65536-wide image encoder."""
+    from lorat.checkpoint.sam import load_sam
+
+    hollow = {k: torch.zeros(*[65536 if n == 32 else n for n in shape[:-1]], 0) for k, shape in sam_state.items()}
+    assert hollow["image_encoder.patch_embed.proj.weight"].shape == (65536, 3, 16, 0)
+    torch.save(hollow, tmp_path / "hollow.pth")
+    assert (tmp_path / "hollow.pth").stat().st_size < 100_000
+    with pytest.raises(WeightsError, match=r"hollow\.pth: \d+ tensor\(s\) with a zero-size dimension "
+                                           r"\(image_encoder\.pos_embed \[1, 16, 16, 0\]"):
+        load_sam(tmp_path / "hollow.pth")
+    assert sam_builds == []  # not even a shape-only one
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"image_encoder.blocks.0.attn.rel_pos_h": torch.zeros(127, 0)},
+     r"1 tensor\(s\) with a zero-size dimension \(image_encoder\.blocks\.0\.attn\.rel_pos_h \[127, 0\]\)"),
+    ({"image_encoder.patch_embed.proj.weight": torch.zeros(1).expand(65536, 3, 16, 16)},
+     r"its tensors declare [\d,]+ bytes but the file stores [\d,]+ \(expanded or shared tensors\)"),
+    ({"image_encoder.blocks.0.attn.rel_pos_h": torch.zeros(4095, 16)},
+     r"windowed encoder blocks have windows \[2048\] \(one window, at most the 16-token grid"),
+    ({"image_encoder.pos_embed": torch.zeros(1, 256, 256, 32), "image_encoder.blocks.1.attn.rel_pos_h":
+      torch.zeros(7, 16)}, r"a SAM of 4096 px images, 256x256 tokens and 2 heads needs more than SAM's own models"),
+    ({"image_encoder.blocks.1.attn.rel_pos_h": torch.zeros(31, 7)}, r"head sizes \[7, 16\] do not divide"),
+    ({"image_encoder.blocks.0.mlp.lin1.weight": torch.zeros(64, 16)},
+     r"does not fit a SAM ViT width 32, depth 2: wrong shapes: image_encoder\.blocks\.0\.mlp\.lin1\.weight"),
+    ({"image_encoder.blocks.0.mlp.lin1.weight": torch.zeros(6400, 32)},
+     r"declares a SAM of width 32, depth 2 \(256 px\), at least [\d,]+ parameters, but holds [\d,]+ values"),
+    ({"mask_decoder.iou_token.weight": torch.zeros(1, 32, dtype=torch.int64)},
+     r"a SAM's tensors are floating point, not mask_decoder\.iou_token\.weight \(int64\)"),
+], ids=["rel-pos-zero-width", "expanded-storage", "window-past-the-grid", "beyond-sam-run-time", "head-size",
+        "inconsistent-shape", "more-than-it-holds", "integer-tensor"])
+def test_hostile_sam_files_refused_before_building(sam_state, sam_builds, tmp_path, changes, message):
+    """Refused by the checks; at most a shape-only SAM is built (to compare names and shapes)."""
+    from lorat.checkpoint.sam import load_sam
+
+    torch.save({k: torch.zeros(shape) for k, shape in sam_state.items()} | changes, tmp_path / "bad.pth")
+    with pytest.raises(WeightsError, match=rf"bad\.pth\b.*{message}"):
+        load_sam(tmp_path / "bad.pth")

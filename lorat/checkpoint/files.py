@@ -1,6 +1,6 @@
 """Weight files on disk: reading them safely, naming their format, writing byte-stable safetensors.
 
-The formats (LORAT_SPEC section 2.4 and Appendix A) are listed in :mod:`lorat.checkpoint.loader`.
+The formats are listed in :mod:`lorat.checkpoint.formats`.
 Files are read with safetensors or ``torch.load(weights_only=True)``; nothing is unpickled
 freely, and tensors holding NaN or inf are refused.
 """

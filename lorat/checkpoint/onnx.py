@@ -6,6 +6,12 @@ The exported graph is the network only: (template ``z`` (B, 3, Ht, Wt) float32, 
 file's metadata (key ``lorat.config``), so an ``.onnx`` file is all the tracker needs: crops and
 post-processing stay the same torch code. Needs the optional extra ``pip install lorat[onnx]``
 (onnx, onnxscript, onnxruntime).
+
+:func:`load_onnx` follows the detect -> check -> load order of the other weight files
+(:mod:`lorat.checkpoint.formats`): the graph is read without its external data, the embedded config
+is validated (:func:`lorat.config.config_from_dict`) and its crop sizes bounded
+(:data:`MAX_CROP_SIZE`), and the graph's declared inputs and outputs must be the network's, with
+the config's sizes (:func:`check_onnx_graph`) -- all before an inference session or a tensor exists.
 """
 
 from __future__ import annotations
@@ -24,11 +30,14 @@ from lorat.config import Config, config_from_dict, config_to_dict
 from lorat.errors import ConfigError, LoratError, WeightsError
 from lorat.model.vit import LoRAT
 
-__all__ = ["export_onnx", "OnnxModel", "load_onnx"]
+__all__ = ["export_onnx", "OnnxModel", "load_onnx", "check_onnx_graph", "MAX_CROP_SIZE"]
 
 INPUTS = ("z", "x", "z_feat_mask")
 OUTPUTS = ("score_map", "boxes")
 TOLERANCE = 1e-4  # largest |ONNX Runtime - PyTorch float32| accepted on export
+MAX_CROP_SIZE = 4096  # px per side of a template or search crop in an embedded config (the paper's largest: 378)
+_FLOAT, _INT64 = 1, 7  # onnx.TensorProto.FLOAT / INT64
+_TYPES = {_FLOAT: "float32", _INT64: "int64", 10: "float16", 11: "float64", 6: "int32"}
 
 
 def _require(module: str):
@@ -116,6 +125,7 @@ class OnnxModel:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own error types
             raise WeightsError(f"{path}: not a readable ONNX model ({str(err).splitlines()[0]})") from None
+        self.path = Path(path)
         self.cfg = config.model
         self.device = torch.device("cpu")
 
@@ -125,25 +135,93 @@ class OnnxModel:
     def __call__(self, z: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         feed = {"z": z.float().cpu().numpy(), "x": x.float().cpu().numpy(),
                 "z_feat_mask": mask.to(torch.int64).cpu().numpy()}
-        outputs = self.session.run(list(OUTPUTS), feed)
-        return {name: torch.from_numpy(np.asarray(value)) for name, value in zip(OUTPUTS, outputs, strict=True)}
+        try:
+            outputs = self.session.run(list(OUTPUTS), feed)
+        except Exception as err:  # onnxruntime's own error types: the graph failed on these inputs
+            if not type(err).__module__.startswith("onnxruntime"):
+                raise
+            raise WeightsError(f"{self.path}: ONNX Runtime failed: {str(err).splitlines()[0]}") from None
+        out = {name: torch.from_numpy(np.asarray(value)) for name, value in zip(OUTPUTS, outputs, strict=True)}
+        grid = (z.shape[0], *self.cfg.search_grid)
+        if out["score_map"].shape != grid or out["boxes"].shape != (*grid, 4):
+            raise WeightsError(f"{self.path}: the graph returned score_map {list(out['score_map'].shape)} and boxes "
+                               f"{list(out['boxes'].shape)}, not {list(grid)} and {[*grid, 4]}")
+        return out
+
+
+def _declared(values, kind: str, path: Path) -> dict[str, tuple[int, list[int | str]]]:
+    """A graph's inputs or outputs: name -> (element type, dims: an int when static, its name when not)."""
+    declared = {}
+    for value in values:
+        if not value.type.HasField("tensor_type"):
+            raise WeightsError(f"{path}: {kind} {value.name!r} is not a tensor; not a LoRAT network")
+        tensor = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim] \
+            if tensor.HasField("shape") else None
+        declared[value.name] = (tensor.elem_type, dims)
+    return declared
+
+
+def _expected_io(config: Config) -> dict[str, tuple[int, list[int]]]:
+    """The network's inputs and outputs without the batch axis: name -> (element type, dims)."""
+    m = config.model
+    (tw, th), (sw, sh), (hz, wz), (hx, wx) = m.template_size, m.search_size, m.template_grid, m.search_grid
+    return {"z": (_FLOAT, [3, th, tw]), "x": (_FLOAT, [3, sh, sw]), "z_feat_mask": (_INT64, [hz, wz]),
+            "score_map": (_FLOAT, [hx, wx]), "boxes": (_FLOAT, [hx, wx, 4])}
+
+
+def _check_crop_sizes(config: Config, path: Path) -> None:
+    m = config.model
+    for name, size in (("template_size", m.template_size), ("search_size", m.search_size)):
+        if max(size) > MAX_CROP_SIZE:
+            raise WeightsError(f"{path}: the embedded config's model.{name} {list(size)} exceeds {MAX_CROP_SIZE} px "
+                               f"per side; not a LoRAT export")
+
+
+def check_onnx_graph(graph, config: Config, path: Path) -> None:
+    """The graph must be the network :func:`export_onnx` writes for ``config``: inputs ``z``, ``x``,
+    ``z_feat_mask`` and outputs ``score_map``, ``boxes`` of the config's sizes, a dynamic batch axis
+    first. Reads the declarations only (nothing runs, nothing is allocated).
+
+    Raises:
+        WeightsError: naming the file and the first mismatch.
+    """
+    initialised = {t.name for t in graph.initializer}  # older exporters list the weights as inputs too
+    inputs = {k: v for k, v in _declared(graph.input, "input", path).items() if k not in initialised}
+    outputs = _declared(graph.output, "output", path)
+    if sorted(inputs) != sorted(INPUTS) or not set(OUTPUTS) <= set(outputs):
+        raise WeightsError(f"{path}: not a LoRAT network: its inputs are {sorted(inputs)} and outputs "
+                           f"{sorted(outputs)} (expected inputs {list(INPUTS)}, outputs {list(OUTPUTS)})")
+    for name, (elem_type, dims) in _expected_io(config).items():
+        got_type, got = inputs[name] if name in inputs else outputs[name]
+        if got is None or len(got) != 1 + len(dims) or isinstance(got[0], int):
+            raise WeightsError(f"{path}: {name} is declared with shape {got}, expected [batch, "
+                               f"{', '.join(map(str, dims))}] with a dynamic batch axis (export it with "
+                               f"python -m lorat.export --onnx)")
+        if got_type != elem_type or got[1:] != dims:
+            raise WeightsError(f"{path}: {name} is declared as {_TYPES.get(got_type, got_type)} {got}, but the "
+                               f"embedded config ({config.model.variant}) makes it {_TYPES[elem_type]} "
+                               f"[batch, {', '.join(map(str, dims))}]")
 
 
 def load_onnx(path: str | Path) -> tuple[OnnxModel, Config]:
-    """Open an ``.onnx`` file written by :func:`export_onnx`: (model, its config).
+    """Open an ``.onnx`` file written by :func:`export_onnx`: (model, its config). The embedded config and
+    the graph's inputs and outputs are checked before ONNX Runtime opens the file.
 
     Raises:
-        WeightsError: missing file, not ONNX, or no (valid) embedded config.
+        WeightsError: missing file, not ONNX, no (valid) embedded config, crop sizes past
+            :data:`MAX_CROP_SIZE`, or a graph whose inputs and outputs are not those of the config's network.
     """
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weight file not found: {path}")
     onnx = _require("onnx")
     try:
-        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        proto = onnx.load(str(path), load_external_data=False)
     except Exception as err:  # onnx raises DecodeError and others
         raise WeightsError(f"{path}: not a readable ONNX model ({str(err).splitlines()[0] if str(err) else err})") \
             from None
+    meta = {p.key: p.value for p in proto.metadata_props}
     if CONFIG_KEY not in meta:
         raise WeightsError(f"{path}: an ONNX model without lorat's config; export it with "
                            f"python -m lorat.export --onnx")
@@ -151,4 +229,7 @@ def load_onnx(path: str | Path) -> tuple[OnnxModel, Config]:
         config = config_from_dict(json.loads(meta[CONFIG_KEY]), where=f"{path} metadata")
     except (json.JSONDecodeError, ConfigError) as err:
         raise WeightsError(f"{path}: the embedded config is invalid: {err}") from None
+    _check_crop_sizes(config, path)
+    check_onnx_graph(proto.graph, config, path)
+    del proto
     return OnnxModel(path, config), config

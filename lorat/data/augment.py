@@ -1,4 +1,5 @@
-"""Training augmentation of LORAT_SPEC section 3.5, on (3, H, W) float32 images in [0, 1].
+"""The official code's training augmentation, on (3, H, W) float32 images in [0, 1]
+(``trackit/data/methods/siamese_tracker_train/transform/default/augmentation/``).
 
 1. horizontal flip (p 0.5), independently for template and search;
 2. colour jitter, independently: a random order of brightness / contrast / saturation / hue (hue

@@ -232,6 +232,121 @@ def _draw(frame: np.ndarray, actor: _Actor, t: int, previous: np.ndarray | None
     return _composite(frame, actor.cutout.rgba, m, blur), centre
 
 
+class _Camera:
+    """A larger background seen through a window that pans, shakes and zooms."""
+
+    def __init__(self, rng: np.random.Generator, W: int, H: int, photos: Sequence[np.ndarray]):
+        margin = rng.uniform(1.15, 1.5)
+        BW, BH = int(W * margin), int(H * margin)
+        self.background = _wall(rng, BW, BH) if not photos or rng.random() < 0.25 \
+            else _photo_crop(rng, list(photos), BW, BH)
+        self.pan = rng.normal(0, 0.8, 2) if rng.random() < 0.6 else np.zeros(2)
+        self.shake = rng.uniform(0, 2.5) if rng.random() < 0.5 else 0.0
+        self.zoom_rate = rng.uniform(-0.002, 0.002)
+        self.size, self.limit = (W, H), [BW - W, BH - H]
+        self.position = np.array([(BW - W) / 2, (BH - H) / 2])
+
+    def frame(self, rng: np.random.Generator, t: int) -> np.ndarray:
+        """Move the window on (one shake drawn from ``rng`` when shaking) and return what it sees at frame ``t``."""
+        self.position = self.position + self.pan + (rng.normal(0, self.shake, 2) if self.shake else 0)
+        self.position = np.clip(self.position, 0, self.limit)
+        z = 1 + self.zoom_rate * t
+        m = np.array([[z, 0, -self.position[0] * z], [0, z, -self.position[1] * z]], np.float32)
+        return cv2.warpAffine(self.background, m, self.size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+
+
+def _distractors(rng: np.random.Generator, target: _Actor, others: Sequence[Cutout], W: int, H: int,
+                 long_side: float) -> list[tuple[_Actor, bool]]:
+    """0 to 2 distractors, (actor, in front of the target); some are recoloured copies of the target."""
+    distractors = []
+    for _ in range(int(rng.choice(3, p=(0.35, 0.4, 0.25)))):
+        if rng.random() < 0.35:  # a look-alike: the same object, recoloured
+            tint = rng.uniform(0.75, 1.25, 3)
+            rgba = target.cutout.rgba.copy()
+            rgba[..., :3] = np.clip(rgba[..., :3] * tint, 0, 255).astype(np.uint8)
+            cutout = Cutout(rgba, target.cutout.name + "~", True)
+        else:
+            cutout = others[int(rng.integers(len(others)))]
+        distractors.append((_actor(rng, cutout, W, H, long_side * rng.uniform(0.6, 1.4), rng.uniform(0.5, 4.0)),
+                            rng.random() < 0.4))  # in front of the target?
+    return distractors
+
+
+def _draw_distractors(frame: np.ndarray, distractors: list[tuple[_Actor, bool]], front: bool, t: int,
+                      previous: dict[int, np.ndarray]) -> np.ndarray:
+    """Draw the distractors behind (``front`` False) or in front of the target; returns the (H, W) bool
+    union of their masks."""
+    covered = np.zeros(frame.shape[:2], bool)
+    for k, (actor, in_front) in enumerate(distractors):
+        if in_front == front:
+            alpha, previous[k] = _draw(frame, actor, t, previous.get(k))
+            covered |= alpha > 0.5
+    return covered
+
+
+@dataclass
+class _Arm:
+    """A forearm that holds the target (it follows it) or crosses the frame once."""
+
+    image: np.ndarray  # RGBA, see :func:`_arm`
+    holding: bool
+    angle: float  # degrees
+    reach: float  # where the fist is, in target long sides below (holding) or beside the target's centre
+    start: int  # frame the crossing starts on
+
+    @staticmethod
+    def maybe(rng: np.random.Generator, odds: float, long_side: float, W: int, H: int, frames: int) -> _Arm | None:
+        """An arm with probability ``odds`` (holding the target 65 % of the time), else None."""
+        if rng.random() >= odds:
+            return None
+        width = int(np.clip(long_side * rng.uniform(0.3, 0.55), 10, None))
+        return _Arm(_arm(rng, int(max(W, H) * 1.2), width), rng.random() < 0.65, rng.uniform(-60, 60),
+                    rng.uniform(0.2, 0.45), int(rng.integers(0, max(1, frames))))
+
+    def draw(self, frame: np.ndarray, t: int, target: np.ndarray, long_side: float, frames: int) -> np.ndarray:
+        """Draw the arm at frame ``t`` by the target's centre ``target``; returns its (H, W) bool mask."""
+        if self.holding:  # the fist on the target's lower part, the arm towards the bottom of the frame
+            centre = target + [0, long_side * self.reach]
+        else:  # crossing: sweeps from one side to the other, once
+            progress = (t - self.start) / max(frames / 3, 10)
+            centre = np.array([(-0.3 + 1.6 * progress) * frame.shape[1], target[1] + long_side * (self.reach - 0.3)])
+        ah, aw = self.image.shape[:2]
+        top = centre - np.array([aw / 2, self.image.shape[1] * 0.35])
+        rot = cv2.getRotationMatrix2D((aw / 2, aw / 2), self.angle, 1.0)
+        rot[:, 2] += top
+        return _composite(frame, self.image, rot) > 0.5
+
+
+class _Look:
+    """What the camera adds: lighting drift (and a colour cast), defocus and sensor noise."""
+
+    def __init__(self, rng: np.random.Generator):
+        self.light = (rng.uniform(0, 0.25), rng.uniform(0.01, 0.05), rng.uniform(0, 6.3), rng.uniform(0.9, 1.1, 3))
+        self.noise = rng.uniform(0, 7)
+        self.defocus = rng.uniform(0.6, 1.6) if rng.random() < 0.25 else 0.0
+
+    def apply(self, frame: np.ndarray, rng: np.random.Generator, t: int) -> np.ndarray:
+        """The frame as the camera records it at ``t`` (the noise drawn from ``rng``)."""
+        amount, rate, phase, cast = self.light
+        if amount:
+            gain = (1 + amount * np.sin(phase + rate * t)) * cast
+            frame = np.clip(frame * gain, 0, 255).astype(np.uint8)
+        if self.defocus:
+            frame = cv2.GaussianBlur(frame, (0, 0), self.defocus)
+        if self.noise:
+            frame = np.clip(frame + rng.normal(0, self.noise, frame.shape), 0, 255).astype(np.uint8)
+        return frame
+
+
+def _visible_box(visible: np.ndarray, hidden: np.ndarray) -> tuple[tuple[int, int, int, int] | None, bool]:
+    """(0-based (x, y, w, h) of the visible mask, fully occluded); (None, False) when under 16 px show."""
+    ys, xs = np.nonzero(visible)
+    if len(xs) < 16:
+        return None, False
+    box = (int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1))
+    return box, bool((visible & ~hidden).sum() < 0.1 * visible.sum())
+
+
 def make_clip(rng: np.random.Generator, frames: int, targets: Sequence[Cutout], others: Sequence[Cutout],
               photos: Sequence[np.ndarray], size: tuple[int, int] | None = None, arm_odds: float = 0.6
               ) -> Iterator[tuple[np.ndarray, tuple[int, int, int, int] | None, bool]]:
@@ -246,80 +361,23 @@ def make_clip(rng: np.random.Generator, frames: int, targets: Sequence[Cutout], 
         arm_odds: probability of a forearm holding (65 %) or crossing the target.
     """
     W, H = size or SIZES[int(rng.choice(len(SIZES), p=SIZE_ODDS))]
-    # camera: a larger background seen through a moving, shaking, zooming window
-    margin = rng.uniform(1.15, 1.5)
-    BW, BH = int(W * margin), int(H * margin)
-    background = _wall(rng, BW, BH) if not photos or rng.random() < 0.25 else _photo_crop(rng, list(photos), BW, BH)
-    pan = rng.normal(0, 0.8, 2) if rng.random() < 0.6 else np.zeros(2)
-    shake = rng.uniform(0, 2.5) if rng.random() < 0.5 else 0.0
-    zoom_rate = rng.uniform(-0.002, 0.002)
-    cam = np.array([(BW - W) / 2, (BH - H) / 2])
+    camera = _Camera(rng, W, H, photos)
     # the target: 50 px at least, up to 60 % of the frame's short side
     long_side = float(np.clip(rng.uniform(0.15, 0.6) * min(W, H), 40, None))
     target = _actor(rng, targets[int(rng.integers(len(targets)))], W, H, long_side, rng.uniform(0.3, 5.0))
-    distractors = []
-    for _ in range(int(rng.choice(3, p=(0.35, 0.4, 0.25)))):
-        if rng.random() < 0.35:  # a look-alike: the same object, recoloured
-            tint = rng.uniform(0.75, 1.25, 3)
-            rgba = target.cutout.rgba.copy()
-            rgba[..., :3] = np.clip(rgba[..., :3] * tint, 0, 255).astype(np.uint8)
-            cutout = Cutout(rgba, target.cutout.name + "~", True)
-        else:
-            cutout = others[int(rng.integers(len(others)))]
-        distractors.append((_actor(rng, cutout, W, H, long_side * rng.uniform(0.6, 1.4), rng.uniform(0.5, 4.0)),
-                            rng.random() < 0.4))  # in front of the target?
-    # a forearm holding the target (it follows it) or crossing the frame
-    arm = None
-    if rng.random() < arm_odds:
-        width = int(np.clip(long_side * rng.uniform(0.3, 0.55), 10, None))
-        arm = (_arm(rng, int(max(W, H) * 1.2), width), rng.random() < 0.65, rng.uniform(-60, 60),
-               rng.uniform(0.2, 0.45), int(rng.integers(0, max(1, frames))))
-    light = (rng.uniform(0, 0.25), rng.uniform(0.01, 0.05), rng.uniform(0, 6.3), rng.uniform(0.9, 1.1, 3))
-    noise = rng.uniform(0, 7)
-    defocus = rng.uniform(0.6, 1.6) if rng.random() < 0.25 else 0.0
-    previous: dict[int, np.ndarray] = {}
+    distractors = _distractors(rng, target, others, W, H, long_side)
+    arm = _Arm.maybe(rng, arm_odds, long_side, W, H, frames)
+    look = _Look(rng)
+    previous: dict[int, np.ndarray] = {}  # the actors' centres on the previous frame (motion blur); -1: target
     for t in range(frames):
-        cam = cam + pan + (rng.normal(0, shake, 2) if shake else 0)
-        cam = np.clip(cam, 0, [BW - W, BH - H])
-        z = 1 + zoom_rate * t
-        m = np.array([[z, 0, -cam[0] * z], [0, z, -cam[1] * z]], np.float32)
-        frame = cv2.warpAffine(background, m, (W, H), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
-        for k, (actor, front) in enumerate(distractors):
-            if not front:
-                _, previous[k] = _draw(frame, actor, t, previous.get(k))
+        frame = camera.frame(rng, t)
+        _draw_distractors(frame, distractors, False, t, previous)
         alpha, previous[-1] = _draw(frame, target, t, previous.get(-1))
-        visible = alpha > 0.5
-        hidden = np.zeros_like(visible)
-        for k, (actor, front) in enumerate(distractors):
-            if front:
-                a, previous[k] = _draw(frame, actor, t, previous.get(k))
-                hidden |= a > 0.5
+        hidden = _draw_distractors(frame, distractors, True, t, previous)
         if arm is not None:
-            image, holding, angle, reach, start = arm
-            if holding:  # the fist on the target's lower part, the arm towards the bottom of the frame
-                centre = previous[-1] + [0, long_side * reach]
-            else:  # crossing: sweeps from one side to the other, once
-                progress = (t - start) / max(frames / 3, 10)
-                centre = np.array([(-0.3 + 1.6 * progress) * W, previous[-1][1] + long_side * (reach - 0.3)])
-            ah, aw = image.shape[:2]
-            top = centre - np.array([aw / 2, image.shape[1] * 0.35])
-            rot = cv2.getRotationMatrix2D((aw / 2, aw / 2), angle, 1.0)
-            rot[:, 2] += top
-            a = _composite(frame, image, rot)
-            hidden |= a > 0.5
-        if light[0]:
-            gain = (1 + light[0] * np.sin(light[2] + light[1] * t)) * light[3]
-            frame = np.clip(frame * gain, 0, 255).astype(np.uint8)
-        if defocus:
-            frame = cv2.GaussianBlur(frame, (0, 0), defocus)
-        if noise:
-            frame = np.clip(frame + rng.normal(0, noise, frame.shape), 0, 255).astype(np.uint8)
-        ys, xs = np.nonzero(visible)
-        if len(xs) < 16:
-            yield frame, None, False
-            continue
-        box = (int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1))
-        yield frame, box, bool((visible & ~hidden).sum() < 0.1 * visible.sum())
+            hidden |= arm.draw(frame, t, previous[-1], long_side, frames)
+        frame = look.apply(frame, rng, t)
+        yield (frame, *_visible_box(alpha > 0.5, hidden))
 
 
 def write_dataset(out: Path, sequences: int, frames: int, targets: Sequence[Cutout], others: Sequence[Cutout],

@@ -13,25 +13,18 @@ from torch.utils.data import DataLoader, Subset
 
 from lorat.config import TrainConfig
 from lorat.data.pairs import Source
-from lorat.data.sequences import DATASETS, read_dataset
-from lorat.errors import LoratError
+from lorat.data.sequences import DatasetArg, parse_dataset_arg, read_dataset
 
 __all__ = ["parse_data", "sources", "loader", "batches"]
 
 
-def parse_data(items: Sequence[str], option: str) -> list[tuple[str, str, str | None]]:
-    out = []
-    for item in items:
-        if "=" not in item:
-            raise LoratError(f"{option} expects NAME=PATH, got {item!r} (names: {', '.join(DATASETS)})")
-        name, path = item.split("=", 1)
-        split = None
-        if name.count(":") == 1:
-            name, split = name.split(":")
-        if name not in DATASETS:
-            raise LoratError(f"{option}: unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-        out.append((name, path, split))
-    return out
+def parse_data(items: Sequence[str], option: str) -> list[DatasetArg]:
+    """The ``NAME=PATH`` / ``NAME:SPLIT=PATH`` values of ``option`` (``--data``, ``--val-data``), checked.
+
+    Raises:
+        DatasetError: a malformed value or an unknown name (see :func:`~lorat.data.sequences.parse_dataset_arg`).
+    """
+    return [parse_dataset_arg(item, option) for item in items]
 
 
 def sources(items, cfg: TrainConfig, default_split: str) -> list[Source]:

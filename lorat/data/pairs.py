@@ -1,4 +1,7 @@
-"""Training pairs: sampling, jittered SiamFC crops, augmentation, labels (LORAT_SPEC section 3).
+"""Training pairs: sampling, jittered SiamFC crops, augmentation, labels.
+
+The recipe of the paper (Lin et al., ECCV 2024) as the official code implements it
+(``trackit/data/methods/siamese_tracker_train/``).
 
 Sample ``k`` of epoch ``e`` is a pure function of ``(seed, e, k)``: the epoch's sequence picker is
 drawn from ``(seed, e)`` and every random choice of the sample from ``(seed, e, k)``. So any
@@ -22,6 +25,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -123,7 +127,7 @@ def search_labels(box: np.ndarray, search_size: tuple[int, int], grid: tuple[int
 
 
 def _clean_box(box: np.ndarray, image: np.ndarray) -> np.ndarray | None:
-    """Clip to the image; None if the box does not intersect it (LORAT_SPEC 3.1, steps 2-3)."""
+    """Clip to the image; None if the box does not intersect it (the official data cleaning)."""
     h, w = image.shape[:2]
     b = np.clip(box, 0, [w, h, w, h])
     return b if b[0] < b[2] and b[1] < b[3] else None
@@ -177,46 +181,58 @@ class PairDataset(Dataset):
 
     def _make(self, seq: TrackingSequence, rng: np.random.Generator) -> tuple[dict | None, str | None]:
         """One try: (the sample, None), (None, path of an unreadable image) or (None, None)."""
-        cfg, train = self.model_cfg, self.train_cfg
         track = seq.tracks[int(rng.integers(len(seq.tracks)))]
-        present = np.flatnonzero(track.present)
-        z = int(rng.choice(present))
-        near = present[(np.abs(present - z) <= train.max_gap) & (present != z)]
-        x = int(rng.choice(near)) if len(near) else z
-        z_image = read_rgb(seq.frames[z])
-        x_image = z_image if x == z else read_rgb(seq.frames[x])
-        if z_image is None or x_image is None:
-            bad = seq.frames[z] if z_image is None else seq.frames[x]
-            warnings.warn(f"unreadable image skipped: {bad}", stacklevel=2)
-            return None, str(bad)
-        z_box, x_box = _clean_box(track.boxes[z], z_image), _clean_box(track.boxes[x], x_image)
+        z, x = _pick_frames(track.present, self.train_cfg.max_gap, rng)
+        images = _read_pair(seq, z, x)
+        if not isinstance(images, tuple):  # the path of an unreadable image
+            return None, str(images)
+        z_box, x_box = _clean_box(track.boxes[z], images[0]), _clean_box(track.boxes[x], images[1])
         if z_box is None or x_box is None:
             return None, None
-        params = jittered_search_params(x_box, cfg, self.search_factor, train, rng)
+        params = jittered_search_params(x_box, self.model_cfg, self.search_factor, self.train_cfg, rng)
         if params is None:
             return None, None
-        z_t = torch.from_numpy(z_image).permute(2, 0, 1)
-        x_t = torch.from_numpy(x_image).permute(2, 0, 1)
+        crops = self._crops(images, z_box, x_box, params)
+        if self.augment:
+            crops = self._augmented(*crops, rng)
+        return self._sample(*crops), None
+
+    def _crops(self, images: tuple[np.ndarray, np.ndarray], z_box: np.ndarray, x_box: np.ndarray,
+               params: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, np.ndarray, torch.Tensor, np.ndarray]:
+        """(template crop, its box, search crop, its box): the template cropped with the nominal parameters,
+        the search image with ``params``; crops as (3, H, W) images in [0, 1], boxes xyxy in crop pixels."""
+        cfg = self.model_cfg
+        z_t = torch.from_numpy(images[0]).permute(2, 0, 1)
+        x_t = torch.from_numpy(images[1]).permute(2, 0, 1)
         zs, zt = nominal_crop_params(torch.from_numpy(z_box[None]), self.template_factor, cfg.template_size)
         z_crop, zs, zt = crop_frames([z_t], zs, zt, cfg.template_size, z_t.float().mean((1, 2))[None])
         x_crop, xs, xt = crop_frames([x_t], *params, cfg.search_size, x_t.float().mean((1, 2))[None])
-        z_img, x_img = z_crop[0] / 255.0, x_crop[0] / 255.0
         zb = box_to_crop(torch.from_numpy(z_box[None]), zs, zt)[0].numpy()
         xb = box_to_crop(torch.from_numpy(x_box[None]), xs, xt)[0].numpy()
-        if self.augment:
-            if rng.random() < train.flip_prob:
-                z_img, zb = hflip(z_img, zb)
-            if rng.random() < train.flip_prob:
-                x_img, xb = hflip(x_img, xb)
-            if train.color_jitter > 0:
-                z_img = color_jitter(z_img, rng, train.color_jitter)
-                x_img = color_jitter(x_img, rng, train.color_jitter)
-            if train.deit3:
-                z_img, x_img = deit3([z_img, x_img], rng)
+        return z_crop[0] / 255.0, zb, x_crop[0] / 255.0, xb
+
+    def _augmented(self, z_img: torch.Tensor, zb: np.ndarray, x_img: torch.Tensor, xb: np.ndarray,
+                   rng: np.random.Generator) -> tuple[torch.Tensor, np.ndarray, torch.Tensor, np.ndarray]:
+        """Flips and colour jitter (each image on its own), then DeiT-III (both alike): :mod:`lorat.data.augment`."""
+        train = self.train_cfg
+        if rng.random() < train.flip_prob:
+            z_img, zb = hflip(z_img, zb)
+        if rng.random() < train.flip_prob:
+            x_img, xb = hflip(x_img, xb)
+        if train.color_jitter > 0:
+            z_img = color_jitter(z_img, rng, train.color_jitter)
+            x_img = color_jitter(x_img, rng, train.color_jitter)
+        if train.deit3:
+            z_img, x_img = deit3([z_img, x_img], rng)
+        return z_img, zb, x_img, xb
+
+    def _sample(self, z_img: torch.Tensor, zb: np.ndarray, x_img: torch.Tensor, xb: np.ndarray) -> dict | None:
+        """The sample's tensors; None when a box, clipped to its crop, is empty."""
+        cfg = self.model_cfg
         zb = np.clip(zb, 0, list(cfg.template_size) * 2)
         xb = np.clip(xb, 0, list(cfg.search_size) * 2)
         if not (zb[0] < zb[2] and zb[1] < zb[3] and xb[0] < xb[2] and xb[1] < xb[3]):
-            return None, None
+            return None
         mask = template_mask(torch.from_numpy(zb[None]), cfg.template_size, cfg.template_grid)[0]
         inputs = normalize_crops(torch.stack([z_img]) * 255.0), normalize_crops(torch.stack([x_img]) * 255.0)
         return {
@@ -225,4 +241,24 @@ class PairDataset(Dataset):
             "z_feat_mask": mask,
             "target_box": torch.from_numpy((xb / np.array(list(cfg.search_size) * 2)).astype(np.float32)),
             "positive": torch.from_numpy(search_labels(xb, cfg.search_size, cfg.search_grid)),
-        }, None
+        }
+
+
+def _pick_frames(present: np.ndarray, max_gap: int, rng: np.random.Generator) -> tuple[int, int]:
+    """(template frame, search frame): any frame with the target present, and another one at most ``max_gap``
+    frames away (the template frame itself when there is none)."""
+    frames = np.flatnonzero(present)
+    z = int(rng.choice(frames))
+    near = frames[(np.abs(frames - z) <= max_gap) & (frames != z)]
+    return z, int(rng.choice(near)) if len(near) else z
+
+
+def _read_pair(seq: TrackingSequence, z: int, x: int) -> tuple[np.ndarray, np.ndarray] | Path:
+    """The RGB images of frames ``z`` and ``x``, or the path of one that cannot be read (with a warning)."""
+    z_image = read_rgb(seq.frames[z])
+    x_image = z_image if x == z else read_rgb(seq.frames[x])
+    if z_image is None or x_image is None:
+        bad = seq.frames[z] if z_image is None else seq.frames[x]
+        warnings.warn(f"unreadable image skipped: {bad}", stacklevel=3)
+        return bad
+    return z_image, x_image

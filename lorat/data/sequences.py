@@ -1,8 +1,8 @@
 """Dataset readers: LaSOT, LaSOT_Extension, GOT-10k, TrackingNet, TNL2K, COCO 2017 and a custom layout.
 
 Every reader returns a list of :class:`TrackingSequence`: frame paths plus one or more :class:`Track`
-(boxes as continuous xyxy float64, and a per-frame "target present" flag). Conventions of
-LORAT_SPEC section 5.3:
+(boxes as continuous xyxy float64, and a per-frame "target present" flag). Layouts and
+conventions, as the benchmarks' own toolkits and pytracking read them (``custom`` is this package's):
 
 * LaSOT: ``<root>/<category>/<category>-<k>/img/%08d.jpg``, integer 1-based ``x,y,w,h`` moved to
   0-based (x - 1, y - 1); absent = ``full_occlusion`` or ``out_of_view``. Split: the
@@ -19,7 +19,7 @@ LORAT_SPEC section 5.3:
   ``x,y,w,h`` per frame, 0-based pixels, commas, tabs or spaces; ``nan`` or a non-positive size
   marks an absent target) and optionally ``absence.label`` (0/1 per frame).
 
-Cleaning for training (LORAT_SPEC section 3.1) happens here where the image size is not needed
+Cleaning for training (the official code's) happens here where the image size is not needed
 (non-finite or empty boxes become absent; sequences without any present frame are dropped); the
 clip-to-image and must-intersect rules are applied when a frame is loaded.
 """
@@ -28,21 +28,30 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from lorat.errors import LoratError
 from lorat.files import IMAGE_EXTENSIONS
 
-__all__ = ["Track", "TrackingSequence", "DatasetError", "read_dataset", "DATASETS", "read_boxes", "init_frame"]
-
+__all__ = ["Track", "TrackingSequence", "DatasetError", "UnknownDatasetError", "read_dataset", "DATASETS",
+           "read_boxes", "init_frame", "DatasetArg", "parse_dataset_arg"]
 
 
 class DatasetError(LoratError):
     """A dataset path or annotation file is missing or malformed (the message names it)."""
+
+
+class UnknownDatasetError(DatasetError):
+    """A dataset name that is not among the allowed ones; ``name`` is that name."""
+
+    def __init__(self, message: str, name: str):
+        super().__init__(message)
+        self.name = name
 
 
 @dataclass
@@ -271,7 +280,7 @@ def read_dataset(name: str, root: str | Path, split: str = "train", for_training
         DatasetError: unknown name, missing folder or malformed annotations (named in the message).
     """
     if name not in DATASETS:
-        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+        raise UnknownDatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}", name)
     sequences = DATASETS[name](root, split)
     if for_training:
         for seq in sequences:
@@ -286,3 +295,34 @@ def init_frame(seq: TrackingSequence) -> int | None:
     """Index of the frame a sequence starts on: the first with the target present (None: never)."""
     present = np.flatnonzero(seq.tracks[0].present[:len(seq)])
     return int(present[0]) if len(present) else None
+
+
+class DatasetArg(NamedTuple):
+    """A ``NAME=PATH`` or ``NAME:SPLIT=PATH`` command-line argument; ``split`` is None when not given."""
+
+    name: str
+    path: str
+    split: str | None
+
+
+def parse_dataset_arg(text: str, option: str, names: Collection[str] = DATASETS) -> DatasetArg:
+    """Parse ``NAME=PATH`` or ``NAME:SPLIT=PATH``, the value of ``option`` (``--data``, ``--dataset``, ...).
+
+    ``names``: the datasets allowed here (default: every reader of :data:`DATASETS`), in the order the
+    messages list them. The path is kept as given; whether it exists is the reader's business.
+
+    Raises:
+        UnknownDatasetError: the name is not among ``names``.
+        DatasetError: no ``=``, an empty or malformed ``SPLIT``, or nothing after ``=``.
+    """
+    head, equals, path = text.partition("=")
+    if not equals:
+        raise DatasetError(f"{option} expects NAME=PATH, got {text!r} (names: {', '.join(names)})")
+    name, colon, split = head.partition(":")
+    if name not in names or name not in DATASETS:
+        raise UnknownDatasetError(f"{option}: unknown dataset {name!r}; known: {', '.join(names)}", name)
+    if colon and (not split or ":" in split):
+        raise DatasetError(f"{option} expects NAME:SPLIT=PATH with one non-empty SPLIT, got {text!r}")
+    if not path.strip():
+        raise DatasetError(f"{option} {head}= needs a path after '='")
+    return DatasetArg(name, path, split if colon else None)

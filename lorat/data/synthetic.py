@@ -190,6 +190,65 @@ def _background(rng: np.random.Generator, photos: list[np.ndarray] | None, W: in
     return at
 
 
+def _target_texture(rng: np.random.Generator, photos: list[np.ndarray] | None, tw: float, th: float,
+                    two_faced: float) -> tuple[np.ndarray, bool]:
+    """(the target's texture, whether it comes from photos): mostly a photo region when there are photos."""
+    use_photo = bool(photos) and rng.random() < 0.85
+    texture = _photo_crop(rng, photos, 96, max(8, int(96 * th / tw))) if use_photo \
+        else _texture(rng, 64, 64, int(rng.integers(4, 16)))
+    if use_photo and two_faced > 0 and rng.random() < two_faced:
+        split = int(texture.shape[0] * rng.uniform(0.3, 0.7))
+        texture[split:] = _photo_crop(rng, photos, texture.shape[1], texture.shape[0] - split)
+    return texture, use_photo
+
+
+def _distractor(rng: np.random.Generator, size: tuple[int, int], tw: float, th: float, texture: np.ndarray
+                ) -> tuple[_Mover, np.ndarray] | None:
+    """Often (40 %) a look-alike of the target: the same texture, tinted, on a path of its own."""
+    if rng.random() >= 0.4:
+        return None
+    tint = rng.uniform(0.7, 1.3, 3)
+    d_texture = np.clip(texture * tint, 0, 255).astype(np.uint8)
+    return _Mover(rng, size, tw * rng.uniform(0.8, 1.2), th * rng.uniform(0.8, 1.2), 2.0), d_texture
+
+
+def _occluder(rng: np.random.Generator, photos: list[np.ndarray] | None, use_photo: bool, tw: float, th: float,
+              frames: int) -> tuple[np.ndarray, int, float] | None:
+    """Often (60 %) an occluder larger than the target: (patch, first frame, speed)."""
+    if rng.random() >= 0.6:
+        return None
+    ow, oh = int(tw * rng.uniform(1.2, 2.0)), int(th * rng.uniform(1.2, 2.0))
+    start = int(rng.integers(0, max(1, frames - 10)))
+    patch = _photo_crop(rng, photos, ow, oh) if use_photo else _texture(rng, oh, ow, 4)
+    return patch, start, rng.uniform(2, 5)
+
+
+def _draw_target(frame: np.ndarray, texture: np.ndarray, pose: _Pose, t: int, box: tuple[int, int, int, int]
+                 ) -> tuple[int, int, int, int]:
+    """Draw the target in its box (turned and tilted by ``pose``, if any); returns the box of its pixels."""
+    x, y, w, h = box
+    if not (pose.rot or pose.tilt):
+        _paste(frame, cv2.resize(texture, (w, h), interpolation=cv2.INTER_LINEAR), x, y)
+        return box
+    drawn = _draw_quad(frame, texture, pose.quad(t, x + w / 2, y + h / 2, w, h))
+    return box if drawn is None else drawn
+
+
+def _occlude(frame: np.ndarray, occluder: tuple[np.ndarray, int, float] | None, t: int,
+             box: tuple[int, int, int, int]) -> bool:
+    """Draw the occluder, once it has started; whether it covers the target's box completely."""
+    if occluder is None or t < occluder[1]:
+        return False
+    patch, start, speed = occluder
+    x, y, w, h = box
+    oh, ow = patch.shape[:2]
+    # Crosses the target's row from the left, passing over the target once.
+    ox = round(-ow + speed * (t - start) * 3)
+    oy = round(y + h / 2 - oh / 2)
+    _paste(frame, patch, ox, oy)
+    return ox <= x and oy <= y and ox + ow >= x + w and oy + oh >= y + h
+
+
 def make_clip(rng: np.random.Generator, frames: int, size: tuple[int, int] = (320, 240),
               photos: list[np.ndarray] | None = None, target_size: tuple[float, float] = (0.08, 0.3),
               two_faced: float = 0.0):
@@ -208,50 +267,22 @@ def make_clip(rng: np.random.Generator, frames: int, size: tuple[int, int] = (32
     background = _background(rng, photos, W, H)
     tw, th = rng.uniform(*target_size) * W, rng.uniform(*target_size) * H
     target = _Mover(rng, size, tw, th, rng.uniform(0.5, 4.0))
-    use_photo = bool(photos) and rng.random() < 0.85
-    texture = _photo_crop(rng, photos, 96, max(8, int(96 * th / tw))) if use_photo \
-        else _texture(rng, 64, 64, int(rng.integers(4, 16)))
-    if use_photo and two_faced > 0 and rng.random() < two_faced:
-        split = int(texture.shape[0] * rng.uniform(0.3, 0.7))
-        texture[split:] = _photo_crop(rng, photos, texture.shape[1], texture.shape[0] - split)
+    texture, use_photo = _target_texture(rng, photos, tw, th, two_faced)
     pose = _Pose(rng, enabled=bool(photos) and rng.random() < 0.5)
     light = (rng.uniform(0, 0.2) if photos else 0.0, rng.uniform(0.01, 0.05), rng.uniform(0, 2 * np.pi))
-    distractor = None
-    if rng.random() < 0.4:  # a look-alike: the same texture, tinted
-        tint = rng.uniform(0.7, 1.3, 3)
-        d_texture = np.clip(texture * tint, 0, 255).astype(np.uint8)
-        distractor = (_Mover(rng, size, tw * rng.uniform(0.8, 1.2), th * rng.uniform(0.8, 1.2), 2.0), d_texture)
-    occluder = None
-    if rng.random() < 0.6:
-        ow, oh = int(tw * rng.uniform(1.2, 2.0)), int(th * rng.uniform(1.2, 2.0))
-        start = int(rng.integers(0, max(1, frames - 10)))
-        patch = _photo_crop(rng, photos, ow, oh) if use_photo else _texture(rng, oh, ow, 4)
-        occluder = (patch, start, rng.uniform(2, 5))
+    distractor = _distractor(rng, size, tw, th, texture)
+    occluder = _occluder(rng, photos, use_photo, tw, th, frames)
     for t in range(frames):
         frame = background(t)
         if distractor is not None:
             dx, dy, dw, dh = distractor[0].step()
             _paste(frame, cv2.resize(distractor[1], (dw, dh)), dx, dy)
-        x, y, w, h = target.step()
-        if pose.rot or pose.tilt:
-            drawn = _draw_quad(frame, texture, pose.quad(t, x + w / 2, y + h / 2, w, h))
-            if drawn is not None:
-                x, y, w, h = drawn
-        else:
-            _paste(frame, cv2.resize(texture, (w, h), interpolation=cv2.INTER_LINEAR), x, y)
-        covered = False
-        if occluder is not None and t >= occluder[1]:
-            patch, start, speed = occluder
-            oh, ow = patch.shape[:2]
-            # Crosses the target's row from the left, passing over the target once.
-            ox = round(-ow + speed * (t - start) * 3)
-            oy = round(y + h / 2 - oh / 2)
-            _paste(frame, patch, ox, oy)
-            covered = ox <= x and oy <= y and ox + ow >= x + w and oy + oh >= y + h
+        box = _draw_target(frame, texture, pose, t, target.step())
+        covered = _occlude(frame, occluder, t, box)
         if light[0]:
             gain = 1 + light[0] * np.sin(light[2] + light[1] * t)
             frame = np.clip(frame * gain, 0, 255).astype(np.uint8)
-        yield frame, (x, y, w, h), covered
+        yield frame, box, covered
 
 
 def write_dataset(out: Path, sequences: int, frames: int, size: tuple[int, int] = (320, 240), seed: int = 0,

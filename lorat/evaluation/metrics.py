@@ -1,4 +1,8 @@
-"""One-pass-evaluation metrics, pytracking / OSTrack "compatible" convention (LORAT_SPEC 5.2).
+"""One-pass-evaluation metrics, pytracking / OSTrack "compatible" convention.
+
+The convention of pytracking's ``pytracking/analysis/extract_results.py``, which the official code's
+``trackit/data/components/result_collector/handler/one_pass_evaluation_compatible/ope_metrics.py``
+follows.
 
 Per sequence, predictions and ground truth are xywh in pixels:
 

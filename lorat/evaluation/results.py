@@ -1,4 +1,6 @@
-"""Result files in the community's layouts (LORAT_SPEC section 5.4, FIELD_NOTES section 4.1).
+"""Result files in the community's layouts: those of pytracking, the GOT-10k toolkit and the TrackingNet
+evaluation server, as the official code writes them
+(``trackit/data/components/result_collector/handler/external_adaptors/``).
 
 * pytracking text: ``<dir>/<seq>.txt``, one ``x<TAB>y<TAB>w<TAB>h`` line per frame (3 decimals),
   frame 1 included, in the dataset's own annotation coordinates (LaSOT: 1-based, so +1), and

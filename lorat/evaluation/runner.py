@@ -77,6 +77,61 @@ class _Running:
         self.times: list[float] = [float("nan")] * start
         self.size: tuple[int, int] | None = None
 
+    @property
+    def done(self) -> bool:
+        return self.index >= len(self.seq)
+
+    def advance(self, seconds: float) -> None:
+        """The current frame is done, in ``seconds``: move to the next one."""
+        self.times.append(seconds)
+        self.index += 1
+
+    def image_or_blank(self, image: np.ndarray | None) -> np.ndarray:
+        """``image``, or for an unreadable frame a black one of the sequence's size. The tracker's one
+        policy (:meth:`lorat.tracking.tracker.Tracker.stream`): the step then repeats the previous box
+        and keeps the state."""
+        if image is not None:
+            return image
+        warnings.warn(f"{self.seq.name}: frame {self.index + 1} unreadable; the previous box is repeated",
+                      stacklevel=1)
+        return np.zeros((self.size[1], self.size[0], 3), np.uint8)
+
+
+def _start(joining: list[_Running], images: list[np.ndarray | None], model, config, bar) -> list[TrackState]:
+    """Initialise the sequences joining now on their init frame; their output there is the clipped init box."""
+    states = []
+    for r, image in zip(joining, images, strict=True):
+        box = _init_box(r.seq, r.index, image)
+        r.size = (image.shape[1], image.shape[0])
+        states.append(init_state([to_frame_tensor(image, model.device)], box, model.cfg, config.tracking))
+        r.boxes.append(xyxy_to_xywh(box)[0].numpy())
+        bar.update(r.start)
+    return states
+
+
+def _step(running: list[_Running], images: list[np.ndarray | None], state: TrackState, model, config,
+          dtype) -> TrackState:
+    """One batched step of the sequences already running; returns the new state."""
+    frames = [to_frame_tensor(r.image_or_blank(image), model.device) for r, image in zip(running, images, strict=True)]
+    readable = torch.tensor([image is not None for image in images])
+    step = track_step(model, state, frames, config.tracking, dtype, readable=readable)
+    for r, xywh in zip(running, ensure_finite(xyxy_to_xywh(step.box).cpu().numpy()), strict=True):
+        r.boxes.append(xywh)
+    return step.state
+
+
+def _retire(active: list[_Running], state: TrackState | None, folder: Path, offset: float, bar
+            ) -> tuple[list[_Running], TrackState | None]:
+    """Write the result files of the sequences that are done; returns the others and their state."""
+    done = [r for r in active if r.done]
+    for r in done:
+        write_sequence(folder, r.seq.name, np.array(r.boxes), np.array(r.times), offset)
+        bar.update(1)
+    if not done:
+        return active, state
+    keep = [i for i, r in enumerate(active) if not r.done]
+    return [active[i] for i in keep], (state.select(keep) if keep else None)
+
 
 def track_sequences(model, config, sequences: list[TrackingSequence], folder: Path, offset: float, batch: int,
                     dtype, progress: bool = True) -> None:
@@ -86,7 +141,6 @@ def track_sequences(model, config, sequences: list[TrackingSequence], folder: Pa
         DatasetError: a sequence's target is never visible, or its init frame is unreadable.
         LoratError: a result file cannot be written.
     """
-    device = model.device
     pending = list(zip(sequences, _init_frames(sequences), strict=True))
     active: list[_Running] = []
     state: TrackState | None = None
@@ -96,46 +150,18 @@ def track_sequences(model, config, sequences: list[TrackingSequence], folder: Pa
                    dynamic_ncols=True)
     with frames_bar as bar, seq_bar, ThreadPoolExecutor(max_workers=_READERS) as pool:
         while pending or active:
-            joining = []
-            while pending and len(active) + len(joining) < batch:
-                joining.append(_Running(*pending.pop(0)))
+            count = min(len(pending), batch - len(active))
+            joining = [_Running(seq, start) for seq, start in pending[:count]]
+            del pending[:count]
             images = list(pool.map(lambda r: read_rgb(r.seq.frames[r.index]), active + joining))
             start = time.perf_counter()
-            # sequences joining now: initialise on their init frame (output = the clipped init box)
-            new_states = []
-            for r, image in zip(joining, images[len(active):], strict=True):
-                box = _init_box(r.seq, r.index, image)
-                r.size = (image.shape[1], image.shape[0])
-                new_states.append(init_state([to_frame_tensor(image, device)], box, model.cfg, config.tracking))
-                r.boxes.append(xyxy_to_xywh(box)[0].numpy())
-                bar.update(r.start)
-            # sequences already running: one batched step
+            new_states = _start(joining, images[len(active):], model, config, bar)
             if active:
-                frames = []
-                for r, image in zip(active, images[:len(active)], strict=True):
-                    if image is None:  # the tracker's policy: previous box, state kept (Tracker.stream)
-                        warnings.warn(f"{r.seq.name}: frame {r.index + 1} unreadable; the previous box is repeated",
-                                      stacklevel=1)
-                        image = np.zeros((r.size[1], r.size[0], 3), np.uint8)
-                    frames.append(to_frame_tensor(image, device))
-                readable = torch.tensor([image is not None for image in images[:len(active)]])
-                step = track_step(model, state, frames, config.tracking, dtype, readable=readable)
-                state = step.state
-                for r, xywh in zip(active, ensure_finite(xyxy_to_xywh(step.box).cpu().numpy()), strict=True):
-                    r.boxes.append(xywh)
+                state = _step(active, images[:len(active)], state, model, config, dtype)
             elapsed = time.perf_counter() - start  # each sequence's frame took the whole step (its latency)
-            for r in active + joining:
-                r.times.append(elapsed)
-                r.index += 1
-            bar.update(len(active) + len(joining))
             active = active + joining
+            for r in active:
+                r.advance(elapsed)
+            bar.update(len(active))
             state = TrackState.cat(([state] if state is not None else []) + new_states) if active else None
-            done = [i for i, r in enumerate(active) if r.index >= len(r.seq)]
-            for i in done:
-                r = active[i]
-                write_sequence(folder, r.seq.name, np.array(r.boxes), np.array(r.times), offset)
-                seq_bar.update(1)
-            if done:
-                keep = [i for i in range(len(active)) if i not in done]
-                active = [active[i] for i in keep]
-                state = state.select(keep) if keep else None
+            active, state = _retire(active, state, folder, offset, seq_bar)

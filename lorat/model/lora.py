@@ -1,6 +1,6 @@
 """LoRA adapters through peft, with the official LoRAT layout and initialisation.
 
-Decisions (LORAT_SPEC section 2):
+Decisions (the paper, Sec. 3.3; the official ``trackit/models/methods/LoRAT/modules/lora/``):
 
 * **Split qkv.** timm's fused ``attn.qkv`` Linear(C, 3C) is replaced by :class:`SplitQKV`,
   three Linear(C, C) layers ``q``, ``k``, ``v`` whose outputs are concatenated, so each gets its

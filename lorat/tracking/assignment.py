@@ -1,6 +1,6 @@
 """Keeping several targets apart: score-map peaks assigned to targets with ``lap``.
 
-Each target is tracked independently (its own template and search crop, LORAT_SPEC section 4),
+Each target is tracked independently (its own template and search crop, as in the official tracker),
 so two targets that look alike can both lock onto the same object. With assignment on, every
 target proposes its top-k score-map peaks (3x3 local maxima of the window-penalised score);
 peaks whose frame boxes overlap (IoU above a threshold) are one object; a linear assignment

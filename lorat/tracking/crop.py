@@ -1,4 +1,4 @@
-"""Pixel-aligned SiamFC crops on any device (LORAT_SPEC section 3.4).
+"""Pixel-aligned SiamFC crops on any device (the official ``trackit/core/utils/siamfc_cropping.py``).
 
 A crop is a per-axis scale ``s`` and translation ``t`` mapping frame coordinates ``p`` to crop
 coordinates ``u = s * p + t``. The official crop is *pixel aligned*: the frame rectangle is
@@ -179,7 +179,7 @@ def normalize_crops(crops: torch.Tensor) -> torch.Tensor:
 
 
 def template_mask(box_in_crop: torch.Tensor, template_size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
-    """Template foreground mask (LORAT_SPEC section 1.5).
+    """Template foreground mask (the paper, Sec. 3.2: the token-type embedding of each template token).
 
     Args:
         box_in_crop: (N, 4) xyxy target boxes in template-crop pixels.

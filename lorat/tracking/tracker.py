@@ -10,7 +10,7 @@ are copied to the host.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,17 +18,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from lorat.checkpoint.loader import LoadedModel, load
 from lorat.config import Config
 from lorat.errors import LoratError
 from lorat.model.vit import LoRAT
+from lorat.options import ModelOptions
 from lorat.tracking.boxes import xyxy_to_xywh
 from lorat.tracking.cuda_graph import GraphedStep
 from lorat.tracking.step import Frame, StageTimer, TrackState, init_boxes, init_state, to_frame_tensor, track_step
 
 if TYPE_CHECKING:
-    from lorat.checkpoint.loader import LoadedModel
+    import argparse
 
-__all__ = ["TrackResult", "FrameResults", "Tracker", "ensure_finite"]
+__all__ = ["TrackResult", "FrameResults", "Tracker", "ensure_finite", "tracker_from_arguments"]
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ class Tracker:
     Frames are HWC uint8 **RGB** numpy arrays (or HWC/CHW uint8 tensors on any device). Boxes at
     this API are **xywh** in pixels; inside, boxes are continuous xyxy. Typical use::
 
-        tracker = Tracker.from_pretrained("weights/lorat_b224.safetensors")
+        tracker = Tracker.from_pretrained("LoRAT-B-224")   # or a weight file; None: the demo model
         tracker.init(first_frame, (x, y, w, h))
         for frame in frames:
             result = tracker.track(frame)   # TrackResult(box=(x, y, w, h), score=...)
@@ -118,9 +120,6 @@ class Tracker:
         --onnx``, run on the CPU in float32; see :mod:`lorat.checkpoint.onnx`) or ``"auto"`` (ONNX Runtime
         for ``.onnx`` files, else torch). The other keywords go to the constructor.
         """
-        from lorat.checkpoint.loader import load
-        from lorat.options import ModelOptions
-
         options = ModelOptions(weights, config, backbone_weights, device=device, dtype=dtype, backend=backend)
         return cls.from_loaded(load(options, say=None), **kwargs)
 
@@ -252,3 +251,10 @@ class Tracker:
             else:
                 results = self.track_all(frame, timer)
             yield FrameResults(index, frame, results)
+
+
+def tracker_from_arguments(args: argparse.Namespace, say: Callable[[str], object] | None = print) -> Tracker:
+    """The tracker the options of :func:`lorat.options.add_tracker_arguments` describe; ``say`` reports
+    which weights were chosen when none were given."""
+    return Tracker.from_loaded(load(ModelOptions.from_args(args), say=say), assignment=not args.no_assignment,
+                               cuda_graph=not args.no_cuda_graph)

@@ -1,4 +1,5 @@
-"""The LoRAT training loss (LORAT_SPEC section 3.7).
+"""The LoRAT training loss (Lin et al., ECCV 2024, "Tracking Meets LoRA"; the official code's
+``trackit/criteria/methods/box_with_score_map/__init__.py``, github.com/LitingLin/LoRAT).
 
 * classification: ``BCEWithLogits`` over **all** response cells against an IoU-aware soft target
   (0 everywhere, IoU(GT, predicted box) at positive cells, no gradient through the target),

@@ -1,16 +1,16 @@
-"""The official optimisation recipe: AdamW parameter groups, warm-up + cosine schedule, one update step."""
+"""The official optimisation recipe: AdamW parameter groups, warm-up + cosine schedule.
+
+The step that uses them (forward, loss, clipped AMP update) is :func:`lorat.training.step.update`.
+"""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 from timm.scheduler import CosineLRScheduler
 
 from lorat.config import TrainConfig
-from lorat.training.loss import lorat_loss
 
-__all__ = ["parameter_groups", "make_optimizer", "make_scheduler", "learning_rate", "lr_for_step", "update"]
+__all__ = ["parameter_groups", "make_optimizer", "make_scheduler", "learning_rate", "lr_for_step"]
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -62,22 +62,3 @@ def lr_for_step(step: int, cfg: TrainConfig, iters_per_epoch: int) -> float:
     steps 0 and 1 both use the initial value and step k >= 1 uses ``learning_rate(k - 1)``."""
     return learning_rate(max(step - 1, 0), cfg, iters_per_epoch)
 
-
-def update(net: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-           batch: dict[str, torch.Tensor], num_pos: torch.Tensor, autocast: Callable, grad_clip: float
-           ) -> dict[str, torch.Tensor]:
-    """One optimiser step on ``batch`` (on the model's device): AMP, global-norm clipping; the losses.
-
-    ``num_pos`` is the number of positive cells averaged over the processes (the loss's normaliser).
-    """
-    with autocast():
-        outputs = net(batch["z"], batch["x"], batch["z_feat_mask"])
-        losses = lorat_loss(outputs, batch["target_box"], batch["positive"], num_pos)
-    scaler.scale(losses["loss"]).backward()
-    scaler.unscale_(optimizer)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return losses

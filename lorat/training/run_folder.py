@@ -1,8 +1,11 @@
 """A training run's folder: its logs, arguments, resumable state and checkpoints.
 
-``config.yaml``, ``args.json`` (data paths), ``metrics.csv`` / ``val.csv`` (logs),
-``state.pt`` (weights, AdamW, GradScaler, step, RNG) and ``checkpoint/epoch_NNN/`` (the official
-trainable-only ``model.safetensors`` for LoRA runs, and our ``lorat.safetensors``). Every write is
+A :class:`TrainingRun` is what a run needs (config, data, weight files, resumable state);
+:func:`write_run_files` puts its ``config.yaml`` and ``args.json`` in the folder, and ``--resume``
+reads them back (:func:`read_args`, :func:`read_state`). The folder holds ``config.yaml``,
+``args.json`` (data paths), ``metrics.csv`` / ``val.csv`` (logs), ``state.pt`` (weights, AdamW,
+GradScaler, step, RNG) and ``checkpoint/epoch_NNN/`` (the official trainable-only
+``model.safetensors`` for LoRA runs, and our ``lorat.safetensors``). Every write is
 atomic (:func:`lorat.files.write_atomic`), so a kill at any point leaves a usable folder.
 """
 
@@ -11,10 +14,12 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from lorat.checkpoint.keys import peft_to_official_keys
@@ -24,8 +29,48 @@ from lorat.errors import LoratError
 from lorat.files import write_atomic
 from lorat.model.vit import LoRAT
 
-__all__ = ["trim_log", "logged_epochs", "read_args", "read_state", "check_resume_config", "save_state",
-           "restore_state", "checkpoint_due", "checkpoint_complete", "save_checkpoint"]
+__all__ = ["TrainingRun", "write_run_files", "trim_log", "logged_epochs", "read_args", "read_state",
+           "check_resume_config", "save_state", "restore_state", "checkpoint_due", "checkpoint_complete",
+           "save_checkpoint"]
+
+
+# a dataset as :func:`lorat.data.loading.parse_data` gives it: (name, path, split or None)
+DataSource = tuple[str, str, str | None]
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """What one training run needs (``python -m lorat.train`` builds it from its options and gives
+    it to :func:`lorat.training.trainer.run_training`).
+
+    Attributes:
+        config: the run's config, ``--set`` overrides applied.
+        data: the training datasets, ``(name, path, split or None)``.
+        out: the run folder (``config.yaml``, ``args.json``, logs, checkpoints, ``state.pt``).
+        val_data: the validation datasets; empty: GOT-10k's val split when GOT-10k is trained on, else none.
+        backbone_weights: the DINOv2 (or MobileNetV2) file the backbone starts from; None: random.
+        init_weights: a single-file model the whole network starts from (fine-tuning); None: none.
+        log_every: steps between ``metrics.csv`` rows.
+        stop_after: stop, resumably, once this many steps are done in total; None: train to the end.
+        state: the resumable state read from ``out/state.pt`` (:func:`read_state`) that the run
+            continues from; None: a fresh start.
+    """
+
+    config: Config
+    data: tuple[DataSource, ...]
+    out: Path
+    val_data: tuple[DataSource, ...] = ()
+    backbone_weights: str | None = None
+    init_weights: str | None = None
+    log_every: int = 10
+    stop_after: int | None = None
+    state: dict[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def full_state(self) -> bool:
+        """Whether ``state.pt`` holds every weight: it does unless the frozen ones can be rebuilt
+        from the backbone file alone."""
+        return self.backbone_weights is None or bool(self.init_weights)
 
 
 def trim_log(path: Path, last: int) -> None:
@@ -59,6 +104,32 @@ def logged_epochs(path: Path) -> set[int]:
         return set()
     with open(path, newline="") as f:
         return {int(row[0]) for row in list(csv.reader(f))[1:] if row and row[0].isdigit()}
+
+
+def _data_argument(name: str, path: str, split: str | None) -> str:
+    """The ``NAME[:SPLIT]=PATH`` that :func:`lorat.data.loading.parse_data` read as ``(name, path, split)``."""
+    return f"{name}:{split}={path}" if split else f"{name}={path}"
+
+
+def write_run_files(run: TrainingRun) -> None:
+    """Create the run folder and write its ``config.yaml`` and ``args.json`` (data, validation data,
+    weight files, log interval: what ``--resume`` reads back with :func:`read_args`).
+
+    Each file is rewritten, atomically, only when its text changes: a resume with ``--set`` keeps
+    the new schedule, a resume on another machine the data's new paths.
+    """
+    run.out.mkdir(parents=True, exist_ok=True)
+    arguments = {"data": [_data_argument(*item) for item in run.data],
+                 "val_data": [_data_argument(*item) for item in run.val_data],
+                 "backbone_weights": run.backbone_weights, "log_every": run.log_every,
+                 "init_weights": run.init_weights}
+    _write_if_changed(run.out / "config.yaml", yaml.safe_dump(config_to_dict(run.config), sort_keys=False))
+    _write_if_changed(run.out / "args.json", json.dumps(arguments, indent=2))
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if not path.is_file() or path.read_text() != text:
+        write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def read_args(path: Path) -> dict[str, Any]:

@@ -7,8 +7,8 @@ a frame-sized mask:
   without ``--sam-weights``);
 * :class:`SamMasker`: Segment Anything (``pip install segment-anything``) prompted with the boxes,
   one image embedding per frame for all of them, one mask per box (SAM's single-mask output,
-  logits thresholded at 0). :func:`load_sam` reads an official SAM checkpoint
-  (``sam_vit_{b,l,h}_*.pth``) and builds the variant it holds from the shapes in the file.
+  logits thresholded at 0). :func:`~lorat.checkpoint.sam.load_sam` reads, checks and loads a SAM
+  checkpoint (the official ``sam_vit_{b,l,h}_*.pth``, or a smaller SAM's): see :mod:`lorat.checkpoint.sam`.
 
 Boxes are continuous xyxy in frame pixels, ``(N, 4)`` float; masks are ``(N, H, W)`` bool, the
 size of the frame.
@@ -16,27 +16,19 @@ size of the frame.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
-from lorat.errors import LoratError, WeightsError
+from lorat.checkpoint.sam import load_sam, require_segment_anything, sam_architecture
 from lorat.tracking.boxes import rasterize
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
 
-__all__ = ["BoxMasker", "filled_boxes", "SamMasker", "SamArchitecture", "sam_architecture", "build_sam", "load_sam"]
-
-_SAM_KEYS = ("image_encoder.patch_embed.proj.weight", "image_encoder.pos_embed", "image_encoder.neck.0.weight",
-             "prompt_encoder.no_mask_embed.weight", "mask_decoder.iou_token.weight")  # a SAM has these at least
-SAM_VARIANTS = {(768, 12): "vit_b", (1024, 24): "vit_l", (1280, 32): "vit_h"}  # (width, depth) -> name
+__all__ = ["BoxMasker", "filled_boxes", "SamMasker"]
 
 
 class BoxMasker(Protocol):
@@ -64,139 +56,6 @@ def filled_boxes(frame: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- Segment Anything
 
 
-@dataclass(frozen=True)
-class SamArchitecture:
-    """The SAM variant a checkpoint holds, read from its tensor shapes.
-
-    Attributes:
-        width, depth, heads: the image encoder's ViT.
-        global_blocks: indices of the encoder blocks with global attention (the others are windowed).
-        window: the windowed blocks' window size (tokens).
-        patch, image_size: patch size and input size (pixels).
-        mlp_ratio: the encoder's MLP hidden size / width.
-        prompt_dim: the prompt encoder / mask decoder width (256 in SAM).
-        decoder_mlp: the mask decoder transformer's MLP size (2048 in SAM).
-    """
-
-    width: int
-    depth: int
-    heads: int
-    global_blocks: tuple[int, ...]
-    window: int
-    patch: int
-    image_size: int
-    mlp_ratio: float
-    prompt_dim: int
-    decoder_mlp: int
-
-    @property
-    def name(self) -> str:
-        """``vit_b`` / ``vit_l`` / ``vit_h``, or a description of another size."""
-        return SAM_VARIANTS.get((self.width, self.depth), f"ViT width {self.width}, depth {self.depth}")
-
-
-def sam_architecture(state: Mapping[str, torch.Tensor], source: str = "the SAM checkpoint") -> SamArchitecture:
-    """Read the SAM variant from a state dict's shapes (see :class:`SamArchitecture`).
-
-    Raises:
-        WeightsError: the tensors are not those of a Segment Anything model.
-    """
-    missing = [k for k in _SAM_KEYS if k not in state]
-    if missing:
-        raise WeightsError(f"{source} is not a Segment Anything (SAM) model: it has no {missing[0]}")
-    try:
-        width, _, patch, _ = state["image_encoder.patch_embed.proj.weight"].shape
-        grid = state["image_encoder.pos_embed"].shape[1]
-        depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"image_encoder\.blocks\.(\d+)\.", k)))
-        rel = [state[f"image_encoder.blocks.{i}.attn.rel_pos_h"].shape for i in range(depth)]
-        hidden = state["image_encoder.blocks.0.mlp.lin1.weight"].shape[0]
-        prompt_dim = state["image_encoder.neck.0.weight"].shape[0]
-        decoder_mlp = state["mask_decoder.transformer.layers.0.mlp.lin1.weight"].shape[0]
-    except (KeyError, ValueError, IndexError) as err:
-        raise WeightsError(f"{source} is not a Segment Anything (SAM) model: no or odd tensor {err}") from None
-    global_blocks = tuple(i for i, shape in enumerate(rel) if shape[0] == 2 * grid - 1)
-    windows = {(shape[0] + 1) // 2 for i, shape in enumerate(rel) if i not in global_blocks}
-    if len(windows) > 1:
-        raise WeightsError(f"{source}: the windowed encoder blocks disagree on their window size ({sorted(windows)})")
-    return SamArchitecture(width=width, depth=depth, heads=width // rel[0][1], global_blocks=global_blocks,
-                           window=windows.pop() if windows else 14, patch=patch, image_size=grid * patch,
-                           mlp_ratio=hidden / width, prompt_dim=prompt_dim, decoder_mlp=decoder_mlp)
-
-
-def _segment_anything():
-    try:
-        import segment_anything
-    except ImportError:
-        raise LoratError("masks from SAM need the segment-anything package: pip install 'lorat[sam]' "
-                         "(or pip install segment-anything)") from None
-    return segment_anything
-
-
-def build_sam(arch: SamArchitecture) -> Sam:
-    """A randomly initialised SAM of the given architecture (SAM's own layers and constants)."""
-    _segment_anything()
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-
-    embedding = arch.image_size // arch.patch
-    sam = Sam(
-        image_encoder=ImageEncoderViT(
-            depth=arch.depth, embed_dim=arch.width, img_size=arch.image_size, mlp_ratio=arch.mlp_ratio,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=arch.heads, patch_size=arch.patch,
-            qkv_bias=True, use_rel_pos=True, global_attn_indexes=arch.global_blocks, window_size=arch.window,
-            out_chans=arch.prompt_dim),
-        prompt_encoder=PromptEncoder(embed_dim=arch.prompt_dim, image_embedding_size=(embedding, embedding),
-                                     input_image_size=(arch.image_size, arch.image_size), mask_in_chans=16),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=arch.prompt_dim, mlp_dim=arch.decoder_mlp,
-                                          num_heads=8),
-            transformer_dim=arch.prompt_dim, iou_head_depth=3, iou_head_hidden_dim=256),
-        pixel_mean=[123.675, 116.28, 103.53],
-        pixel_std=[58.395, 57.12, 57.375],
-    )
-    return sam.eval()
-
-
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle / zip errors of every kind: not a torch checkpoint
-        raise WeightsError(f"cannot read the SAM checkpoint {path}: {str(err).splitlines()[0]}") from None
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        state = state["model"]
-    if not isinstance(state, Mapping):
-        raise WeightsError(f"{path} holds a {type(state).__name__}, not a SAM state dict")
-    return dict(state)
-
-
-def load_sam(path: str | Path, device: str | torch.device = "cpu") -> Sam:
-    """Load a Segment Anything checkpoint (``.pth`` or ``.safetensors``) onto ``device``; the variant
-    (ViT-B/L/H or another size) comes from the file.
-
-    Raises:
-        LoratError: segment-anything is not installed.
-        WeightsError: the file is missing, unreadable or not a SAM model.
-    """
-    path = Path(path)
-    _segment_anything()
-    if not path.is_file():
-        raise WeightsError(f"SAM checkpoint {path} not found (the official ones are sam_vit_h_4b8939.pth, "
-                           f"sam_vit_l_0b3195.pth, sam_vit_b_01ec64.pth)")
-    state = _read_state(path)
-    sam = build_sam(sam_architecture(state, str(path)))
-    try:
-        sam.load_state_dict(state)
-    except RuntimeError as err:  # "Error(s) in loading state_dict ...:" then one line per problem
-        lines = str(err).splitlines()
-        detail = lines[1].strip() if len(lines) > 1 else str(err)
-        raise WeightsError(f"{path} does not fit a SAM {sam_architecture(state).name}: {detail}") from None
-    return sam.to(device)
-
-
 class SamMasker:
     """Box-prompted SAM masks (a :class:`BoxMasker`): one image embedding per frame, shared by all boxes.
 
@@ -205,17 +64,21 @@ class SamMasker:
     """
 
     def __init__(self, sam: Sam):
-        _segment_anything()
+        require_segment_anything()
         from segment_anything import SamPredictor
 
         self.sam = sam.eval()
         self.predictor = SamPredictor(self.sam)
 
+    @classmethod
+    def from_file(cls, path: str | Path, device: str | torch.device = "cpu") -> SamMasker:
+        """The masker of a SAM checkpoint, read, checked and loaded by :func:`~lorat.checkpoint.sam.load_sam`."""
+        return cls(load_sam(path, device))
+
     @property
     def name(self) -> str:
-        encoder = self.sam.image_encoder
-        width, depth = encoder.patch_embed.proj.out_channels, len(encoder.blocks)
-        return SAM_VARIANTS.get((width, depth), f"ViT width {width}, depth {depth}")
+        """``vit_b`` / ``vit_l`` / ``vit_h``, or the size of another SAM."""
+        return sam_architecture(self.sam.state_dict(), "the SAM model").name
 
     @torch.inference_mode()
     def __call__(self, frame: np.ndarray, boxes: np.ndarray) -> np.ndarray:
