@@ -58,7 +58,14 @@ import numpy as np
 
 from lorat import __version__
 from lorat.config import Config, config_to_dict
-from lorat.data.sequences import DATASETS, DatasetError, TrackingSequence, init_frame, read_dataset
+from lorat.data.sequences import (
+    DatasetError,
+    TrackingSequence,
+    UnknownDatasetError,
+    init_frame,
+    parse_dataset_arg,
+    read_dataset,
+)
 from lorat.errors import LoratError, listed, run_cli
 from lorat.evaluation.metrics import P20, P_NORM_02, SequenceCurves, got10k_metrics, sequence_curves, summarize_curves
 from lorat.evaluation.report import format_table, mean_curves, plot_curves, write_report
@@ -220,23 +227,23 @@ def _labels(folders: list[Path]) -> list[str]:
 
 
 def _dataset_arg(text: str, split: str | None) -> tuple[str, str, str]:
-    """``--dataset NAME=PATH`` and ``--split`` -> (name, path, split), checked.
+    """``--dataset NAME=PATH`` (or ``NAME:SPLIT=PATH``) and ``--split`` -> (name, path, split), checked.
 
     Raises:
-        LoratError: malformed argument, unknown dataset, empty path, or a split the dataset lacks.
+        LoratError: malformed argument, unknown dataset, empty path, two different splits, or a split the
+            dataset lacks.
     """
-    if "=" not in text:
-        raise LoratError(f"--dataset expects NAME=PATH, got {text!r} (names: {', '.join(DEFAULT_SPLIT)})")
-    name, path = text.split("=", 1)
-    if name not in DATASETS or name == "coco":
-        raise LoratError(f"unknown evaluation dataset {name!r}; use one of {', '.join(DEFAULT_SPLIT)}")
-    if not path.strip():
-        raise LoratError(f"--dataset {name}= needs a path after '='")
-    split = split or DEFAULT_SPLIT[name]
-    if split not in SPLITS.get(name, (DEFAULT_SPLIT[name],)):
-        raise LoratError(f"dataset {name} has no split {split!r}; use "
-                         f"{' or '.join(SPLITS.get(name, (DEFAULT_SPLIT[name],)))}")
-    return name, path, split
+    try:
+        arg = parse_dataset_arg(text, "--dataset", names=DEFAULT_SPLIT)
+    except UnknownDatasetError as err:
+        raise LoratError(f"unknown evaluation dataset {err.name!r}; use one of {', '.join(DEFAULT_SPLIT)}") from None
+    if arg.split is not None and split is not None and arg.split != split:
+        raise LoratError(f"--dataset {text} asks for split {arg.split!r}, --split for {split!r}; give one")
+    split = split or arg.split or DEFAULT_SPLIT[arg.name]
+    splits = SPLITS.get(arg.name, (DEFAULT_SPLIT[arg.name],))
+    if split not in splits:
+        raise LoratError(f"dataset {arg.name} has no split {split!r}; use {' or '.join(splits)}")
+    return arg.name, arg.path, split
 
 
 def _read(name: str, path: str, split: str) -> list[TrackingSequence]:

@@ -1,6 +1,6 @@
-"""A literal, slow re-statement of the official tracking loop (the official tracker: template mask, SiamFC crop, post-processing).
+"""A literal, slow re-statement of the official tracking loop (template mask, SiamFC crop, post-processing).
 
-Written straight from the spec with numpy float64 geometry and ``F.interpolate`` on integer
+Written straight from the official code's arithmetic with numpy float64 geometry and ``F.interpolate`` on integer
 slices, one frame at a time, so the device-side batched implementation in ``lorat`` can be
 checked against it for any grid, crop size or area factor.
 """

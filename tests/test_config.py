@@ -74,3 +74,23 @@ def test_overrides_and_missing_file(tmp_path):
 def test_swiglu_hidden_rule():
     assert swiglu_hidden_size(1536, 4) == 4096  # ViT-g
     assert swiglu_hidden_size(100, 4) == 272  # int(400 * 2 / 3) = 266 -> rounded up to 8
+
+
+def test_one_dataset_argument_syntax():
+    """``NAME=PATH`` and ``NAME:SPLIT=PATH``, for training (--data) and evaluation (--dataset) alike."""
+    from lorat.data.sequences import parse_dataset_arg
+    from lorat.errors import LoratError
+    from lorat.evaluate import _dataset_arg
+
+    assert parse_dataset_arg("got10k:val=/d", "--data") == ("got10k", "/d", "val")
+    assert parse_dataset_arg("lasot=/d", "--data") == ("lasot", "/d", None)
+    for bad in ("x", "imagenet=/d", "lasot=", "lasot:=/d"):
+        with pytest.raises(LoratError):
+            parse_dataset_arg(bad, "--data")
+    assert _dataset_arg("got10k:test=/d", None) == ("got10k", "/d", "test")
+    assert _dataset_arg("got10k=/d", None) == ("got10k", "/d", "val")
+    for text, split, message in [("coco=/d", None, "unknown evaluation dataset 'coco'"),
+                                 ("got10k:val=/d", "test", "asks for split 'val', --split for 'test'"),
+                                 ("lasot=/d", "val", "dataset lasot has no split 'val'")]:
+        with pytest.raises(LoratError, match=message):
+            _dataset_arg(text, split)

@@ -27,7 +27,7 @@ def test_spec_search_crop_example():
 
 
 def test_spec_template_mask_example():
-    """Template mask as the official code computes it: the box maps to (28.035, 28.313, 83.617, 84.104), cells c 2..5, r 2..6."""
+    """The official template mask: the box maps to (28.035, 28.313, 83.617, 84.104), cells c 2..5, r 2..6."""
     box = torch.tensor([[100.3, 120.7, 180.2, 200.9]], dtype=torch.float64)
     frame = _frame()
     s, t = nominal_crop_params(box, 2.0, (112, 112))

@@ -36,7 +36,8 @@ def _namespace(tmp_path: Path) -> dict:
 
 
 def _run(code: str, namespace: dict) -> dict:
-    code = code.replace('"LoRAT-B-224"', repr(str(bundled_weights()))).replace('"clip.mp4"', repr(str(namespace["clip"])))
+    code = code.replace('"LoRAT-B-224"', repr(str(bundled_weights())))
+    code = code.replace('"clip.mp4"', repr(str(namespace["clip"])))
     exec(compile(code, str(README), "exec"), namespace)  # noqa: S102 (the README's own example)
     return namespace
 

@@ -197,3 +197,11 @@ def test_hostile_sam_files_refused_before_building(sam_state, sam_builds, tmp_pa
     torch.save({k: torch.zeros(shape) for k, shape in sam_state.items()} | changes, tmp_path / "bad.pth")
     with pytest.raises(WeightsError, match=rf"bad\.pth\b.*{message}"):
         load_sam(tmp_path / "bad.pth")
+
+
+def test_expanded_tensors_are_refused_before_any_use(tmp_path):
+    """A 1.4 KB .pth can hold a stride-0 view declaring 17 GB: refused before the values are looked at."""
+    path = tmp_path / "hollow.pth"
+    torch.save({"blocks.0.attn.qkv.weight": torch.zeros(1).expand(65536, 65536)}, path)
+    with pytest.raises(WeightsError, match="declare 17,179,869,184 bytes but the file stores 4"):
+        read_weights(path)

@@ -73,6 +73,19 @@ def _state_dict_of(obj: object, path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _check_stored(sd: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse tensors that declare more values than the file stores (expanded views, one storage shared
+    by many tensors): a small file must not stand for a huge state dict."""
+    stored = {}
+    for tensor in sd.values():
+        storage = tensor.untyped_storage()
+        stored[storage.data_ptr()] = storage.nbytes()
+    declared = sum(v.numel() * v.element_size() for v in sd.values())
+    if declared > sum(stored.values()):
+        raise WeightsError(f"{path}: its tensors declare {declared:,} bytes but the file stores "
+                           f"{sum(stored.values()):,} (expanded or shared tensors): refused")
+
+
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a weight file safely into CPU tensors.
 
@@ -116,6 +129,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
                 f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
             ) from None
         sd = _state_dict_of(obj, path)
+        _check_stored(sd, path)
     sd = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in sd.items()}
     damaged = sorted(k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all())
     if damaged:

@@ -297,7 +297,11 @@ def check_sam(state: StateDict, source: object = "the SAM checkpoint") -> SamArc
     values = _check_values_held(state, source)
     arch = sam_architecture(state, source)
     _check_cost(arch, values, source)
-    _check_fit(state, sam_shapes(arch), source, arch.name)
+    try:
+        expected = sam_shapes(arch)
+    except (AssertionError, ValueError, RuntimeError) as err:  # SAM's layers refusing these sizes
+        raise WeightsError(f"{source}: a SAM of {arch} cannot be built: {_first_line(err)}") from None
+    _check_fit(state, expected, source, arch.name)
     return arch
 
 

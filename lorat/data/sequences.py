@@ -222,14 +222,8 @@ def _tnl2k(root: str | Path, split: str = "test") -> list[TrackingSequence]:
     return sequences
 
 
-def _coco(root: str | Path, split: str = "train") -> list[TrackingSequence]:
-    base = _root(root, "coco")
-    ann = base / "annotations" / f"instances_{split}2017.json"
-    if not ann.is_file():
-        raise DatasetError(f"dataset coco: {ann} not found")
-    images_dir = next((p for p in (base / "images" / f"{split}2017", base / f"{split}2017") if p.is_dir()), None)
-    if images_dir is None:
-        raise DatasetError(f"dataset coco: neither images/{split}2017 nor {split}2017 exists in {base}")
+def _coco_annotations(ann: Path) -> tuple[dict[int, str], dict[int, list[list[float]]]]:
+    """``instances_*.json`` -> (image file names by image id, the non-crowd ``x,y,w,h`` boxes by image id)."""
     try:
         data = json.loads(ann.read_text())
         images = {img["id"]: img["file_name"] for img in data["images"]}
@@ -239,6 +233,18 @@ def _coco(root: str | Path, split: str = "train") -> list[TrackingSequence]:
                 objects.setdefault(a["image_id"], []).append(a["bbox"])
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise DatasetError(f"{ann}: malformed COCO annotations ({err})") from None
+    return images, objects
+
+
+def _coco(root: str | Path, split: str = "train") -> list[TrackingSequence]:
+    base = _root(root, "coco")
+    ann = base / "annotations" / f"instances_{split}2017.json"
+    if not ann.is_file():
+        raise DatasetError(f"dataset coco: {ann} not found")
+    images_dir = next((p for p in (base / "images" / f"{split}2017", base / f"{split}2017") if p.is_dir()), None)
+    if images_dir is None:
+        raise DatasetError(f"dataset coco: neither images/{split}2017 nor {split}2017 exists in {base}")
+    images, objects = _coco_annotations(ann)
     sequences = []
     for image_id, boxes in sorted(objects.items()):
         tracks = [_track(np.asarray([b], dtype=np.float64)) for b in boxes]

@@ -1,4 +1,7 @@
-"""The anchor-free MLP head: a score logit and a box per search token (the official ``trackit/models/methods/LoRAT/modules/head/mlp.py``)."""
+"""The anchor-free MLP head: a score logit and a box per search token.
+
+As the official ``trackit/models/methods/LoRAT/modules/head/mlp.py``.
+"""
 
 from __future__ import annotations
 

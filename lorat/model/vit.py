@@ -5,7 +5,8 @@ crop in the current frame) share one spatial position grid: the search crop uses
 ``pos_embed`` grid and the template its top-left sub-grid, so both are in the same pixel scale.
 A 3-row token-type embedding marks template background (0), template foreground (1) and search
 (2) tokens. Template tokens come first; all blocks run with full self-attention; the final norm
-is applied and the search tokens go to the head (the paper, Sec. 3; the official ``trackit/models/methods/LoRAT/lorat.py``).
+is applied and the search tokens go to the head (the paper, Sec. 3; the official
+``trackit/models/methods/LoRAT/lorat.py``).
 
 State-dict keys follow the official merged inference model (``pos_embed``, ``token_type_embed``,
 ``patch_embed.proj.*``, ``blocks.N.{norm1,attn.qkv,attn.proj,ls1.gamma,norm2,mlp.fc1,mlp.fc2,

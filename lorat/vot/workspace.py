@@ -1,6 +1,6 @@
-"""``python -m lorat.vot_workspace DIR``: an offline VOT-toolkit workspace with generated sequences.
+"""``python -m lorat.vot.workspace DIR``: an offline VOT-toolkit workspace with generated sequences.
 
-    python -m lorat.vot_workspace vot-ws --weights LoRAT-B-224        # 3 sequences, box ground truth
+    python -m lorat.vot.workspace vot-ws --weights LoRAT-B-224        # 3 sequences, box ground truth
     vot evaluate --workspace vot-ws LoRAT
     vot analysis --workspace vot-ws LoRAT
 
@@ -12,6 +12,7 @@ and ``trackers.ini`` with a ``LoRAT`` entry for ``python -m lorat.vot`` and the 
 (see ``python -m lorat.vot --help``). ``--masks`` writes mask ground truth (a segmentation stack:
 the tracker answers masks), ``--objects N`` several objects per sequence (multi-object stack).
 It is for trying the integration and the toolkit end to end; the numbers it gives are not a benchmark.
+(``python -m lorat.vot_workspace`` is the older name of this command.)
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def write_workspace(folder: Path, tracker_argv: Sequence[str] = (), sequences: i
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lorat.vot_workspace",
+    p = argparse.ArgumentParser(prog="python -m lorat.vot.workspace",
                                 description=__doc__.split("\n")[0].split(": ", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.split("\n")[1:]))
