@@ -80,7 +80,7 @@ from lorat.evaluation.results import (
 )
 from lorat.files import write_atomic
 from lorat.options import ModelOptions, add_model_arguments
-from lorat.runtime import Distributed, dtype_name, set_threads
+from lorat.runtime import Distributed, dtype_name
 
 if TYPE_CHECKING:  # torch and the model load once the arguments are parsed: --help stays instant
     import torch
@@ -315,8 +315,7 @@ def _run(args: argparse.Namespace) -> int:
     from lorat.checkpoint.loader import load
     from lorat.evaluation.runner import track_sequences
 
-    options = ModelOptions.from_args(args)
-    set_threads(options.threads)
+    options = ModelOptions.from_args(args)  # the loader sets the threads
     with Distributed(options.device) as env:
         sequences = _trackable(name, split, _read(name, path, split), verbose=env.main)
         loaded = load(dataclasses.replace(options, device=env.device), say=None)

@@ -100,6 +100,12 @@ def load_model(
         (model, config).
     """
     path, config, backbone = _resolve(weights, config, backbone_weights)
+    return _load_file(path, config, backbone, device, dtype)
+
+
+def _load_file(path: Path, config: Config | None, backbone: Path | None, device: torch.device | str = "cpu",
+               dtype: torch.dtype | None = None) -> tuple[LoRAT, Config]:
+    """:func:`load_model` once a named model is resolved to its files."""
     sd, meta = read_weights(path)
     fmt = detect_format(sd, meta)
     if fmt == "lorat":
@@ -177,7 +183,7 @@ def load(options: ModelOptions, say: Callable[[str], object] | None = print, cas
         raise LoratError(f"{weights} is an ONNX model: use the onnxruntime backend")
     device = resolve_device(options.device)
     path, config, backbone = _resolve(weights, config, options.backbone_weights)
-    model, config = load_model(path, config, backbone, device=device)
+    model, config = _load_file(path, config, backbone, device=device)
     dtype = resolve_dtype(options.dtype, device, config.model.backbone.embed_dim)
     if cast:
         cast_for_autocast(model, dtype)
