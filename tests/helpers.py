@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -107,3 +109,21 @@ def bright_spot_model(cfg: Config) -> LoRAT:
         half = 1.0 / (2 * cfg.tracking.search_area_factor)
         model.head.reg_mlp.layers[2].bias.fill_(float(torch.logit(torch.tensor(half))))
     return model
+
+
+ADDRESS_SPACE_CAP_GB = 8.0  # torch + lorat + onnxruntime map about 3.7 GB of address space before any work
+
+
+def run_capped(args: list[str], limit_gb: float = ADDRESS_SPACE_CAP_GB, timeout: float = 120,
+               **kwargs) -> subprocess.CompletedProcess:
+    """``python *args`` with its address space capped (RLIMIT_AS): a regression that allocates what a
+    hostile file asks for fails at once (MemoryError, exit 1 with a traceback) instead of swapping."""
+
+    def cap() -> None:
+        import resource
+
+        limit = int(limit_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return subprocess.run([sys.executable, *args], preexec_fn=cap, capture_output=True, text=True, timeout=timeout,
+                          **kwargs)
