@@ -1,4 +1,4 @@
-"""LoRAT web demo: upload a video, draw the target box(es) on the first frame, track.
+"""LoRAT web demo: upload a video, draw the target box(es) on the start frame, track.
 
     python apps/gradio_app.py [--host 0.0.0.0] [--port 7860] [--weights FILE ...] [--device cpu]
 
@@ -9,14 +9,23 @@ Settings: a flag, else the first environment variable set of those listed, else 
     --weights        LORAT_WEIGHTS (comma-separated)   the bundled demo model
     --device         LORAT_DEVICE                      auto
     --dtype, --threads                                 auto, torch's choice (the model options of every command)
-    --max-frames     LORAT_MAX_FRAMES                  3000 (longer videos are refused)
+    --max-frames     LORAT_MAX_FRAMES                  3000 (longer videos are trimmed to this many frames from
+                                                            the start frame, not refused)
     --max-side       LORAT_MAX_SIDE                    1920 (videos with a longer frame side are refused)
     --max-upload-mb  LORAT_MAX_UPLOAD_MB               200
 
 Models are loaded once at start-up and shared by every request; requests wait in Gradio's
 queue. Frames are read and written one at a time, so long videos do not fill memory; the frame
-size limit (checked on upload, before a frame is decoded, and again on Track) bounds the time one
-request holds the worker.
+count limit (a longer video is trimmed) and the frame size limit (checked on upload, before a frame
+is decoded, and again on Track) bound the time one request holds the worker. A Track whose client
+has gone (a closed page, a killed API client, a cancelled job) stops after its current frame, as
+Stop does, so it does not keep the next user waiting.
+
+API (``gradio_client``; the boxes and the start frame are kept per client session):
+``/load_first_frame(video)``; ``/start_frame(start, video=None)`` (the video of ``/load_first_frame``
+when none is given; it clears the boxes); ``/add_typed_box(text)`` (``"x,y,w,h"``, one call per
+target; a box (nearly) identical to one already selected is refused); ``/clear_boxes()``;
+``/track(video, model_name, threshold)``; ``/stop()``.
 
 Files: each Track request writes into its own folder under one folder of this app,
 ``$TMPDIR/lorat_app_<pid>_*``. Gradio copies returned files into its cache before serving them,
@@ -24,9 +33,11 @@ so only the newest ``KEEP_RESULTS`` request folders are kept; the app's folder i
 stops (Ctrl-C or SIGTERM), and folders of apps that were killed are removed at the next start.
 Gradio's cache (uploads, served copies) drops files older than an hour (``delete_cache``).
 
-A bad upload, box or request is refused with a message on the page (server paths cut to the
-file's name) and one ``refused: ...`` line in the server log, not a traceback; the app keeps
-serving. Uses only the public ``lorat`` API.
+A bad upload, box or request (an API call with wrong arguments included) is refused with a message
+on the page (server paths cut to the file's name) and one ``refused: ...`` line in the server log,
+not a traceback; the app keeps serving. The webcam source says on the page when the browser has no
+camera or denies access to it. Uses only the public ``lorat`` API; of Gradio, besides its public API,
+two internals: the input checks of ``Blocks.preprocess_data`` and the queue's record of running events.
 """
 
 from __future__ import annotations
@@ -66,6 +77,7 @@ _STOPS: dict[str, threading.Event] = {}  # session -> "stop the running Track" (
 _STOPS_LOCK = threading.Lock()
 KEEP_RESULTS = 4  # request folders kept; Gradio has its own copy of the files once a request returns
 CACHE_LIFETIME_S = 3600  # Gradio's cached uploads and results older than this are deleted
+SAME_BOX_IOU = 0.9  # a new box overlapping a selected one more than this (intersection over union) is refused
 log = logging.getLogger("lorat.app")
 
 
@@ -172,10 +184,54 @@ def _refuse(message: str, *paths: str | os.PathLike) -> gr.Error:
     return gr.Error(message, print_exception=False)
 
 
+class _Blocks(gr.Blocks):
+    """``gr.Blocks`` whose refusal of a bad call is the app's own: Gradio checks each input (a file, a
+    number in the slider's range, one of the menu's choices) before calling a handler, and an API call
+    with wrong arguments (``client.predict(0, api_name="/load_first_frame")``) fails there with a
+    traceback in the log; here it is one ``refused:`` line and a message naming the endpoint's inputs."""
+
+    async def preprocess_data(self, block_fn, *args, **kwargs):  # Gradio's internal step before a handler
+        try:
+            return await super().preprocess_data(block_fn, *args, **kwargs)
+        except Exception as err:  # noqa: BLE001 (every failure here is a bad input; gr.Error included)
+            raise _refuse(f"Bad call of /{block_fn.api_name}({_endpoint_inputs(block_fn)}): "
+                          f"{_input_error(err)}") from None
+
+
+def _endpoint_inputs(block_fn) -> str:
+    """The API's view of an endpoint's inputs: its handler's parameter names (with a default if any),
+    without the session state, e.g. ``start, video=None``."""
+    import inspect
+
+    try:
+        parameters = list(inspect.signature(block_fn.fn).parameters.values())
+    except (TypeError, ValueError):
+        return "..."
+    names = []
+    for parameter, component in zip(parameters, block_fn.inputs, strict=False):
+        if not getattr(component, "stateful", False):
+            default = "" if parameter.default is inspect.Parameter.empty else f"={parameter.default!r}"
+            names.append(parameter.name + default)
+    return ", ".join(names)
+
+
+def _input_error(err: Exception) -> str:
+    """What was wrong with an input, in a line: Gradio's message, or pydantic's for a file that is not one."""
+    errors = getattr(err, "errors", None)
+    if callable(errors):  # pydantic's ValidationError: a file input given something else
+        first = (errors() or [{}])[0]
+        if "FileData" in str(getattr(err, "title", "")):
+            return f"{first.get('input')!r} is not a file (send files as gradio_client.handle_file(path))"
+        return str(first.get("msg", err))
+    text = getattr(err, "message", None) or str(err)
+    expected = [part for part in str(text).split("\n\n") if part.startswith("Expected")]
+    return " ".join((expected[0] if expected else str(text)).split())
+
+
 # ---- handlers ------------------------------------------------------------------------------------
 
 def _empty_state() -> dict:
-    return {"boxes": [], "pending": None, "frame": None, "start": 0}
+    return {"boxes": [], "pending": None, "frame": None, "start": 0, "video": None}
 
 
 def _is_example(video: str) -> bool:
@@ -190,6 +246,31 @@ def _stop_event(request: gr.Request | None) -> threading.Event:
     key = getattr(request, "session_hash", None) or "no-session"
     with _STOPS_LOCK:
         return _STOPS.setdefault(key, threading.Event())
+
+
+def _client_gone() -> Callable[[], bool]:
+    """For the running request: a check whether its client has gone, so its Track can stop (see ``track``).
+
+    Gradio runs a sync handler in a worker thread that nothing stops: when the client's event stream
+    closes (a closed page, a killed API client) the queue only marks the event not ``alive``, and a
+    cancelled event (``/cancel``, ``Job.cancel()``) leaves the running jobs while its thread goes on.
+    Outside Gradio's queue (a direct call) the check is always False.
+    """
+    from gradio.context import LocalContext
+
+    blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+    queue = getattr(blocks, "_queue", None)
+    if queue is None or not event_id or not hasattr(queue, "active_jobs"):
+        return lambda: False
+
+    def gone() -> bool:
+        for job in list(queue.active_jobs):
+            for event in job or ():
+                if getattr(event, "_id", None) == event_id:
+                    return not getattr(event, "alive", True)
+        return True  # no longer among the running jobs: cancelled
+
+    return gone
 
 
 def stop_tracking(request: gr.Request) -> str:
@@ -240,7 +321,7 @@ def make_load_fn(limits: Limits) -> Callable[..., tuple]:
             source.close()
         if frame is None:
             raise _refuse("The first frame of this video cannot be decoded.", video)
-        state = {**_empty_state(), "frame": frame}
+        state = {**_empty_state(), "frame": frame, "video": video}
         if count and count > limits.max_frames:
             info += f"Longer than the {limits.max_frames} frames this demo tracks: it will be trimmed. "
         if _is_example(video):
@@ -257,10 +338,14 @@ def make_load_fn(limits: Limits) -> Callable[..., tuple]:
 def make_start_fn(limits: Limits) -> Callable[..., tuple]:
     """The handler of the start-frame slider: show that frame for drawing; tracking will start there."""
 
-    def show_start_frame(video: str | None, start: float, state: dict) -> tuple[np.ndarray, dict, str]:
+    def show_start_frame(start: float, video: str | None = None, state: dict | None = None
+                         ) -> tuple[np.ndarray, dict, str]:
+        """Frame ``start`` (from 0) of ``video``, or of the session's video when none is given (an API
+        call after ``/load_first_frame``); the boxes are cleared, to be drawn on that frame."""
+        video = video or (state or {}).get("video")
         if not video:
             raise _refuse("Load a video first.")
-        index = int(start)
+        index = int(start or 0)
         source = _open_video(video, limits.max_side)
         try:
             frame = next((f for i, f in itertools.islice(source, index, index + 1)), None)
@@ -268,7 +353,7 @@ def make_start_fn(limits: Limits) -> Callable[..., tuple]:
             source.close()
         if frame is None:
             raise _refuse(f"Frame {index + 1} of this video cannot be decoded; pick another start frame.")
-        state = {**_empty_state(), "frame": frame, "start": index}
+        state = {**_empty_state(), "frame": frame, "start": index, "video": video}
         return frame.copy(), state, (f"Start frame {index + 1}: click two opposite corners of each target there "
                                      f"(tracking starts on this frame).")
 
@@ -287,11 +372,33 @@ def _boxes_text(boxes: list) -> str:
         f"#{i + 1} {', '.join(f'{v:.0f}' for v in b)}" for i, b in enumerate(boxes))
 
 
+def _iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two x,y,w,h boxes."""
+    w = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    h = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    inter = max(w, 0.0) * max(h, 0.0)
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _check_new_box(box: list[float], boxes: list) -> None:
+    """Refuse a box identical, or nearly (IoU above ``SAME_BOX_IOU``), to one already selected: the same
+    target would be tracked twice."""
+    for k, old in enumerate(boxes):
+        overlap = _iou(box, old)
+        if overlap > SAME_BOX_IOU:
+            raise _refuse(f"That box is (nearly) the same as target #{k + 1} (IoU {overlap:.2f} with it), so it "
+                          f"is not added: each target is tracked once. Clear the boxes to start over.")
+
+
 def click(state: dict, evt: gr.SelectData) -> tuple[np.ndarray, dict, str]:
     """Two clicks make one box (corners in either order)."""
     if state.get("frame") is None:
         raise _refuse("Load a video first.")
-    x, y = (float(v) for v in evt.index)
+    index = getattr(evt, "index", None)
+    if not isinstance(index, (list, tuple)) or len(index) != 2:  # e.g. /click called through the API
+        raise _refuse("Click two opposite corners on the image (through the API, use /add_typed_box).")
+    x, y = (float(v) for v in index)
     if state["pending"] is None:
         state["pending"] = (x, y)
         message = f"First corner at ({x:.0f}, {y:.0f}); click the opposite corner."
@@ -300,6 +407,7 @@ def click(state: dict, evt: gr.SelectData) -> tuple[np.ndarray, dict, str]:
         box = [min(x0, x), min(y0, y), abs(x - x0), abs(y - y0)]
         if box[2] < 2 or box[3] < 2:
             raise _refuse("That box is too small; click two opposite corners.")
+        _check_new_box(box, state["boxes"])
         state["boxes"].append(box)
         message = _boxes_text(state["boxes"])
     return _draw_selection(state["frame"], state["boxes"], state["pending"]), state, message
@@ -311,7 +419,7 @@ def parse_box(text: str, width: int, height: int) -> tuple[list[float], bool]:
     Raises:
         gr.Error: not four finite numbers, a size that is not positive, or no overlap with the frame.
     """
-    values = list(parse_xywh(text) or ())
+    values = list((parse_xywh(text) if isinstance(text, str) else None) or ())
     if len(values) != 4 or not all(map(math.isfinite, values)) or values[2] <= 0 or values[3] <= 0:
         raise _refuse("Type the box as four finite numbers x,y,w,h with a positive width and height.")
     x, y, w, h = values
@@ -323,11 +431,13 @@ def parse_box(text: str, width: int, height: int) -> tuple[list[float], bool]:
 
 
 def add_typed_box(text: str, state: dict) -> tuple[np.ndarray, dict, str]:
-    """A box typed as x,y,w,h (for precise placement); only a valid box reaches the state."""
+    """A box typed as x,y,w,h (for precise placement); only a valid box, not one of those already
+    selected, reaches the state."""
     frame = state.get("frame")
     if frame is None:
         raise _refuse("Load a video first.")
     box, clipped = parse_box(text, frame.shape[1], frame.shape[0])
+    _check_new_box(box, state["boxes"])
     state["boxes"].append(box)
     message = _boxes_text(state["boxes"]) + (" (the last box was clipped to the frame)" if clipped else "")
     return _draw_selection(frame, state["boxes"], state["pending"]), state, message
@@ -358,10 +468,11 @@ def _score_plot(scores: np.ndarray, threshold: float):
 
 
 def _track_frames(tracker: lorat.Tracker, source: FrameSource, boxes: list, writer: VideoWriter, threshold: float,
-                  start: int, count: int, stop: threading.Event, progress: gr.Progress
-                  ) -> tuple[list[tuple], list[list[float]]]:
+                  start: int, count: int, stop: threading.Event, progress: gr.Progress,
+                  gone: Callable[[], bool] = lambda: False) -> tuple[list[tuple], list[list[float]]]:
     """Track ``boxes`` from frame ``start`` for at most ``count`` frames of ``source`` into ``writer``:
-    rows (frame, target, x, y, w, h, score), scores. Stops early when ``stop`` is set.
+    rows (frame, target, x, y, w, h, score), scores. Stops early when ``stop`` is set or the client is
+    ``gone()`` (both checked after each frame).
 
     An undecodable frame repeats the previous boxes with score 0 and the last picture (line k = frame k).
     """
@@ -377,7 +488,7 @@ def _track_frames(tracker: lorat.Tracker, source: FrameSource, boxes: list, writ
             rows.extend((number, k + 1, *r.box, r.score) for k, r in enumerate(result.targets))
             scores.append([r.score for r in result.targets])
             progress((result.index + 1) / count, desc=f"frame {number}")
-            if stop.is_set():
+            if stop.is_set() or gone():
                 break
     except lorat.LoratError as err:
         raise _refuse(str(err)) from None
@@ -414,16 +525,20 @@ def make_track_fn(models: Models, limits: Limits, results: ResultFolders) -> Cal
         source = _open_video(video, limits.max_side)
         left = (source.frame_count - start) if source.frame_count else limits.max_frames
         count = min(left, limits.max_frames)
-        stop = _stop_event(request)
+        stop, gone = _stop_event(request), _client_gone()
         stop.clear()
         tracker = models.tracker(model_name)
         out = results.new()
         try:
             with VideoWriter(out / "tracked.mp4", source.fps, (source.width, source.height)) as writer:
                 rows, scores = _track_frames(tracker, source, boxes, writer, threshold, start, max(count, 1), stop,
-                                             progress)
+                                             progress, gone)
         finally:
             source.close()
+        if gone():  # nobody to answer: say so in the log and free the worker for the next request
+            log.info("cancelled: the client left; tracking stopped at frame %d of %d-%d", start + len(scores),
+                     start + 1, start + count)
+            raise gr.Error("The client left; tracking stopped.", print_exception=False)
         if not scores:
             raise _refuse(f"No frame of this video could be decoded from frame {start + 1}.")
         files = _write_box_files(out, rows, len(boxes)) + [str(out / "tracked.mp4")]
@@ -441,9 +556,58 @@ def make_track_fn(models: Models, limits: Limits, results: ResultFolders) -> Cal
     return track
 
 
+# The webcam source fails in the browser only (no camera, access denied, a page that is not https or
+# localhost): Gradio logs it to the console and shows nothing. This page-load script wraps
+# getUserMedia and writes what went wrong into the note under the video input (#webcam-note).
+WEBCAM_NOTE_JS = """
+() => {
+  const show = (text) => {
+    const box = document.getElementById("webcam-note");
+    const line = document.getElementById("webcam-note-text");
+    if (!box || !line) return;
+    line.textContent = text;
+    box.style.display = text ? "" : "none";
+  };
+  const explain = (err) => {
+    const name = (err && err.name) || "";
+    if (["NotFoundError", "DevicesNotFoundError", "OverconstrainedError"].includes(name))
+      return "Webcam: no camera was found. Connect one, or upload a video instead.";
+    if (["NotAllowedError", "PermissionDeniedError", "SecurityError"].includes(name))
+      return "Webcam: access to the camera was denied. Allow it in the browser's site settings (the icon "
+        + "in the address bar) and reload the page, or upload a video instead.";
+    if (["NotReadableError", "TrackStartError", "AbortError"].includes(name))
+      return "Webcam: the camera is in use by another program or could not be started.";
+    return "Webcam: the camera could not be opened (" + (name || "error") + ": "
+      + ((err && err.message) || err) + ").";
+  };
+  show("");
+  const media = navigator.mediaDevices;
+  if (!media || !media.getUserMedia) {  // only a secure page (https or localhost) has cameras
+    document.addEventListener("click", (event) => {
+      if (event.target.closest && event.target.closest("#video-input button[aria-label='Capture from camera']"))
+        show("Webcam: the browser offers cameras to secure pages only (https:// or localhost); "
+          + "upload a video instead.");
+    }, true);
+    return;
+  }
+  const open = media.getUserMedia.bind(media);
+  media.getUserMedia = async (constraints) => {
+    try {
+      const stream = await open(constraints);
+      show("");
+      return stream;
+    } catch (err) {
+      show(explain(err));
+      throw err;
+    }
+  };
+}
+"""
+
+
 def build_app(models: Models, limits: Limits, results: ResultFolders, note: str = "") -> gr.Blocks:
     """The Blocks app; ``note`` is shown under the title (e.g. which model is loaded)."""
-    with gr.Blocks(title="LoRAT tracker", delete_cache=(CACHE_LIFETIME_S // 2, CACHE_LIFETIME_S)) as demo:
+    with _Blocks(title="LoRAT tracker", delete_cache=(CACHE_LIFETIME_S // 2, CACHE_LIFETIME_S)) as demo:
         gr.Markdown("# LoRAT visual object tracker\nUpload a video (or pick the example), click two opposite "
                     "corners of the target on the first frame, press **Track**." + (f"\n\n{note}" if note else ""))
         state = gr.State(_empty_state())
@@ -451,6 +615,8 @@ def build_app(models: Models, limits: Limits, results: ResultFolders, note: str 
             with gr.Column():
                 video = gr.Video(label="Video (upload or record with the webcam)", sources=["upload", "webcam"],
                                  elem_id="video-input")
+                # filled by WEBCAM_NOTE_JS when the camera fails
+                gr.HTML('<p id="webcam-note-text" role="alert"></p>', elem_id="webcam-note")
                 if EXAMPLE.is_file():
                     gr.Examples([[str(EXAMPLE)]], inputs=[video], label="Example (OpenCV's box.mp4, box included)")
                 start = gr.Slider(0, 1, value=0, step=1, label="Start frame (move it to start, or re-initialise, "
@@ -474,14 +640,16 @@ def build_app(models: Models, limits: Limits, results: ResultFolders, note: str 
                 downloads = gr.File(label="Downloads (boxes: pytracking text and CSV; video)", file_count="multiple",
                                     elem_id="downloads")
         video.change(make_load_fn(limits), video, [first, state, status, start], api_name="load_first_frame")
-        start.input(make_start_fn(limits), [video, start, state], [first, state, status], api_name="start_frame",
+        start.input(make_start_fn(limits), [start, video, state], [first, state, status], api_name="start_frame",
                     trigger_mode="always_last")  # the user's moves only (not the reset on upload), the latest wins
-        first.select(click, state, [first, state, status], api_name="click")
+        first.select(click, state, [first, state, status], api_name="click",
+                     api_visibility="private")  # clicks on the image only; the API adds boxes with /add_typed_box
         add.click(add_typed_box, [typed, state], [first, state, status], api_name="add_typed_box")
         clear.click(clear_boxes, state, [first, state, status], api_name="clear_boxes")
         run.click(make_track_fn(models, limits, results), [video, state, model, threshold],
                   [result, plot, downloads, status], concurrency_limit=1, api_name="track")
         stop.click(stop_tracking, None, status, api_name="stop", queue=False)
+        demo.load(None, js=WEBCAM_NOTE_JS, api_visibility="private")
     return demo
 
 
@@ -526,7 +694,8 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         "nargs": "+", "help": "weight files, several give a model menu (LORAT_WEIGHTS, comma-separated; the bundled "
                               "demo model)"}, device={"default": None})
     p.add_argument("--max-frames", type=_positive_int,
-                   help="frames tracked per request; longer videos are trimmed (LORAT_MAX_FRAMES; 3000)")
+                   help="frames tracked per request; a longer video is trimmed to this many frames from the "
+                        "start frame, not refused (LORAT_MAX_FRAMES; 3000)")
     p.add_argument("--max-side", type=_positive_int,
                    help="videos with a longer frame side are refused (LORAT_MAX_SIDE; 1920)")
     p.add_argument("--max-upload-mb", type=_positive_int, help="upload size limit (LORAT_MAX_UPLOAD_MB; 200)")

@@ -120,6 +120,7 @@ class TrainConfig:
     num_workers: int = 8  # data-loading processes per training process
     seed: int = 0  # one seed decides every sample, so runs and resumes are reproducible
     checkpoint_every: int = 10  # epochs between checkpoints (plus the last epoch)
+    save_state_every_minutes: float = 10.0  # resumable state.pt within an epoch too (0: at epoch ends only)
     max_gap: int = 100  # largest frame distance between template and search frames
     scale_jitter: float = 0.25  # search crop: log-normal scale jitter per axis
     translation_jitter: float = 3.0  # search crop: centre jitter factor
@@ -296,6 +297,8 @@ def _train_problems(cfg: Config) -> Iterator[str]:
         yield "train.batch_size must be positive and at most train.samples_per_epoch; epochs > 0"
     if tr.lr <= 0 or tr.warmup_epochs < 0 or tr.grad_clip <= 0 or tr.num_workers < 0 or tr.checkpoint_every < 1:
         yield "train: lr and grad_clip must be > 0, warmup_epochs and num_workers >= 0, checkpoint_every >= 1"
+    if tr.save_state_every_minutes < 0:
+        yield "train.save_state_every_minutes must be >= 0 (0: state.pt at epoch ends only)"
     if tr.freeze_stem and cfg.model.backbone.stem == "patch":
         yield "train.freeze_stem needs a pretrained stem (model.backbone.stem: mobilenetv2)"
     if any(w < 0 for w in tr.dataset_weights.values()):

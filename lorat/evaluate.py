@@ -73,6 +73,7 @@ from lorat.evaluation.results import (
     FILE_OFFSET,
     claim_folder,
     finished,
+    folder_lock,
     read_sequence,
     read_times,
     write_got10k_zip,
@@ -380,6 +381,12 @@ _CURVES = ("success", "precision", "norm_precision")
 
 
 def _record_tracker(path: Path, tracker: str, summary: dict, curves: SequenceCurves
+                    ) -> dict[str, tuple[dict, SequenceCurves]]:
+    with folder_lock(path):  # evaluations of other trackers may finish into the same folder at the same moment
+        return _update_metrics(path, tracker, summary, curves)
+
+
+def _update_metrics(path: Path, tracker: str, summary: dict, curves: SequenceCurves
                     ) -> dict[str, tuple[dict, SequenceCurves]]:
     """Add (or replace) ``tracker`` in a dataset folder's ``metrics.json`` -- ``{tracker: summary and
     curves}`` for every tracker evaluated into that folder -- and return all of them."""

@@ -9,8 +9,10 @@ other), so both are found through the import system (:func:`importlib.util.find_
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from contextlib import suppress
 from pathlib import Path
 
@@ -21,7 +23,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", 
 # The official rasterisation rule: a pixel counts when a box covers more than this much of it.
 RASTER_EPS = 1e-4
 
-__all__ = ["write_atomic", "bundled_weights", "bundled_config", "config_names"]
+__all__ = ["write_atomic", "natural_key", "natural_sorted", "bundled_weights", "bundled_config", "config_names"]
 
 
 def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
@@ -80,3 +82,26 @@ def bundled_config(name: str) -> Path | None:
         return None
     path = folder / f"{stem}.yaml"
     return path if path.is_file() else None
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key of a file name with its runs of digits compared as numbers: ``frame2`` < ``frame10``."""
+    return tuple(int(part) if odd else part for odd, part in zip(itertools.cycle((0, 1)), _DIGITS.split(name)))
+
+
+def natural_sorted(paths: Iterable[Path]) -> list[Path]:
+    """``paths`` in natural order of their names (see :func:`natural_key`).
+
+    Raises:
+        LoratError: two names that differ only in leading zeros (``frame01``, ``frame1``): their order is unknown.
+    """
+    ordered = sorted(paths, key=lambda p: natural_key(p.name))
+    for a, b in itertools.pairwise(ordered):
+        if natural_key(a.name) == natural_key(b.name):
+            first, second = sorted((a.name, b.name))
+            raise LoratError(f"{a.parent}: {first} and {second} have the same number (frames are read in natural "
+                             f"order, frame2 before frame10); rename or remove one")
+    return ordered

@@ -7,8 +7,11 @@
 Outputs: ``--save-txt PATH`` writes one line per frame to PATH exactly, ``x<TAB>y<TAB>w<TAB>h``
 (frame 1 = the init box), and the scores beside it in ``<stem>_scores.txt``; with several
 targets, one pair of files per target (``<stem>_1<suffix>``, ``<stem>_1_scores.txt`` ...).
-``--output`` writes an annotated video (.mp4 or .avi). Boxes may start outside the frame
-(``--init -5,10,50,50``); they are clipped to it.
+``--output`` writes an annotated video (.mp4 or .avi); from a video file, an .mp4 shows every
+frame at its own time, so a variable-frame-rate video keeps its timing. An image folder is read
+in natural order (``frame2`` before ``frame10``). Boxes may start outside the frame
+(``--init -5,10,50,50``); they are clipped to it. One box per object: two boxes that overlap
+with IoU above 0.9 are refused.
 
 Outputs are checked before the model loads (a folder, an unwritable place, the source itself or
 an image in the source folder, two outputs with one name: one ``error:`` line) and created only
@@ -166,7 +169,7 @@ class _Outputs:
         self.video: VideoWriter | None = None
         try:
             if args.output:
-                self.video = VideoWriter(args.output, source.fps, (source.width, source.height))
+                self.video = VideoWriter(args.output, source.fps, (source.width, source.height), timed=source.timed)
             for box_path, score_path in _text_paths(args.save_txt, targets):
                 self.texts.append((_create(box_path), _create(score_path)))
         except BaseException:
@@ -265,8 +268,8 @@ class _Emitter:
     """Writes one frame's results everywhere (files, video, window, progress bar) and notes targets
     that leave the frame and frames that cannot be read."""
 
-    def __init__(self, outputs: _Outputs, bar: tqdm, targets: int, args: argparse.Namespace):
-        self.outputs, self.bar, self.args = outputs, bar, args
+    def __init__(self, outputs: _Outputs, bar: tqdm, targets: int, args: argparse.Namespace, source: FrameSource):
+        self.outputs, self.bar, self.args, self.source = outputs, bar, args, source
         self.left = [False] * targets
         self.started = time.perf_counter()
 
@@ -280,7 +283,7 @@ class _Emitter:
         if (self.outputs.video or self.args.show) and frame is not None:
             drawn = draw_targets(frame, [r.box for r in results], [r.score for r in results], self.args.lost_threshold)
             if self.outputs.video:
-                self.outputs.video.write(drawn)
+                self.outputs.video.write(drawn, self.source.time_of(index))  # a video file's own timing
             if self.args.show:
                 key = _show(drawn)
         self.bar.update(1)
@@ -306,7 +309,7 @@ def _track(tracker: Tracker, frames: Iterator[np.ndarray | None], source: FrameS
     n = len(results.targets)
     outputs = _Outputs(args, n, source)  # only now: a failed start leaves existing files alone
     bar = tqdm(total=_frame_total(source, args), unit="frame", desc="tracking", disable=args.show, dynamic_ncols=True)
-    emit = _Emitter(outputs, bar, n, args)
+    emit = _Emitter(outputs, bar, n, args, source)
     done, stop_reason, finished = 0, None, False
     previous: np.ndarray = first
     try:
@@ -346,10 +349,13 @@ def _track(tracker: Tracker, frames: Iterator[np.ndarray | None], source: FrameS
 def _reselect(tracker: Tracker, frame: np.ndarray, n: int, bar: tqdm) -> None:
     """Let the user draw the targets again on the last frame (``r`` in the window)."""
     new = _select_boxes(frame)
-    if len(new) == n:
-        tracker.init(frame, new)
-    else:
+    if len(new) != n:
         bar.write(f"re-selection ignored: select exactly {n} box(es)")
+        return
+    try:
+        tracker.init(frame, new)
+    except LoratError as err:  # e.g. two boxes on one object: the targets tracked so far go on
+        bar.write(f"re-selection ignored: {err}")
 
 
 def _show(frame_rgb: np.ndarray) -> str | None:

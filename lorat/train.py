@@ -13,14 +13,19 @@ from ``--output`` by itself.
 
 A resumed run continues bit for bit (weights, AdamW, RNG states, logs) whatever stopped it, a
 signal, ``--stop-after`` or a kill -9 at any point: the data loaders draw their seeds from their
-own generators (never from the global RNG that drop-path uses); at an epoch end the checkpoint is
-written before ``state.pt`` and validation after it, and ``--resume`` writes whichever of the two
-the state's epoch still lacks; rows that ``metrics.csv`` / ``val.csv`` got after the last saved
-state are dropped. ``--resume DIR --set KEY=VALUE`` may change the schedule (``train.epochs``,
-workers, ...), not the model (``model.*``, ``train.finetune``, ``train.freeze_stem``) nor what a
-step is (``train.batch_size``, ``train.samples_per_epoch``); the change is kept in ``config.yaml``.
+own generators (never from the global RNG that drop-path uses); ``state.pt`` is written every
+``train.save_state_every_minutes`` (10; 0: at epoch ends only) and at every epoch end, where the
+checkpoint is written before it and validation after it, and ``--resume`` writes whichever of the
+two the state's epoch still lacks; rows that ``metrics.csv`` / ``val.csv`` got after the last saved
+state are dropped, and so are the temporary files of killed writers. ``--resume DIR --set KEY=VALUE``
+may change the schedule (``train.epochs``, workers, ...), not the model (``model.*``,
+``train.finetune``, ``train.freeze_stem``) nor what a step is (``train.batch_size``,
+``train.samples_per_epoch``); the change is kept in ``config.yaml``. Nor may it change the data
+unless ``--allow-other-data`` is given: ``data.json`` holds the data's fingerprint (per dataset:
+split, sequence and frame counts, a hash of the sequences' names and lengths; not the paths, so the
+same data may move). One training at a time per folder: a second one is refused (``.lock``).
 
-Outputs in ``--output``: ``config.yaml``, ``args.json`` (data paths, for ``--resume``);
+Outputs in ``--output``: ``config.yaml``, ``args.json`` (data paths, for ``--resume``), ``data.json``;
 ``metrics.csv`` (per step: loss, cls, reg, lr, samples/s) and ``val.csv`` (per epoch), the same
 numbers as TensorBoard events in ``tensorboard/`` (``tensorboard --logdir DIR/tensorboard``);
 ``checkpoint/epoch_NNN/model.safetensors`` (the official trainable-only format) and
@@ -34,6 +39,7 @@ import argparse
 import dataclasses
 import os
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -72,6 +78,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", type=int, metavar="STEPS", help="stop (resumably) after this many steps in total")
     p.add_argument("--log-every", type=int, metavar="STEPS",
                    help="steps between metrics.csv rows (default 10; a resumed run keeps its own)")
+    p.add_argument("--allow-other-data", action="store_true",
+                   help="with --resume: go on with data other than the run's (recorded in data.json; the run is "
+                        "then no longer reproducible)")
     return p
 
 
@@ -83,11 +92,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.resume or args.output
     if out is None:
         raise LoratError("give --output DIR (or --resume DIR)")
-    run = _resumed_run(args, out) if _resuming(args, out) else _new_run(args, out)
-    with Distributed(args.device, types=("cpu", "cuda")) as env:
-        if run.backbone_weights is None and run.init_weights is None and run.state is None:
-            run = dataclasses.replace(run, backbone_weights=_pretrained_backbone(run.config, env))
-        return run_training(run, env)
+    if args.resume is not None and not out.is_dir():
+        raise LoratError(f"nothing to resume: {out} not found")
+    with ExitStack() as folder:
+        refusal = _hold(folder, out)
+        run = None if refusal else _resumed_run(args, out) if _resuming(args, out) else _new_run(args, out)
+        with Distributed(args.device, types=("cpu", "cuda")) as env:
+            if not env.agree(refusal is None):  # rank 0 could not lock the folder: every rank stops
+                raise LoratError(refusal or f"{out} is in use by another training (rank 0 could not lock it)")
+            if run.backbone_weights is None and run.init_weights is None and run.state is None:
+                run = dataclasses.replace(run, backbone_weights=_pretrained_backbone(run.config, env))
+            return run_training(run, env)
+
+
+def _hold(folder: ExitStack, out: Path) -> str | None:
+    """Lock the run folder for this training until ``folder`` closes, before anything reads or
+    writes it (rank 0 only: it alone writes there); None, or why another training holds it.
+
+    Raises:
+        LoratError: the folder is held and this is a job of one process (under torchrun, rank 0
+            first tells the other processes, which wait for it in the process group).
+    """
+    from lorat.training.run_folder import try_hold_run_folder
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    refusal = try_hold_run_folder(folder, out)
+    if refusal is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        raise LoratError(refusal)
+    return refusal
 
 
 def _resuming(args: argparse.Namespace, out: Path) -> bool:
@@ -113,12 +146,30 @@ def _resumed_run(args: argparse.Namespace, out: Path) -> TrainingRun:
 
     state_path = out / "state.pt"
     if not state_path.is_file():
-        raise LoratError(f"nothing to resume: {state_path} not found")
+        raise _nothing_to_resume(args, out)
     state = read_state(state_path)
     saved = read_args(out / "args.json")
     config = load_config(out / "config.yaml", args.set)  # schedule overrides allowed (more epochs, workers)
     check_resume_config(config, state, state_path)
     return _training_run(args, out, config, saved, state)
+
+
+def _nothing_to_resume(args: argparse.Namespace, out: Path) -> LoratError:
+    """The error for a run folder without ``state.pt``: for a run killed before it saved one (its
+    ``config.yaml`` and ``args.json`` are there, maybe a checkpoint), the command that starts it again."""
+    from lorat.training.run_folder import read_args, restart_command
+
+    if not ((out / "config.yaml").is_file() and (out / "args.json").is_file()):
+        return LoratError(f"nothing to resume: {out / 'state.pt'} not found")
+    saved = read_args(out / "args.json")
+    given = {"data": args.data, "val_data": args.val_data, "backbone_weights": args.backbone_weights,
+             "log_every": args.log_every}
+    arguments = {**saved, **{key: value for key, value in given.items() if value}}
+    checkpoints = sorted(p.parent.name for p in (out / "checkpoint").glob("epoch_*/lorat.safetensors"))
+    kept = (f"; checkpoint/{checkpoints[-1]} holds its weights but not the optimiser state a resume needs"
+            if checkpoints else "")
+    return LoratError(f"nothing to resume: the run in {out} stopped before it saved its first state.pt{kept}; "
+                      f"start it again from step 0 (the same run) with: {restart_command(out, arguments)}")
 
 
 def _training_run(args: argparse.Namespace, out: Path, config: Config, saved: dict, state: dict | None) -> TrainingRun:
@@ -141,7 +192,7 @@ def _training_run(args: argparse.Namespace, out: Path, config: Config, saved: di
                        val_data=tuple(parse_data(args.val_data or saved.get("val_data", []), "--val-data")),
                        backbone_weights=args.backbone_weights or saved.get("backbone_weights"),
                        init_weights=saved.get("init_weights"), log_every=log_every, stop_after=args.stop_after,
-                       state=state)
+                       state=state, allow_other_data=args.allow_other_data)
 
 
 def _pretrained_backbone(config, env) -> str | None:

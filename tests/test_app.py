@@ -18,12 +18,14 @@ import numpy as np
 import pytest
 
 from lorat.checkpoint.loader import load_model, save_model
+from lorat.files import bundled_weights
 from lorat.tracking.tracker import Tracker
 from lorat.video import VideoWriter
 
 from .conftest import ROOT, TINY
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+README = ROOT / "README.md"
 pytest.importorskip("gradio")
 
 
@@ -40,7 +42,8 @@ def _folders_with_results(tmp: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    """The app serving the official-tiny model, and a 16-frame clip.
+    """The app serving the official-tiny model (the menu's first) and the bundled demo model (the README's
+    API example names it), and a 16-frame clip.
 
     The app's temp dir (``TMPDIR``) is a fresh folder so its files can be counted; its output is
     collected in ``log`` (read all along, so a full pipe never blocks the app).
@@ -56,7 +59,8 @@ def app(tmp_path_factory):
     with VideoWriter(clip, 10, (320, 240)) as writer:
         for path in sorted((TINY / "sequence").glob("*.png")):
             writer.write(cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB))
-    proc, url, log, reader = _start_app(["--weights", str(weights), "--max-frames", "100"], tmp)
+    proc, url, log, reader = _start_app(["--weights", str(weights), str(bundled_weights()), "--max-frames", "100"],
+                                        tmp)
     yield {"url": url, "clip": clip, "weights": weights, "tmp": tmp, "log": log}
     proc.terminate()  # SIGTERM: the app removes its result folders on the way out
     proc.wait(timeout=30)
@@ -128,6 +132,10 @@ def test_browser_upload_draw_track_download(app):
         example.first.click()
         page.get_by_text(re.compile(r"640x480, \d+ frames")).wait_for(timeout=60_000)
         _assert_video_plays(page, "#video-input")
+        page.locator("#typed-box textarea, #typed-box input").first.fill("290,14,308,228")  # the example's box
+        page.locator("#add-box").click()
+        page.get_by_text(re.compile(r"same as target #1 \(IoU 1\.00")).first.wait_for(timeout=30_000)
+        assert page.get_by_text("2 target(s)").count() == 0
         page.locator("#video-input button[aria-label='Clear']").first.click()
         page.locator("#video-input input[type=file]").set_input_files(str(app["clip"]))
         page.get_by_text("320x240").wait_for(timeout=60_000)
@@ -247,7 +255,7 @@ def test_reinitialise_on_a_later_frame(app):
 
     client = Client(app["url"], verbose=False)
     client.predict(handle_file(str(app["clip"])), api_name="/load_first_frame")
-    client.predict(handle_file(str(app["clip"])), 10, api_name="/start_frame")
+    client.predict(10, api_name="/start_frame")  # on the session's video
     client.predict("70,70,40,38", api_name="/add_typed_box")
     video, _, files, message = client.predict(handle_file(str(app["clip"])), "tiny", 0.3, api_name="/track")
     assert "over 6 frames (11-16)" in message
@@ -315,6 +323,7 @@ def test_readme_screenshots_bundled_model_example_and_webcam(tmp_path):
             page.locator("#video-input").get_by_text("Click to Access Webcam").first.click()
             page.wait_for_function("() => Array.from(document.querySelectorAll('#video-input video'))"
                                    ".some(v => v.srcObject && v.readyState >= 2 && v.videoWidth > 0)", timeout=60_000)
+            assert not page.locator("#webcam-note").is_visible()  # a camera: no note
             browser.close()
     finally:
         proc.terminate()
@@ -361,4 +370,139 @@ def test_browser_stop_trim_and_reinitialise(app, tmp_path):
         _add_typed_box(page, "70,70,40,38")
         page.locator("#track").click()
         page.get_by_text(re.compile(r"over 10 frames \(151-160\)")).wait_for(timeout=180_000)
+        browser.close()
+
+
+def _python_block_after(heading: str) -> str:
+    """The first ```python block after the line ``heading`` in the README."""
+    text = README.read_text()
+    match = re.search(r"```python\n(.*?)```", text[text.index(heading):], re.S)
+    assert match, f"no python example after {heading!r}"
+    return match.group(1)
+
+
+def _new_log_lines(app, since: int, pattern: str, at_least: int = 1, wait_s: float = 10) -> list[str]:
+    """The app's log lines after line ``since`` that contain ``pattern`` (waiting for the reader thread)."""
+    deadline = time.time() + wait_s
+    while True:
+        found = [line for line in app["log"][since:] if pattern in line]
+        if len(found) >= at_least or time.time() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def test_the_readme_api_example_runs(app, monkeypatch):
+    """The README's gradio_client example, as written (the address swapped for the test app's): the
+    example's box is selected on load, /start_frame(0) clears it, /add_typed_box adds it back once."""
+    code = _python_block_after("Use via API")
+    assert '"http://127.0.0.1:7860/"' in code
+    monkeypatch.chdir(ROOT)  # the example's assets/box.mp4
+    since = len(app["log"])
+    namespace: dict = {}
+    exec(compile(code.replace('"http://127.0.0.1:7860/"', repr(app["url"])), str(README), "exec"), namespace)  # noqa: S102
+    message, files = namespace["message"], namespace["files"]
+    assert message.startswith("Tracked 1 target(s) over 100 frames (1-100)") and "Trimmed" in message
+    boxes = np.loadtxt(next(Path(f) for f in files if Path(f).name == "boxes.txt"))
+    assert boxes.shape == (100, 4) and list(boxes[0]) == [290, 14, 308, 228]
+    assert Path(namespace["video"]).stat().st_size > 10_000
+    assert not any("Traceback" in line or "refused" in line for line in app["log"][since:])
+
+
+def test_a_bad_api_call_is_one_refused_line(app):
+    """A call with wrong arguments (the start frame's old order, a number for a file, text for a number,
+    a model not in the menu) or a box already selected: a message naming the endpoint's inputs, one
+    ``refused:`` line each in the log, no traceback; the session still works."""
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    client = Client(app["url"], verbose=False)
+    example = handle_file(str(ROOT / "assets" / "box.mp4"))
+    assert client.predict(example, api_name="/load_first_frame")[1].endswith(
+        "The example's box is selected: press Track, or clear it and click your own.")
+    since = len(app["log"])
+    calls = [((example, 0), "/start_frame", r"Bad call of /start_frame\(start, video=None\): Expected a `float`"),
+             ((0,), "/load_first_frame", r"Bad call of /load_first_frame\(video\): 0 is not a file .*handle_file"),
+             (("abc",), "/start_frame", r"Expected a `float`.*'abc'"),
+             ((5000,), "/start_frame", r"5000.* is greater than maximum value 454"),
+             ((example, "nope", 0.3), "/track", r"Bad call of /track\(video, model_name, threshold\): .*nope"),
+             ((None,), "/add_typed_box", r"x,y,w,h"),
+             (("290,14,308,228",), "/add_typed_box", r"same as target #1 \(IoU 1\.00")]
+    for args, api, expected in calls:
+        with pytest.raises(AppError, match=expected):
+            client.predict(*args, api_name=api)
+    refused = _new_log_lines(app, since, "refused:", at_least=len(calls))
+    assert len(refused) == len(calls)
+    assert not any("Traceback" in line for line in app["log"])
+    assert client.predict(3, api_name="/start_frame")[1].startswith("Start frame 4")  # still serving the session
+
+
+def _long_clip(path: Path, frames: int = 160) -> Path:
+    paths = sorted((TINY / "sequence").glob("*.png"))
+    with VideoWriter(path, 10, (320, 240)) as writer:
+        for i in range(frames):
+            writer.write(cv2.cvtColor(cv2.imread(str(paths[i % len(paths)])), cv2.COLOR_BGR2RGB))
+    return path
+
+
+LEAVING_CLIENT = """
+import sys, time
+from gradio_client import Client, handle_file
+url, video = sys.argv[1:]
+client = Client(url, verbose=False)
+client.predict(handle_file(video), api_name="/load_first_frame")
+client.predict("76,77,40,38", api_name="/add_typed_box")
+job = client.submit(handle_file(video), "tiny", 0.3, api_name="/track")
+while not job.status().progress_data:
+    time.sleep(0.05)
+print("tracking", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_client_that_leaves_mid_track_frees_the_worker(app, tmp_path):
+    """A gradio_client process is killed while its Track (100 frames, about half a minute here) runs: the
+    job stops within a few frames, as Stop would, so the next user's short request is not kept waiting."""
+    from gradio_client import handle_file
+
+    long = _long_clip(tmp_path / "long.mp4")
+    short = _long_clip(tmp_path / "short.mp4", frames=3)
+    nxt = _session(app["url"], short, "76,77,40,38")  # the next user, ready to press Track
+    since = len(app["log"])
+    leaving = subprocess.Popen([sys.executable, "-c", LEAVING_CLIENT, app["url"], str(long)], stdout=subprocess.PIPE,
+                               text=True)
+    try:
+        assert leaving.stdout.readline().strip() == "tracking"
+    finally:
+        leaving.kill()  # the client goes away mid-track, its connections closed by the OS
+        leaving.wait(timeout=30)
+    began = time.time()
+    message = nxt.predict(handle_file(str(short)), "tiny", 0.3, api_name="/track")[3]
+    waited = time.time() - began
+    assert message.startswith("Tracked 1 target(s) over 3 frames")
+    cancelled = _new_log_lines(app, since, "cancelled: the client left")
+    assert len(cancelled) == 1, "".join(app["log"][since:])
+    stopped = int(re.search(r"stopped at frame (\d+) of 1-100", cancelled[0]).group(1))
+    assert stopped < 50, cancelled[0]
+    assert waited < 20, f"the next request took {waited:.0f} s: the abandoned job kept the worker"
+    assert not any("Traceback" in line for line in app["log"][since:])
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium")
+def test_browser_webcam_without_a_camera_says_so(app):
+    """Chromium without a (fake) camera: choosing the webcam source shows a note on the page, not only a
+    console error."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(app["url"])
+        note = page.locator("#webcam-note-text")
+        note.wait_for(state="attached", timeout=60_000)
+        assert not page.locator("#webcam-note").is_visible()  # nothing to say yet
+        page.locator("#video-input button[aria-label='Capture from camera']").first.click()
+        page.locator("#video-input").get_by_text("Click to Access Webcam").first.click()
+        page.get_by_text(re.compile(r"Webcam: (no camera was found|access to the camera was denied)")).wait_for(
+            timeout=30_000)
+        assert page.locator("#webcam-note").is_visible() and "upload a video instead" in note.inner_text()
         browser.close()

@@ -233,3 +233,114 @@ def test_the_example_comes_with_its_box(app, tmp_path):
     other = tmp_path / "other.mp4"
     shutil.copy(app.EXAMPLE, other)
     assert app.make_load_fn(app.Limits())(str(other))[1]["boxes"] == []
+
+
+def test_the_start_frame_endpoint_takes_the_start_and_uses_the_sessions_video(app, tmp_path):
+    """The README's API call ``client.predict(0, api_name="/start_frame")``: the start comes first and the
+    video is optional (the one ``/load_first_frame`` loaded); a video given is used instead."""
+    class OneModel:
+        names = ["tiny"]
+
+    demo = app.build_app(OneModel(), app.Limits(), app.ResultFolders(tmp_path / "results"), "")
+    parameters = demo.get_api_info()["named_endpoints"]["/start_frame"]["parameters"]
+    assert [(p["parameter_name"], p["parameter_has_default"]) for p in parameters] == [("start", True),
+                                                                                       ("video", True)]
+    clip = _clip(tmp_path / "clip.mp4", (64, 48), frames=4)
+    _, state, _, _ = app.make_load_fn(app.Limits())(str(clip))
+    state["boxes"] = [[1.0, 1.0, 10.0, 10.0]]
+    start = app.make_start_fn(app.Limits())
+    frame, state, message = start(2, None, state)
+    assert message.startswith("Start frame 3") and state["start"] == 2 and state["boxes"] == []
+    assert abs(int(frame[0, 0, 0]) - 80) <= 3 and state["video"] == str(clip)  # frame 3 of the clip is grey 80
+    other = _clip(tmp_path / "other.mp4", (80, 60), frames=4)
+    frame, state, _ = start(1, str(other), state)
+    assert state["video"] == str(other) and frame.shape == (60, 80, 3) and abs(int(frame[0, 0, 0]) - 40) <= 3
+    with pytest.raises(gr.Error, match="Load a video first"):
+        start(0, None, app._empty_state())
+
+
+def test_a_box_already_selected_is_refused(app):
+    """The example comes with its box: typing that box again (or nearly: IoU above 0.9) is refused, so the
+    same target is never tracked twice; a different box is added."""
+    if not app.EXAMPLE.is_file():
+        pytest.skip("the example clip is not in this install")
+    _, state, _, _ = app.make_load_fn(app.Limits())(str(app.EXAMPLE))
+    assert state["boxes"] == [app.EXAMPLE_BOX]
+    for text in ("290,14,308,228", "292,15,305,227", "285,10,318,236"):  # the same, then IoU 0.97 and 0.94
+        with pytest.raises(gr.Error, match=r"same as target #1 \(IoU 0\.9\d|same as target #1 \(IoU 1\.00"):
+            app.add_typed_box(text, state)
+        assert state["boxes"] == [app.EXAMPLE_BOX]
+    _, state, message = app.add_typed_box("290,14,250,228", state)  # IoU 0.81: another target
+    assert len(state["boxes"]) == 2 and message.startswith("2 target(s)")
+    clicks = [(290, 14), (598, 242)]  # the example's box again, by two clicks
+    for x, y in clicks[:1]:
+        app.click(state, type("Select", (), {"index": [x, y]})())
+    with pytest.raises(gr.Error, match="same as target #1"):
+        app.click(state, type("Select", (), {"index": list(clicks[1])})())
+    assert len(state["boxes"]) == 2 and state["pending"] is None
+
+
+def test_a_click_without_a_position_is_refused(app):
+    with pytest.raises(gr.Error, match="/add_typed_box"):
+        app.click(_state(), None)
+
+
+def test_a_track_whose_client_left_stops_after_the_current_frame(app):
+    """Gradio marks a running event not alive when its client's stream closes, and drops a cancelled one
+    from the running jobs; the Track checks that after every frame, as it checks Stop."""
+    from types import SimpleNamespace
+
+    from gradio.context import LocalContext
+
+    import lorat
+    from lorat.runtime import DEFAULT_WEIGHTS
+
+    from .helpers import textured_clip
+
+    assert app._client_gone()() is False  # outside Gradio's queue: never gone
+    event = SimpleNamespace(_id="event-1", alive=True)
+    queue = SimpleNamespace(active_jobs=[None, [SimpleNamespace(_id="other", alive=False), event]])
+    tokens = LocalContext.blocks.set(SimpleNamespace(_queue=queue)), LocalContext.event_id.set("event-1")
+    try:
+        gone = app._client_gone()
+    finally:
+        LocalContext.blocks.reset(tokens[0])
+        LocalContext.event_id.reset(tokens[1])
+    assert gone() is False
+    event.alive = False  # the client's event stream closed
+    assert gone() is True
+    event.alive, queue.active_jobs[1] = True, None  # cancelled: no longer running
+    assert gone() is True
+
+    frames, boxes = textured_clip(6, (320, 240))
+    source = type("Source", (), {"__iter__": lambda self: iter(enumerate(frames))})()
+    writer = type("Writer", (), {"write": lambda self, frame: None})()
+    tracker = lorat.Tracker.from_pretrained(DEFAULT_WEIGHTS, device="cpu")
+    left = threading.Event()
+    rows, _ = app._track_frames(tracker, source, [list(boxes[0])], writer, 0.3, 0, 6, threading.Event(),
+                                lambda *a, **k: left.set(), left.is_set)  # the client leaves during frame 1
+    assert [r[0] for r in rows] == [1]
+
+
+def test_the_docs_say_long_videos_are_trimmed_not_refused(app, capsys):
+    line = next(text for text in app.__doc__.splitlines() if "--max-frames" in text)
+    assert "trimmed" in line and "refused" not in line
+    with pytest.raises(SystemExit):
+        app.parse_args(["--help"], {})
+    usage = " ".join(capsys.readouterr().out.split())
+    assert "a longer video is trimmed to this many frames from the start frame, not refused" in usage
+
+
+def test_the_page_has_a_webcam_note_filled_in_the_browser(app, tmp_path):
+    """The camera fails in the browser only: a page-load script fills the note under the video input
+    (tests/test_app.py checks it in Chromium without a camera)."""
+    class OneModel:
+        names = ["tiny"]
+
+    demo = app.build_app(OneModel(), app.Limits(), app.ResultFolders(tmp_path / "results"), "")
+    config = demo.get_config_file()
+    notes = [c for c in config["components"] if c.get("props", {}).get("elem_id") == "webcam-note"]
+    assert len(notes) == 1 and 'id="webcam-note-text"' in notes[0]["props"]["value"]
+    assert any("getUserMedia" in str(d.get("js")) for d in config["dependencies"])
+    for name in ("NotFoundError", "NotAllowedError", "no camera was found", "denied"):
+        assert name in app.WEBCAM_NOTE_JS

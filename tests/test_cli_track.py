@@ -103,6 +103,10 @@ def test_truncated_video_keeps_results(tmp_path, capsys):
     ([TINY / "sequence", "--init", "76,77,40"], "--init expects x,y,w,h"),
     ([TINY / "sequence"], "no --init box given and no display"),
     ([TINY / "sequence", "--init", "76,77,40,38", "--device", "cpu", "--dtype", "float16"], "float16 autocast"),
+    ([TINY / "sequence", "--init", "76,77,40,38", "--init", "76,77,40,38"],
+     "init box 1 (76, 77, 40, 38) and init box 2 (76, 77, 40, 38) overlap (IoU 1.00 > 0.9)"),
+    ([TINY / "sequence", "--init", "76,77,40,38", "--init", "150,100,30,30", "--init", "77,77,40,38"],
+     "init box 1 (76, 77, 40, 38) and init box 3 (77, 77, 40, 38) overlap (IoU 0.95 > 0.9)"),
 ])
 def test_bad_inputs_give_one_clear_line(args, message, capsys, monkeypatch):
     monkeypatch.delenv("DISPLAY", raising=False)
@@ -336,10 +340,10 @@ def test_failed_start_leaves_existing_outputs_alone(failure, tmp_path, short_sou
 def test_video_write_error_mid_run_keeps_the_lines(tmp_path, short_sources, capsys, monkeypatch):
     original = VideoWriter._encode
 
-    def encode(self, frame):
+    def encode(self, frame, *args):
         if self.frames == 3:
             raise OSError(errno.ENOSPC, "No space left on device")
-        original(self, frame)
+        original(self, frame, *args)
 
     monkeypatch.setattr(VideoWriter, "_encode", encode)
     code = run_cli(main, [str(short_sources["folder"]), *MODEL_ARGS, *ONE, "--save-txt", str(tmp_path / "o.txt"),
@@ -466,3 +470,141 @@ def test_bench_table_runs_every_variant(capsys):
     assert rows[0].startswith("| torch | float32 |") and rows[0].endswith("| 0.0e+00 |")
     assert any(r.startswith("| torch compiled | float32 |") for r in rows)
     assert all("failed" not in r for r in rows)
+
+
+# ----------------------------------------------------------------------------- sources: order, timing, targets
+
+
+def test_unpadded_frame_names_are_tracked_in_natural_order(tmp_path, capsys):
+    """``frame1.png ... frame16.png`` give the fixture's boxes (read as 1, 10, 11, ..., 2, they would not)."""
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for k, path in enumerate(sorted((TINY / "sequence").glob("*.png")), start=1):
+        shutil.copy(path, frames / f"frame{k}.png")
+    out = tmp_path / "o.txt"
+    assert run_cli(main, [str(frames), *MODEL_ARGS, *ONE, "--save-txt", str(out)]) == 0
+    np.testing.assert_allclose(np.loadtxt(out), np.loadtxt(TINY / "expected_boxes.txt"), atol=0.05, rtol=0)
+    shutil.copy(frames / "frame3.png", frames / "frame03.png")  # two names for frame 3: refused, not guessed
+    capsys.readouterr()
+    assert run_cli(main, [str(frames), *MODEL_ARGS, *ONE]) == 2
+    stderr = capsys.readouterr().err
+    assert "frame03.png and frame3.png have the same number" in stderr and stderr.count("\n") == 1
+
+
+def test_variable_frame_rate_video_keeps_its_timing(tmp_path, capsys):
+    """A video of 1 s at 30 fps then 1 s at 10 fps: the annotated .mp4 shows every frame at its own
+    time (not 40 frames evenly spread at the average rate), so it lasts as long as the source."""
+    from .test_sources import frame_times, shown_for, vfr_clip
+
+    clip = vfr_clip(tmp_path)
+    code = run_cli(main, [str(clip), *MODEL_ARGS, "--init", "10,30,30,30", "--output", str(tmp_path / "out.mp4"),
+                          "--save-txt", str(tmp_path / "out.txt")])
+    assert code == 0, capsys.readouterr().err
+    before, after = frame_times(clip), frame_times(tmp_path / "out.mp4")
+    assert len(before) == len(after) == len((tmp_path / "out.txt").read_text().splitlines()) == 40
+    assert shown_for(after) == pytest.approx(shown_for(before), rel=0.05)
+    np.testing.assert_allclose(after, before, atol=0.5)  # frame 31 at 1 s, not at 1.5 s
+
+
+def test_reselecting_two_boxes_on_one_object_is_ignored(tmp_path, short_sources, capsys, monkeypatch):
+    """``r`` in the window, then two boxes drawn on one object: refused, the targets go on as they were."""
+    keys = iter([None, "r"])
+    monkeypatch.setattr(lorat.track, "has_display", lambda: True)
+    monkeypatch.setattr(lorat.track, "_show", lambda frame: next(keys, None))
+    monkeypatch.setattr(lorat.track, "_select_boxes", lambda frame: [(76.0, 77.0, 40.0, 38.0)] * 2)
+    monkeypatch.setattr(cv2, "destroyAllWindows", lambda: None)
+    out = tmp_path / "o.txt"
+    code = run_cli(main, [str(short_sources["folder"]), *MODEL_ARGS, *TWO, "--show", "--save-txt", str(out)])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr
+    assert "re-selection ignored: init box 1 (76, 77, 40, 38) and init box 2" in stdout + stderr
+    alone = tmp_path / "alone.txt"
+    assert run_cli(main, [str(short_sources["folder"]), *MODEL_ARGS, *TWO, "--save-txt", str(alone)]) == 0
+    for k in (1, 2):
+        assert (tmp_path / f"o_{k}.txt").read_text() == (tmp_path / f"alone_{k}.txt").read_text()
+
+
+# ----------------------------------------------------------------------------- the window, under Xvfb
+
+
+def _xdotool(*args: str, display: str, timeout: float = 30) -> str:
+    proc = subprocess.run([shutil.which("xdotool"), *args], capture_output=True, text=True, timeout=timeout,
+                          env={"DISPLAY": display}, check=True)
+    return proc.stdout
+
+
+def _start_xvfb() -> tuple[subprocess.Popen, str]:
+    """A virtual screen; Xvfb picks a free display number and writes it to a pipe."""
+    import os
+
+    read, write = os.pipe()
+    server = subprocess.Popen([shutil.which("Xvfb"), "-displayfd", str(write), "-screen", "0", "1024x768x24",
+                               "-nolisten", "tcp"], pass_fds=(write,), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        number = pipe.readline().strip()
+    if not number:
+        server.kill()
+        pytest.fail("Xvfb did not start")
+    return server, f":{number}"
+
+
+def _wait_for_lines(path: Path, lines: int, proc: subprocess.Popen, seconds: float = 120) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.exists() and len(path.read_text().splitlines()) >= lines:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{path} did not reach {lines} lines (exit status {proc.poll()})")
+
+
+def test_show_and_drawing_the_box_with_the_mouse_under_xvfb(tmp_path):
+    """``--show`` without ``--init`` on a virtual screen: drag a box in the window, Enter, Esc; the
+    tracking starts on it and ``q`` stops it. Needs Xvfb and xdotool (not installed here: skipped)."""
+    import os
+    import time
+
+    if not shutil.which("Xvfb") or not shutil.which("xdotool"):
+        pytest.skip("needs Xvfb and xdotool on PATH")
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    fixture = sorted((TINY / "sequence").glob("*.png"))
+    for k in range(2000):  # long enough that q comes before the end
+        os.symlink(fixture[k % len(fixture)], frames / f"{k:05d}.png")
+    server, display = _start_xvfb()
+    out = tmp_path / "o.txt"
+    proc = subprocess.Popen([sys.executable, "-m", "lorat.track", str(frames), *MODEL_ARGS, "--show", "--save-txt",
+                             str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "DISPLAY": display})
+    try:
+        window = _xdotool("search", "--sync", "--onlyvisible", "--name", "^lorat$", display=display,
+                          timeout=120).split()[0]
+        geometry = dict(line.split("=") for line in _xdotool("getwindowgeometry", "--shell", window,
+                                                             display=display).split())
+        x, y, w, h = (int(geometry[k]) for k in ("X", "Y", "WIDTH", "HEIGHT"))
+        start, end = (x + w * 35 // 100, y + h * 40 // 100), (x + w * 55 // 100, y + h * 60 // 100)
+        _xdotool("windowfocus", window, display=display)
+        _xdotool("mousemove", str(start[0]), str(start[1]), "mousedown", "1", "mousemove", str(start[0] + 5),
+                 str(start[1] + 5), "mousemove", str(end[0]), str(end[1]), "mouseup", "1", display=display)
+        time.sleep(0.5)
+        _xdotool("key", "Return", display=display)
+        time.sleep(0.5)
+        _xdotool("key", "Escape", display=display)
+        _wait_for_lines(out, 3, proc)
+        _xdotool("windowfocus", window, display=display)
+        _xdotool("key", "q", display=display)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        server.terminate()
+        server.wait()
+    assert proc.returncode == 0, stderr
+    assert "Draw a box" in stdout and "stopped by the user" in stdout, stdout
+    boxes = np.loadtxt(out, ndmin=2)
+    assert 3 <= len(boxes) < 2000
+    assert boxes[0, 2] > 5 and boxes[0, 3] > 5  # the box drawn with the mouse

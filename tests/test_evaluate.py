@@ -468,3 +468,42 @@ def test_an_unreadable_later_frame_follows_the_trackers_one_policy(setup, tmp_pa
     np.testing.assert_array_equal(got[5], got[4])
     full = np.array([r.targets[0].box for r in Tracker.from_pretrained(weights, device="cpu").stream(frames, init)])
     assert np.abs(full[5] - full[4]).max() > 0.5  # frame 6 would have moved the box: the hole was felt
+
+
+@pytest.mark.slow
+def test_two_evaluations_into_one_output_race(setup, tmp_path):
+    """Two evaluations started together into one --output, three times over: the same tracker twice (both
+    finish, the results are whole and those of one run alone) and two trackers (both kept in metrics.json)."""
+    import subprocess
+    import sys
+
+    data, weights = setup
+    alone = tmp_path / "alone"
+    assert _evaluate(data, weights, alone) == 0
+    expected = {p.name: p.read_text() for p in (alone / "lasot" / "debug").glob("synthetic-*.txt")
+                if not p.stem.endswith("_time")}
+    command = [sys.executable, "-m", "lorat.evaluate", "--weights", str(weights), "--dataset", f"lasot={data}",
+               "--device", "cpu", "--batch", "2", "--threads", "1"]
+    for race in range(3):
+        out = tmp_path / f"race{race}"
+        runs = [subprocess.Popen([*command, "--output", str(out), *extra], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for extra in ([], [], ["--name", "other"])]
+        results = [run.communicate(timeout=300) + (run.returncode,) for run in runs]
+        assert [code for _, _, code in results] == [0, 0, 0], [err for _, err, _ in results]
+        got = {p.name: p.read_text() for p in (out / "lasot" / "debug").glob("synthetic-*.txt")
+               if not p.stem.endswith("_time")}
+        assert got == expected
+        assert set(json.loads((out / "lasot" / "metrics.json").read_text())) == {"debug", "other"}
+
+
+def test_custom_dataset_frames_in_natural_order(tmp_path):
+    """A custom sequence whose images are named frame1 ... frame12 is read 1, 2, ..., 12 (not 1, 10, 11, 12, 2)."""
+    from lorat.data.sequences import read_dataset
+
+    seq = tmp_path / "custom" / "unpadded"
+    seq.mkdir(parents=True)
+    for i in range(1, 13):
+        (seq / f"frame{i}.jpg").write_bytes(b"")
+    (seq / "groundtruth.txt").write_text("1,1,5,5\n" * 12)
+    [sequence] = read_dataset("custom", tmp_path / "custom", for_training=False)
+    assert [p.name for p in sequence.frames] == [f"frame{i}.jpg" for i in range(1, 13)]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import threading
+import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -23,11 +26,15 @@ CHECKPOINT_PATH = f"/{TINY_NAME}/model.safetensors"
 
 class Server:
     """Serves ``files`` (URL path -> bytes) with range requests; ``cut`` paths send half their body on the
-    first request, then close the connection (an interrupted download)."""
+    first request, then close the connection (an interrupted download); ``hostile`` paths are answered by
+    ``hostile[path](handler, body)`` instead (see test_hub_hostile.py); ``delay``: seconds between 64 KB
+    pieces of a body (a slow server)."""
 
     def __init__(self):
         self.files: dict[str, bytes] = {}
         self.cut: set[str] = set()
+        self.hostile: dict[str, Callable[[BaseHTTPRequestHandler, bytes | None], None]] = {}
+        self.delay = 0.0
         self.requests: list[tuple[str, str | None]] = []
         server = self
 
@@ -38,6 +45,12 @@ class Server:
             def do_GET(self):
                 server.requests.append((self.path, self.headers.get("Range")))
                 body = server.files.get(self.path)
+                if self.path in server.hostile:
+                    try:
+                        server.hostile[self.path](self, body)
+                    except OSError:  # the client hung up: what a hostile answer may well cause
+                        self.close_connection = True
+                    return
                 if body is None:
                     self.send_error(404)
                     return
@@ -53,7 +66,12 @@ class Server:
                     self.wfile.flush()
                     self.close_connection = True
                     return
-                self.wfile.write(body[start:])
+                try:
+                    for i in range(start, len(body), 1 << 16):
+                        self.wfile.write(body[i:i + (1 << 16)])
+                        time.sleep(server.delay)
+                except OSError:  # the client hung up
+                    self.close_connection = True
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -119,14 +137,24 @@ def test_interrupted_download_is_resumed_never_used_half(tiny_hub, server):
     assert cached.read_bytes() == (TINY / "lorat_trainable.safetensors").read_bytes()
 
 
-@pytest.mark.parametrize("content", ["garbage", "wrong kind"])
+def _small_dinov2() -> bytes:
+    """A DINOv2 file (one block, no position grid) smaller than the tiny checkpoint's size limit."""
+    sd = torch.load(TINY / "dinov2_backbone.pth", map_location="cpu", weights_only=True)
+    buffer = io.BytesIO()
+    torch.save({k: v for k, v in sd.items() if not k.startswith("blocks.1.") and k != "pos_embed"}, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("content", ["garbage", "wrong kind", "too large"])
 def test_corrupt_or_wrong_file_is_refused_and_removed(tiny_hub, server, content):
-    server.files[CHECKPOINT_PATH] = b"not a weight file" * 100 if content == "garbage" else server.files[DINOV2_PATH]
-    with pytest.raises(WeightsError, match=f"not the {TINY_NAME} checkpoint and was removed") as info:
+    server.files[CHECKPOINT_PATH] = {"garbage": b"not a weight file" * 100, "wrong kind": _small_dinov2(),
+                                     "too large": server.files[DINOV2_PATH]}[content]
+    message = "more than the .* its config allows: refused" if content == "too large" else "and was removed"
+    with pytest.raises(WeightsError, match=f"the {TINY_NAME} checkpoint.*{message}") as info:
         load_model(TINY_NAME)
     assert "put it at" in str(info.value)
     folder = tiny_hub / "lorat-home" / TINY_NAME
-    assert not folder.exists() or not any(folder.iterdir())
+    assert not folder.exists() or not [p for p in folder.iterdir() if p.suffix != ".lock"]  # the lock file stays
 
 
 def test_http_error_and_offline_give_one_error_line(tiny_hub, server, monkeypatch, capsys):

@@ -132,8 +132,38 @@ def test_another_network_with_our_metadata_is_refused_at_load(tmp_path, no_sessi
     with pytest.raises(WeightsError) as err:
         load_onnx(other)
     assert str(err.value) == message
-    assert run_cli(track_main, [str(TINY / "sequence"), "--weights", str(other), "--init", "76,77,40,38"]) == 2
+    kept = tmp_path / "boxes.txt"
+    kept.write_text("the user's earlier results\n")
+    assert run_cli(track_main, [str(TINY / "sequence"), "--weights", str(other), "--init", "76,77,40,38",
+                                "--save-txt", str(kept)]) == 2
     assert capsys.readouterr().err == f"error: {message}\n"
+    assert kept.read_text() == "the user's earlier results\n" and not (tmp_path / "boxes_scores.txt").exists()
+
+
+def test_huge_embedded_sizes_under_an_address_space_cap(tiny_onnx, tmp_path):
+    """The 25.6 GB case as a user meets it, in a process that cannot map more than 8 GB: one error line."""
+    import onnx
+
+    from lorat.config import config_to_dict, load_config
+
+    from .helpers import run_capped
+
+    config = config_to_dict(load_config(TINY / "config.yaml"))
+    config["model"] |= {"template_size": [160006, 160006], "search_size": [160006, 160006]}
+    bomb = _with_config(onnx.load(str(tiny_onnx), load_external_data=False), config, tmp_path / "huge.onnx")
+    run = run_capped(["-m", "lorat.track", str(TINY / "sequence"), "--weights", str(bomb), "--init", "76,77,40,38"])
+    assert run.returncode == 2 and run.stderr.startswith(f"error: {bomb}: ") and "Traceback" not in run.stderr
+
+
+def test_export_leaves_other_files_alone(tmp_path):
+    """Under 2 GB the network is one file: a user's ``<name>.data`` beside it is not touched, nothing else is
+    written, and re-exporting replaces only the .onnx file."""
+    user = tmp_path / "tiny.onnx.data"
+    user.write_text("the user's file\n")
+    out = tmp_path / "tiny.onnx"
+    assert run_cli(export_main, [*MODEL, "--onnx", str(out)]) == 0
+    assert user.read_text() == "the user's file\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx", "tiny.onnx.data"]
 
 
 def test_graph_declarations_must_be_the_networks(tmp_path, no_session):

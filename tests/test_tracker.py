@@ -341,3 +341,57 @@ def test_weights_stored_in_the_autocast_dtype_give_identical_outputs(tiny_files,
                for p in m.parameters())
     for key in ("score_map", "boxes"):
         assert torch.equal(before[key], after[key])
+
+
+def _two_objects_frame() -> np.ndarray:
+    frame = np.zeros((240, 320, 3), np.uint8)
+    frame[60:80, 40:60] = 250
+    frame[150:175, 230:260] = 120
+    return frame
+
+
+@pytest.mark.parametrize("boxes, message", [
+    ([(40, 60, 20, 20), (40, 60, 20, 20)],
+     r"init box 1 \(40, 60, 20, 20\) and init box 2 \(40, 60, 20, 20\) overlap \(IoU 1.00 > 0.9\)"),
+    ([(230, 150, 30, 25), (40, 60, 20, 20), (41, 60, 20, 20)],  # near-duplicate: IoU 19/21
+     r"init box 2 \(40, 60, 20, 20\) and init box 3 \(41, 60, 20, 20\) overlap \(IoU 0.90 > 0.9\)"),
+    ([(300, 60, 40, 20), (300, 60, 30, 20)],  # the same once clipped to the frame
+     r"init box 1 \(300, 60, 40, 20\) and init box 2 \(300, 60, 30, 20\) overlap \(IoU 1.00"),
+])
+def test_two_boxes_on_one_object_are_refused(boxes, message):
+    """Identical boxes would track one object twice (identical outputs): refused, naming both."""
+    cfg = config_from_dict({"model": {"backbone": {"embed_dim": 8, "depth": 1, "num_heads": 2}}})
+    tracker = Tracker(bright_spot_model(cfg), cfg)
+    with pytest.raises(LoratError, match=message):
+        tracker.init(_two_objects_frame(), boxes)
+    assert tracker.state is None
+    with pytest.raises(LoratError, match="same object"):
+        next(Tracker(bright_spot_model(cfg), cfg).stream([_two_objects_frame()], boxes))
+
+
+def test_overlapping_but_distinct_boxes_are_accepted():
+    cfg = config_from_dict({"model": {"backbone": {"embed_dim": 8, "depth": 1, "num_heads": 2}}})
+    tracker = Tracker(bright_spot_model(cfg), cfg)
+    tracker.init(_two_objects_frame(), [(40, 60, 20, 20), (42, 60, 20, 20)])  # IoU 18/22 = 0.82: two objects
+    assert tracker.num_targets == 2
+
+
+def test_adding_a_target_on_a_tracked_object_is_refused_and_keeps_the_targets():
+    cfg = config_from_dict({"model": {"backbone": {"embed_dim": 8, "depth": 1, "num_heads": 2}}})
+    tracker = Tracker(bright_spot_model(cfg), cfg)
+    frame = _two_objects_frame()
+    tracker.init(frame, [(230, 150, 30, 25), (40, 60, 20, 20)])
+    now = tracker.track_all(frame)
+    before = tracker.state.box.clone()
+    assert now[1].box == pytest.approx((37.5, 57.5, 20, 20))  # target 2 on this frame
+    with pytest.raises(LoratError, match=r"init box 1 \(37.5, 57.5, 20, 20\) overlaps target 2, now at "
+                                         r"\(37.5, 57.5, 20, 20\) \(IoU 1.00 > 0.9\): that object is already tracked"):
+        tracker.add(frame, now[1].box)
+    with pytest.raises(LoratError, match="and init box 2 .* overlap"):  # two new boxes on one new object
+        tracker.add(frame, [(100, 100, 20, 20), (100, 100, 20, 20)])
+    assert tracker.num_targets == 2 and torch.equal(tracker.state.box, before)
+    twin = Tracker(tracker.model, cfg)  # the same targets without the refused additions
+    twin.init(frame, [(230, 150, 30, 25), (40, 60, 20, 20)])
+    twin.track_all(frame)
+    assert tracker.track_all(frame) == twin.track_all(frame)  # tracking goes on as before
+    assert tracker.add(frame, (100, 100, 20, 20))[0].box == (100, 100, 20, 20) and tracker.num_targets == 3

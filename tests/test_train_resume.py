@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shlex
 import shutil
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +28,7 @@ import lorat.training.trainer as trainer
 from lorat.config import TrainConfig, load_config
 from lorat.data.pairs import PairDataset, Source, UnusableDataError
 from lorat.data.sequences import read_dataset
-from lorat.errors import run_cli
+from lorat.errors import ConfigError, run_cli
 from lorat.train import main
 
 from .conftest import ROOT
@@ -239,6 +244,141 @@ def test_resume_override_persists_and_extends_the_run(synthetic, reference, tmp_
     state = torch.load(run / "state.pt", weights_only=True)
     assert state["step"] == 6 and json.loads(state["config"])["train"]["epochs"] == 3
     assert (run / "checkpoint" / "epoch_003" / "lorat.safetensors").is_file()
+
+
+class _FastClock:
+    """The trainer's ``time`` module with a ``monotonic`` clock ten minutes further at every reading:
+    ``train.save_state_every_minutes`` (10) has passed at every step."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        self.now += 600.0
+        return self.now
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+@pytest.mark.parametrize(("at", "saved"), [(2, 1), (4, 3)], ids=["first-epoch", "second-epoch"])
+def test_periodic_state_then_kill_then_resume_is_bit_exact(synthetic, reference, tmp_path, monkeypatch, at, saved):
+    """state.pt is written within epochs too, every ``train.save_state_every_minutes``: a kill -9 during
+    step ``at`` loses only that step, even in the first epoch (before any epoch-end state)."""
+    run = tmp_path / "run"
+
+    def kill(n: int) -> None:
+        if n == at:
+            raise _Killed
+
+    _train_calls(monkeypatch, kill)
+    monkeypatch.setattr(trainer, "time", _FastClock())
+    with pytest.raises(_Killed):
+        run_cli(main, _recipe(synthetic, "--output", str(run)))
+    monkeypatch.undo()
+    assert torch.load(run / "state.pt", weights_only=True)["step"] == saved
+    assert [r["step"] for r in _rows(run / "metrics.csv")] == [str(step) for step in range(1, at)]
+    assert not list(run.glob(".state.pt.*.tmp"))
+    assert run_cli(main, ["--resume", str(run)]) == 0
+    assert_same_run(reference, run)
+
+
+def test_save_state_every_minutes_zero_saves_at_epoch_ends_only(synthetic, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+
+    def kill(n: int) -> None:
+        if n == 4:
+            raise _Killed
+
+    _train_calls(monkeypatch, kill)
+    monkeypatch.setattr(trainer, "time", _FastClock())
+    with pytest.raises(_Killed):
+        run_cli(main, _recipe(synthetic, "--output", str(run), "--set", "train.save_state_every_minutes=0"))
+    assert torch.load(run / "state.pt", weights_only=True)["step"] == 2
+
+
+def test_save_state_every_minutes_is_checked():
+    with pytest.raises(ConfigError, match="save_state_every_minutes"):
+        load_config(DEBUG, ["train.save_state_every_minutes=-1"])
+    assert load_config(DEBUG).train.save_state_every_minutes == 10  # old configs keep working
+
+
+def test_resume_after_a_kill_before_the_first_state_says_what_to_run(synthetic, reference, tmp_path, monkeypatch,
+                                                                    capsys):
+    """Killed between epoch 1's checkpoint and its state.pt (no state saved before): --resume names the
+    command that starts the same run again, and that command reproduces it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+
+    def killed(*args, **kwargs):
+        raise _Killed
+
+    monkeypatch.setattr(trainer, "save_state", killed)
+    with pytest.raises(_Killed):
+        run_cli(main, _recipe(synthetic, "--output", str(run)))
+    monkeypatch.undo()
+    assert (run / "checkpoint" / "epoch_001" / "lorat.safetensors").is_file() and not (run / "state.pt").exists()
+    capsys.readouterr()
+    line = _error(capsys, ["--resume", str(run)])
+    assert "nothing to resume" in line and "epoch_001" in line and "optimiser state" in line, line
+    command = shlex.split(line.split(" with: ", 1)[1])
+    assert command[:3] == ["python", "-m", "lorat.train"] and command[-2:] == ["--output", str(run)]
+    assert run_cli(main, command[3:]) == 0
+    assert_same_run(reference, run)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]  # the killed start's events dropped
+
+
+def test_stale_temporary_files_go_at_the_next_start(reference, tmp_path):
+    """A kill mid-write leaves ``.NAME.PID.tmp``: the next start or resume removes those of processes
+    that no longer exist, and only those."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    stale = [run / f".state.pt.{ended.pid}.tmp",
+             run / "checkpoint" / "epoch_002" / f".lorat.safetensors.{ended.pid}.tmp"]
+    alive = run / f".metrics.csv.{os.getppid()}.tmp"  # another process's, still running
+    for path in [*stale, alive]:
+        path.write_bytes(b"half a file")
+    assert run_cli(main, ["--resume", str(run)]) == 0
+    assert [path.exists() for path in stale] == [False, False] and alive.exists()
+    assert_same_run(reference, run)
+
+
+@pytest.mark.parametrize("change", ["fewer", "renamed"])
+def test_resume_on_other_data_is_refused_unless_allowed(synthetic, tmp_path, capsys, change):
+    """data.json keeps the data's fingerprint: a resume on other data (not the same data moved, see
+    the test below) is refused, args.json and state.pt untouched, unless --allow-other-data, which
+    says so and records it."""
+    run = tmp_path / "run"
+    assert run_cli(main, _recipe(synthetic, "--output", str(run), "--stop-after", "3")) == 0
+    fingerprint = json.loads((run / "data.json").read_text())
+    assert [(d["name"], d["split"], d["sequences"], d["frames"]) for d in fingerprint["train"]] == [
+        ("lasot", "train", 4, 120)]
+    assert fingerprint["val"][0]["split"] == "val" and fingerprint["changes"] == []
+    other = tmp_path / "other"
+    shutil.copytree(synthetic, other)
+    if change == "fewer":
+        shutil.rmtree(other / "synthetic" / "synthetic-4")
+    else:
+        (other / "synthetic" / "synthetic-4").rename(other / "synthetic" / "synthetic-5")
+    before = {name: (run / name).read_bytes() for name in ("args.json", "state.pt", "data.json", "config.yaml")}
+    capsys.readouterr()
+    line = _error(capsys, ["--resume", str(run), "--data", f"lasot={other}"])
+    assert str(run) in line and "--allow-other-data" in line and "lasot:train" in line, line
+    assert ("3 sequences" in line and "4 sequences" in line) if change == "fewer" else "other sequences" in line
+    if change == "fewer":
+        assert "--val-data" in _error(capsys, ["--resume", str(run), "--val-data", f"lasot={other}"])
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert run_cli(main, ["--resume", str(run), "--data", f"lasot={other}", "--allow-other-data"]) == 0
+    assert "no longer reproducible" in capsys.readouterr().out
+    record = json.loads((run / "data.json").read_text())
+    assert [c["step"] for c in record["changes"]] == [3] and "lasot:train" in record["changes"][0]["difference"]
+    assert record["train"][0]["sequences"] == (3 if change == "fewer" else 4)
+    assert json.loads((run / "args.json").read_text())["data"] == [f"lasot={other}"]
 
 
 # ----------------------------------------------------------------------------- byte-stable outputs

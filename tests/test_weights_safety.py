@@ -205,3 +205,40 @@ def test_expanded_tensors_are_refused_before_any_use(tmp_path):
     torch.save({"blocks.0.attn.qkv.weight": torch.zeros(1).expand(65536, 65536)}, path)
     with pytest.raises(WeightsError, match="declare 17,179,869,184 bytes but the file stores 4"):
         read_weights(path)
+
+
+@pytest.mark.parametrize("reader", ["weights", "sam"])
+def test_pickle_refusal_never_suggests_unsafe_loading(tmp_path, reader):
+    """torch's message advises ``weights_only=False`` (running the file's code): never repeated."""
+    from lorat.checkpoint.sam import load_sam
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"a": Evil()}, path)
+    with pytest.raises(WeightsError) as err:
+        (read_weights if reader == "weights" else load_sam)(path)
+    message = str(err.value)
+    assert "(print)" in message and "refusing to unpickle" in message and "\n" not in message
+    assert "weights_only" not in message and "False" not in message and "\x1b" not in message
+
+
+def test_hostile_files_under_an_address_space_cap(sam_state, tmp_path):
+    """The hollow SAM (51.5 GB declared) and an expanded-tensor checkpoint (17 GB declared), each read by a
+    process that cannot map more than 8 GB: refused with one error line, never a MemoryError."""
+    from .conftest import TINY
+    from .helpers import run_capped
+
+    hollow = {k: torch.zeros(*[65536 if n == 32 else n for n in shape[:-1]], 0) for k, shape in sam_state.items()}
+    torch.save(hollow, tmp_path / "sam.pth")
+    load = ("import sys; from lorat.errors import run_cli; from lorat.checkpoint.sam import load_sam; "
+            "raise SystemExit(run_cli(lambda argv: load_sam(argv[0]) and 0, sys.argv[1:]))")
+    run = run_capped(["-c", load, str(tmp_path / "sam.pth")])
+    assert run.returncode == 2 and run.stderr.startswith("error: ") and len(run.stderr.splitlines()) == 1
+
+    torch.save({"blocks.0.attn.qkv.weight": torch.zeros(1).expand(65536, 65536)}, tmp_path / "expanded.pth")
+    run = run_capped(["-m", "lorat.track", str(TINY / "sequence"), "--config", str(TINY / "config.yaml"),
+                      "--weights", str(tmp_path / "expanded.pth"), "--init", "76,77,40,38"])
+    assert run.returncode == 2 and "declare 17,179,869,184 bytes" in run.stderr and "Traceback" not in run.stderr

@@ -24,7 +24,7 @@ from lorat.errors import WeightsError, listed
 from lorat.files import write_atomic
 
 __all__ = ["CONFIG_KEY", "FORMAT_KEY", "FORMAT_VERSION", "read_weights", "detect_format", "save_safetensors",
-           "load_state_for_info"]
+           "load_state_for_info", "torch_load_safely"]
 
 
 CONFIG_KEY = "lorat.config"
@@ -56,6 +56,29 @@ def _is_safetensors(path: Path) -> bool:
         return False
     (n,) = struct.unpack("<Q", head[:8])
     return head[8:9] == b"{" and 0 < n <= path.stat().st_size - 8
+
+
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def torch_load_safely(path: Path) -> object:
+    """``torch.load(path, weights_only=True)`` on the CPU, its failures as one-line WeightsErrors.
+
+    A file holding Python objects is refused by naming what it holds, never with advice to load it
+    unsafely (torch's own message suggests ``weights_only=False``: that runs the file's code).
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = _UNSAFE_GLOBAL.search(str(err))
+        holds = f" ({found.group(1)})" if found else ""
+        raise WeightsError(f"{path}: holds Python objects besides tensors{holds}; refusing to unpickle it: only "
+                           f"tensors are read from .pth files (a safetensors file avoids the question)") from None
+    except Exception as err:  # zip / pickle errors of every kind
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        first = first.split(". ")[0].removesuffix(".")  # torch's first sentence; the rest is advice
+        raise WeightsError(f"{path}: not a readable safetensors or PyTorch file (truncated or corrupt?): "
+                           f"{first}") from None
 
 
 def _state_dict_of(obj: object, path: Path) -> dict[str, torch.Tensor]:
@@ -116,18 +139,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
             raise WeightsError(f"{path}: not a safetensors or PyTorch weight file (unrecognised content)")
         if kind != "pytorch":
             raise WeightsError(f"{path}: is {kind}, not weights; pass a .safetensors or .pth weight file")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise WeightsError(
-                f"{path}: holds Python objects besides tensors; refusing to unpickle it "
-                f"(only weights_only files are read): {str(err).splitlines()[0]}"
-            ) from None
-        except Exception as err:
-            raise WeightsError(
-                f"{path}: not a readable safetensors or PyTorch file (truncated or corrupt?): "
-                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
-            ) from None
+        obj = torch_load_safely(path)
         sd = _state_dict_of(obj, path)
         _check_stored(sd, path)
     sd = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in sd.items()}

@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -72,33 +74,83 @@ def _example(config: Config, batch: int, seed: int = 0) -> tuple[torch.Tensor, t
     return z, x, mask
 
 
+_SINGLE_FILE_LIMIT = 2**31 - 2**26  # protobuf caps one file at 2 GB; larger networks keep their weights beside it
+
+
 def export_onnx(model: LoRAT, config: Config, path: str | Path) -> float:
     """Write the merged inference ``model`` as ONNX (dynamic batch, config in the metadata) and check
     ONNX Runtime against PyTorch float32 at batch 1 and 3.
+
+    The file is made and checked in a temporary folder beside ``path`` and moved into place only when it
+    passes, so a failed export leaves nothing behind. Networks under 2 GB are one self-contained file;
+    larger ones (ViT-g) keep their weights in ``<path>.data``, which must not be someone else's file.
 
     Returns:
         The largest absolute difference of the outputs.
 
     Raises:
-        LoratError: the optional packages are missing, the file cannot be written, or the check fails.
+        LoratError: the optional packages are missing, the file cannot be written, ``<path>.data`` would
+            replace a file this export did not write, or the check fails.
     """
     onnx = _require("onnx")
     _require("onnxscript")
     path = Path(path)
+    if path.is_dir():
+        raise LoratError(f"{path} is a folder; give a file name, e.g. {path / 'model.onnx'}")
     wrapped = _Outputs(model.float().cpu().eval()).eval()
-    batch = torch.export.Dim("batch", min=1, max=1024)
     try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # the exporter's progress lines
-            warnings.simplefilter("ignore", UserWarning)
-            torch.onnx.export(wrapped, _example(config, 2), str(path), input_names=list(INPUTS),
-                              output_names=list(OUTPUTS), dynamic_shapes={"z": {0: batch}, "x": {0: batch},
-                                                                          "mask": {0: batch}}, dynamo=True)
-        proto = onnx.load(str(path))
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = CONFIG_KEY, json.dumps(config_to_dict(config))
-        onnx.save(proto, str(path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+            staged = Path(tmp) / path.name
+            data = _write_checked_onnx(onnx, wrapped, config, Path(tmp) / "exported.onnx", staged, path)
+            worst = _compare_with_torch(wrapped, staged, config)
+            if data is not None:
+                os.replace(Path(tmp) / data.name, data)
+            os.replace(staged, path)
     except OSError as err:
         raise LoratError(f"cannot write {path}: {err.strerror or err}") from None
+    return worst
+
+
+def _write_checked_onnx(onnx, wrapped: torch.nn.Module, config: Config, exported: Path, staged: Path,
+                        path: Path) -> Path | None:
+    """Export ``wrapped`` to ``exported``, then write it with our metadata as ``staged`` (weights beside it
+    as ``<path>.data`` only past 2 GB). Returns that data file's final path, or None."""
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # the exporter's progress lines
+        warnings.simplefilter("ignore", UserWarning)
+        torch.onnx.export(wrapped, _example(config, 2), str(exported), input_names=list(INPUTS),
+                          output_names=list(OUTPUTS), dynamic_shapes={"z": {0: batch}, "x": {0: batch},
+                                                                      "mask": {0: batch}}, dynamo=True)
+    proto = onnx.load(str(exported))  # with its external data, if the exporter wrote any
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = CONFIG_KEY, json.dumps(config_to_dict(config))
+    if proto.ByteSize() <= _SINGLE_FILE_LIMIT:
+        onnx.save(proto, str(staged))
+        return None
+    data = path.with_name(f"{path.name}.data")
+    _refuse_foreign_data_file(onnx, data, path)
+    onnx.save(proto, str(staged), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
+    return data
+
+
+def _refuse_foreign_data_file(onnx, data: Path, path: Path) -> None:
+    """``data`` may be replaced only when it is missing or belongs to the ONNX file at ``path`` (a re-export)."""
+    if not data.exists():
+        return
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph if path.is_file() else None
+    except Exception:  # not an ONNX file: the data file is not its
+        graph = None
+    ours = graph is not None and any(item.key == "location" and item.value == data.name
+                                     for tensor in graph.initializer for item in tensor.external_data)
+    if not ours:
+        raise LoratError(f"{data} exists and does not belong to {path}; the export would replace it with the "
+                         f"network's weights: move it or choose another --onnx name")
+
+
+def _compare_with_torch(wrapped: torch.nn.Module, path: Path, config: Config) -> float:
+    """Largest |ONNX Runtime - PyTorch float32| at batch 1 and 3; raises past :data:`TOLERANCE`."""
     session = OnnxModel(path, config)
     worst = 0.0
     for n in (1, 3):
@@ -108,7 +160,8 @@ def export_onnx(model: LoRAT, config: Config, path: str | Path) -> float:
         got = session(*inputs)
         worst = max(worst, *(float((got[k] - e).abs().max()) for k, e in zip(OUTPUTS, expected, strict=True)))
     if worst > TOLERANCE:
-        raise LoratError(f"{path}: ONNX Runtime differs from PyTorch by {worst:.2e} (> {TOLERANCE:g})")
+        raise LoratError(f"{path.name}: ONNX Runtime differs from PyTorch by {worst:.2e} (> {TOLERANCE:g}); "
+                         f"nothing was written")
     return worst
 
 

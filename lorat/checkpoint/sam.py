@@ -25,7 +25,6 @@ naming the file.
 from __future__ import annotations
 
 import functools
-import pickle
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lorat.checkpoint.files import torch_load_safely
 from lorat.errors import LoratError, WeightsError, listed
 
 if TYPE_CHECKING:
@@ -149,12 +149,9 @@ def read_sam_state(path: str | Path) -> dict[str, torch.Tensor]:
             raise WeightsError(f"cannot read the SAM checkpoint {path}: {_first_line(err)}") from None
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise WeightsError(f"cannot read the SAM checkpoint {path}: it holds Python objects besides tensors; "
-                               f"refusing to unpickle it ({_first_line(err)})") from None
-        except Exception as err:  # zip / pickle errors of every kind: not a torch checkpoint
-            raise WeightsError(f"cannot read the SAM checkpoint {path}: {_first_line(err)}") from None
+            state = torch_load_safely(path)
+        except WeightsError as err:
+            raise WeightsError(f"cannot read the SAM checkpoint {err}") from None
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
         state = state["model"]
     if not isinstance(state, Mapping):

@@ -36,7 +36,7 @@ from typing import NamedTuple
 import numpy as np
 
 from lorat.errors import LoratError
-from lorat.files import IMAGE_EXTENSIONS
+from lorat.files import IMAGE_EXTENSIONS, natural_sorted
 
 __all__ = ["Track", "TrackingSequence", "DatasetError", "UnknownDatasetError", "read_dataset", "DATASETS",
            "read_boxes", "init_frame", "DatasetArg", "parse_dataset_arg"]
@@ -134,7 +134,8 @@ def _track(xywh: np.ndarray, absent: np.ndarray | None = None) -> Track:
 def _frames(folder: Path, n: int | None = None, pattern: str | None = None, start: int = 1) -> list[Path]:
     if pattern is not None and n is not None:
         return [folder / (pattern % (i + start)) for i in range(n)]
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS) if folder.is_dir() else []
+    files = natural_sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS) \
+        if folder.is_dir() else []
     if not files:
         raise DatasetError(f"no images in {folder}")
     return files

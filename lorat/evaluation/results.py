@@ -30,13 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock
 
 from lorat.data.sequences import DatasetError, read_boxes
 from lorat.errors import LoratError
 from lorat.files import RASTER_EPS, write_atomic
 
 __all__ = ["FILE_OFFSET", "MANIFEST", "box_line", "write_sequence", "read_sequence", "read_times", "finished",
-           "claim_folder",
+           "claim_folder", "folder_lock",
            "rasterize_xywh", "write_got10k_zip", "write_trackingnet_zip"]
 
 FILE_OFFSET = {"lasot": 1.0}  # datasets whose files are 1-based (MATLAB toolkit)
@@ -160,6 +161,21 @@ def claim_folder(folder: Path, manifest: Mapping[str, Any], ignore: Sequence[str
             ``tracker.json``, or cannot be written; the message names what differs.
     """
     manifest = json.loads(json.dumps(manifest))  # the form it takes in the file (lists, not tuples)
+    with folder_lock(folder):  # two evaluations starting together: the second sees the first one's manifest
+        _claim(folder, manifest, ignore)
+
+
+def folder_lock(path: Path) -> FileLock:
+    """A lock beside ``path`` (``.<name>.lock`` in its parent folder), for a short read-modify-write of it
+    that another process may be doing at the same moment."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LoratError(f"cannot create {path.parent}: {err.strerror or err}") from None
+    return FileLock(path.parent / f".{path.name}.lock")
+
+
+def _claim(folder: Path, manifest: Mapping[str, Any], ignore: Sequence[str]) -> None:
     path = folder / MANIFEST
     advice = "use another --output or --name, or move the old results away"
     if path.is_file():

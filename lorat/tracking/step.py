@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+from torchvision.ops import box_iou
 
 from lorat.config import ModelConfig, TrackingConfig
 from lorat.errors import LoratError
@@ -40,7 +41,7 @@ from lorat.tracking.crop import (
 )
 
 __all__ = ["Frame", "StageTimer", "TrackState", "StepResult", "init_state", "track_step", "search_crops", "run_model",
-           "decode_step", "to_frame_tensor", "hann_window", "init_boxes"]
+           "decode_step", "to_frame_tensor", "hann_window", "init_boxes", "DUPLICATE_IOU"]
 
 Frame = np.ndarray | torch.Tensor
 StageTimer = Callable[[str], None]
@@ -70,24 +71,60 @@ def to_frame_tensor(frame: Frame, device: torch.device) -> torch.Tensor:
     raise LoratError(f"expected a numpy array or torch tensor frame, got {type(frame).__name__}")
 
 
+DUPLICATE_IOU = 0.9
+"""Two targets whose first boxes overlap more than this (IoU) would track one object twice: refused."""
+
+
+def _box_text(xyxy: Sequence[float]) -> str:
+    x1, y1, x2, y2 = (float(v) for v in xyxy)
+    return ", ".join(f"{round(v, 2):g}" for v in (x1, y1, x2 - x1, y2 - y1))
+
+
+def _refuse_duplicates(xyxy: torch.Tensor, labels: Sequence[str], tracked: torch.Tensor | None) -> None:
+    """Raise when two of the new boxes, or a new box and a tracked target, overlap with IoU above
+    :data:`DUPLICATE_IOU` (one object, two targets: both would follow it, each a copy of the other)."""
+    iou = box_iou(xyxy, xyxy).triu(diagonal=1)
+    if bool((iou > DUPLICATE_IOU).any()):
+        i, j = (int(v) for v in (iou > DUPLICATE_IOU).nonzero()[0])
+        raise LoratError(f"{labels[i]} and {labels[j]} overlap (IoU {float(iou[i, j]):.2f} > {DUPLICATE_IOU}): they "
+                         f"mark the same object, which would be tracked twice; give one box per object")
+    if tracked is None or len(tracked) == 0:
+        return
+    tracked = tracked.detach().to("cpu", torch.float64)
+    iou = box_iou(xyxy, tracked)
+    if bool((iou > DUPLICATE_IOU).any()):
+        i, j = (int(v) for v in (iou > DUPLICATE_IOU).nonzero()[0])
+        raise LoratError(f"{labels[i]} overlaps target {j + 1}, now at ({_box_text(tracked[j])}) (IoU "
+                         f"{float(iou[i, j]):.2f} > {DUPLICATE_IOU}): that object is already tracked")
+
+
 def init_boxes(box: Sequence[float] | Sequence[Sequence[float]] | np.ndarray | torch.Tensor, width: int,
-               height: int) -> torch.Tensor:
+               height: int, tracked: torch.Tensor | None = None, distinct: bool = True) -> torch.Tensor:
     """Check first-frame boxes and clip them to the frame, as the official pipeline does.
+
+    Every way of starting targets goes through here (``Tracker.init`` / ``add``, so the CLI, the
+    app and the VOT server; the evaluator), so each rule holds everywhere.
 
     Args:
         box: one (x, y, w, h) box or (N, 4) of them, pixels.
         width, height: the frame's size.
+        tracked: (M, 4) xyxy boxes of the targets already tracked (``Tracker.add``), if any.
+        distinct: refuse two boxes on one object (a person's typo); off for objects a benchmark
+            defines (the VOT toolkit's: they are tracked as given, overlapping or not).
 
     Returns:
         (N, 4) float64 xyxy boxes inside ``[0, width] x [0, height]``.
 
     Raises:
-        LoratError: no box, a box with non-finite values, zero/negative size, or outside the frame.
+        LoratError: no box, a box with non-finite values, zero/negative size, or outside the frame;
+            two boxes on one object (IoU above :data:`DUPLICATE_IOU` after clipping, between two
+            new boxes or between a new box and a tracked target).
     """
     boxes = torch.as_tensor(np.asarray(box, dtype=np.float64)).reshape(-1, 4)
     if boxes.numel() == 0:
         raise LoratError("no init box given")
     xyxy = clip_xyxy(xywh_to_xyxy(boxes), width, height)
+    labels = []
     for i, (b, raw) in enumerate(zip(xyxy, boxes.tolist(), strict=True)):
         label = f"init box {i + 1} ({', '.join(f'{v:g}' for v in raw)})"
         if not np.isfinite(raw).all():
@@ -96,6 +133,9 @@ def init_boxes(box: Sequence[float] | Sequence[Sequence[float]] | np.ndarray | t
             raise LoratError(f"{label} must have a positive width and height")
         if not is_valid_xyxy(b):
             raise LoratError(f"{label} lies outside the {width}x{height} frame")
+        labels.append(label)
+    if distinct:
+        _refuse_duplicates(xyxy, labels, tracked)
     return xyxy
 
 

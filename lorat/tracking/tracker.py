@@ -141,25 +141,29 @@ class Tracker:
         self.state = None
         self._graph = None
 
-    def init(self, frame: Frame, box: Sequence[float] | Sequence[Sequence[float]] | np.ndarray) -> list[TrackResult]:
-        """Start tracking on ``frame``.
+    def init(self, frame: Frame, box: Sequence[float] | Sequence[Sequence[float]] | np.ndarray,
+             distinct: bool = True) -> list[TrackResult]:
+        """Start tracking on ``frame`` (the targets tracked so far are forgotten).
 
         Args:
             frame: the first frame (HWC uint8 RGB).
-            box: one (x, y, w, h) box or a list of them (several targets); pixels.
+            box: one (x, y, w, h) box or a list of them (several targets, one per object); pixels.
+            distinct: refuse boxes on one object (below); off where a benchmark defines the objects.
 
         Returns:
             The initial results (the given boxes, clipped to the frame, score 1.0).
 
         Raises:
-            LoratError: a box with non-finite values, zero/negative size, or outside the frame.
+            LoratError: a box with non-finite values, zero/negative size, or outside the frame; two
+                boxes on one object (IoU above 0.9, see :func:`lorat.tracking.step.init_boxes`).
         """
         image = to_frame_tensor(frame, self.device)
-        xyxy = init_boxes(box, image.shape[-1], image.shape[-2])
+        xyxy = init_boxes(box, image.shape[-1], image.shape[-2], distinct=distinct)
         self.state = init_state([image] * len(xyxy), xyxy, self.model.cfg, self.config.tracking)
-        return [TrackResult(tuple(float(v) for v in xyxy_to_xywh(b)), 1.0) for b in xyxy]
+        return _first_results(xyxy)
 
-    def add(self, frame: Frame, box: Sequence[float] | Sequence[Sequence[float]] | np.ndarray) -> list[TrackResult]:
+    def add(self, frame: Frame, box: Sequence[float] | Sequence[Sequence[float]] | np.ndarray,
+            distinct: bool = True) -> list[TrackResult]:
         """Start more targets on ``frame`` beside those already tracked (objects that appear later).
 
         Call it after :meth:`track_all` on the same frame; the new targets follow the others in
@@ -167,13 +171,18 @@ class Tracker:
 
         Returns:
             The new targets' initial results (their boxes clipped to the frame, score 1.0).
+
+        Raises:
+            LoratError: as :meth:`init`, and a new box on an object already tracked (IoU above 0.9
+                with a target's box on this frame); the targets tracked so far are kept.
         """
         if self.state is None:
-            return self.init(frame, box)
-        previous = self.state
-        results = self.init(frame, box)
-        self.state = TrackState.cat([previous, self.state])
-        return results
+            return self.init(frame, box, distinct)
+        image = to_frame_tensor(frame, self.device)
+        xyxy = init_boxes(box, image.shape[-1], image.shape[-2], tracked=self.state.box, distinct=distinct)
+        new = init_state([image] * len(xyxy), xyxy, self.model.cfg, self.config.tracking)
+        self.state = TrackState.cat([self.state, new])
+        return _first_results(xyxy)
 
     def track_all(self, frame: Frame, timer: StageTimer | None = None) -> list[TrackResult]:
         """Advance every target by one frame; one batched forward pass.
@@ -251,6 +260,11 @@ class Tracker:
             else:
                 results = self.track_all(frame, timer)
             yield FrameResults(index, frame, results)
+
+
+def _first_results(xyxy: torch.Tensor) -> list[TrackResult]:
+    """The results of targets on their first frame: their (clipped) boxes, score 1.0."""
+    return [TrackResult(tuple(float(v) for v in xyxy_to_xywh(b)), 1.0) for b in xyxy]
 
 
 def tracker_from_arguments(args: argparse.Namespace, say: Callable[[str], object] | None = print) -> Tracker:

@@ -6,18 +6,34 @@ reads them back (:func:`read_args`, :func:`read_state`). The folder holds ``conf
 ``args.json`` (data paths), ``metrics.csv`` / ``val.csv`` (logs), ``state.pt`` (weights, AdamW,
 GradScaler, step, RNG) and ``checkpoint/epoch_NNN/`` (the official trainable-only
 ``model.safetensors`` for LoRA runs, and our ``lorat.safetensors``). Every write is
-atomic (:func:`lorat.files.write_atomic`), so a kill at any point leaves a usable folder.
+atomic (:func:`lorat.files.write_atomic`), so a kill at any point leaves a usable folder; the
+temporary files a kill leaves go at the next start (:func:`remove_stale_temp_files`).
+
+One training at a time: :func:`hold_run_folder` locks ``.lock`` for the whole run (the lock goes
+with the process, even after a kill -9) and writes who holds it in ``.lock.owner``. ``data.json``
+holds the fingerprint of the data the run trains on (:func:`data_fingerprint`: names, splits,
+sequence and frame counts, a hash of the sequences' names and lengths, not the pixels or the
+paths), which a resume compares with the data given then (:func:`data_difference`).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import os
+import re
+import shlex
 import shutil
+import socket
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import filelock
 import torch
 import yaml
 from safetensors.torch import save_file
@@ -29,9 +45,14 @@ from lorat.errors import LoratError
 from lorat.files import write_atomic
 from lorat.model.vit import LoRAT
 
+if TYPE_CHECKING:
+    from lorat.data.pairs import Source
+
 __all__ = ["TrainingRun", "write_run_files", "trim_log", "logged_epochs", "read_args", "read_state",
            "check_resume_config", "save_state", "restore_state", "checkpoint_due", "checkpoint_complete",
-           "save_checkpoint"]
+           "save_checkpoint", "hold_run_folder", "try_hold_run_folder", "remove_stale_temp_files",
+           "data_fingerprint", "data_difference", "read_data_fingerprint", "write_data_fingerprint",
+           "restart_command"]
 
 
 # a dataset as :func:`lorat.data.loading.parse_data` gives it: (name, path, split or None)
@@ -54,6 +75,8 @@ class TrainingRun:
         stop_after: stop, resumably, once this many steps are done in total; None: train to the end.
         state: the resumable state read from ``out/state.pt`` (:func:`read_state`) that the run
             continues from; None: a fresh start.
+        allow_other_data: a resumed run may continue on data other than the data it started with
+            (``data.json``); the change is recorded there and the run is no longer reproducible.
     """
 
     config: Config
@@ -65,6 +88,7 @@ class TrainingRun:
     log_every: int = 10
     stop_after: int | None = None
     state: dict[str, Any] | None = field(default=None, repr=False)
+    allow_other_data: bool = False
 
     @property
     def full_state(self) -> bool:
@@ -273,3 +297,205 @@ def save_checkpoint(out: Path, epoch: int, model: LoRAT, config: Config) -> Path
     for stale in old:
         shutil.rmtree(stale, ignore_errors=True)
     return folder
+
+
+# ----------------------------------------------------------------------------- one training per folder
+
+_LOCK, _OWNER = ".lock", ".lock.owner"
+_HELD: set[Path] = set()  # the run folders this process holds (resolved paths)
+_TEMP = re.compile(r"^\..+\.(\d+)\.tmp$")  # lorat.files.write_atomic's temporary files: .NAME.PID.tmp
+
+
+def _owner(out: Path) -> str:
+    """Who holds ``out``'s lock, as ``.lock.owner`` says: ``pid N on HOST since TIME``."""
+    try:
+        owner = json.loads((out / _OWNER).read_text())
+        return f"pid {int(owner['pid'])} on {owner['host']} since {owner['since']}"
+    except (OSError, ValueError, KeyError, TypeError):  # not written yet, or being replaced right now
+        return "its pid and host are not recorded yet"
+
+
+@contextmanager
+def hold_run_folder(out: Path, reentrant: bool = False) -> Iterator[None]:
+    """Hold the run folder ``out`` (created if needed) for one training while the block runs.
+
+    The lock is ``out/.lock`` (:mod:`filelock`, taken at once or never: the system drops it when the
+    process ends, a kill -9 included); ``out/.lock.owner`` says who holds it (pid, host, start time)
+    for the message another training gets. The temporary files that killed processes left in the
+    folder are removed once the lock is held (:func:`remove_stale_temp_files`). ``reentrant``: a
+    folder this process holds already is held again, as it is (otherwise a second hold is refused,
+    in one process as across processes).
+
+    Raises:
+        LoratError: another training holds the folder (the message names the folder and its holder),
+            or the folder cannot be created or locked.
+    """
+    key = out.resolve()
+    if reentrant and key in _HELD:
+        yield
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LoratError(f"cannot create the run folder {out}: {err.strerror or err}") from None
+    lock = filelock.FileLock(out / _LOCK, timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:  # before OSError: Timeout is a TimeoutError
+        raise LoratError(f"{out} is in use by another training ({_owner(out)}); wait for it to end or stop it, "
+                         f"or give another --output") from None
+    except OSError as err:
+        raise LoratError(f"cannot lock the run folder {out} ({_LOCK}): {err.strerror or err}") from None
+    try:
+        _HELD.add(key)
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        write_atomic(out / _OWNER, lambda tmp: tmp.write_text(json.dumps(owner) + "\n"))
+        remove_stale_temp_files(out)
+        yield
+    finally:
+        _HELD.discard(key)
+        with suppress(OSError):
+            (out / _OWNER).unlink(missing_ok=True)
+        lock.release()
+
+
+def try_hold_run_folder(stack: ExitStack, out: Path, reentrant: bool = False) -> str | None:
+    """:func:`hold_run_folder` until ``stack`` closes: None, or why the folder cannot be held (the
+    error's message, for rank 0 to tell the other processes before it raises)."""
+    try:
+        stack.enter_context(hold_run_folder(out, reentrant))
+    except LoratError as err:
+        return str(err)
+    return None
+
+
+def _process_exists(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (assumed where that cannot be probed)."""
+    if os.name != "posix":  # os.kill(pid, 0) probes on POSIX only (elsewhere it terminates)
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OverflowError, ValueError):  # no process has such a number
+        return False
+    except OSError:  # PermissionError: it exists, another user's
+        return True
+    return True
+
+
+def remove_stale_temp_files(out: Path) -> list[Path]:
+    """Remove the temporary files (``.NAME.PID.tmp``, see :func:`lorat.files.write_atomic`) that
+    processes which no longer exist left in ``out`` and its checkpoint folders (a kill mid-write);
+    the files removed. Those of live processes stay."""
+    folders = [out, *sorted(p for p in (out / "checkpoint").glob("epoch_*") if p.is_dir())]
+    removed = []
+    for path in (p for folder in folders for p in sorted(folder.glob(".*.tmp"))):
+        match = _TEMP.match(path.name)
+        if match is None or int(match[1]) == os.getpid() or _process_exists(int(match[1])) or not path.is_file():
+            continue
+        with suppress(OSError):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def restart_command(out: Path, arguments: dict[str, Any]) -> str:
+    """The command that starts the run in ``out`` again from its first step: its ``config.yaml`` and the
+    options of ``arguments`` (``args.json``'s keys), quoted for a POSIX shell."""
+    parts = ["python", "-m", "lorat.train", str(out / "config.yaml")]
+    for option, key in (("--data", "data"), ("--val-data", "val_data")):
+        for item in arguments.get(key) or []:
+            parts += [option, item]
+    for option, key in (("--backbone-weights", "backbone_weights"), ("--init-weights", "init_weights")):
+        if arguments.get(key):
+            parts += [option, str(arguments[key])]
+    parts += ["--log-every", str(arguments.get("log_every", 10)), "--output", str(out)]
+    return shlex.join(parts)
+
+
+# ----------------------------------------------------------------------------- the data's fingerprint
+
+
+def data_fingerprint(items: Sequence[DataSource], sources: Sequence[Source], default_split: str
+                     ) -> list[dict[str, Any]]:
+    """Per dataset (``items`` as read into ``sources``): name, split, number of sequences and frames,
+    and the SHA-256 of the sequences' names and lengths in reading order (which decides the pairs
+    drawn); not the paths (the same data may move) nor the pixels (too slow to read)."""
+    prints = []
+    for (name, _, split), source in zip(items, sources, strict=True):
+        listing = "".join(f"{seq.name}\t{len(seq)}\n" for seq in source.sequences)
+        prints.append({"name": name, "split": split or default_split, "sequences": len(source.sequences),
+                       "frames": sum(len(seq) for seq in source.sequences),
+                       "sha256": hashlib.sha256(listing.encode()).hexdigest()})
+    return prints
+
+
+_PRINT_FIELDS = {"name": str, "split": str, "sequences": int, "frames": int, "sha256": str}
+
+
+def _valid_prints(value: object) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(entry, dict) and all(isinstance(entry.get(k), kind) for k, kind in _PRINT_FIELDS.items())
+        for entry in value)
+
+
+def read_data_fingerprint(path: Path) -> dict[str, Any] | None:
+    """``data.json``: ``{"train": [...], "val": [...], "changes": [...]}``; None when the folder has
+    none (a run started before fingerprints were kept).
+
+    Raises:
+        LoratError: the file is not a fingerprint.
+    """
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LoratError(f"{path} is not readable JSON ({err}); delete it to resume without the data check") from None
+    if not (isinstance(saved, dict) and _valid_prints(saved.get("train")) and _valid_prints(saved.get("val", []))
+            and isinstance(saved.get("changes", []), list)):
+        raise LoratError(f"{path} does not hold a data fingerprint; delete it to resume without the data check")
+    return saved
+
+
+def _label(entry: dict[str, Any]) -> str:
+    return f"{entry['name']}:{entry['split']}"
+
+
+def _prints_difference(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> str | None:
+    if old == new:
+        return None
+    if [_label(e) for e in old] != [_label(e) for e in new]:
+        return (f"gives {', '.join(map(_label, new)) or 'no dataset'} where the run has "
+                f"{', '.join(map(_label, old)) or 'none'}")
+    for a, b in zip(old, new, strict=True):
+        if (a["sequences"], a["frames"]) != (b["sequences"], b["frames"]):
+            return (f"{_label(b)} has {b['sequences']} sequences of {b['frames']} frames where the run has "
+                    f"{a['sequences']} sequences of {a['frames']} frames")
+        if a != b:
+            return f"{_label(b)} has other sequences than the run's (the same counts, other names or lengths)"
+    return None
+
+
+def data_difference(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """What differs between the data a run started with (``saved``) and ``now``, in a phrase; None:
+    the same. Validation data is compared when both have some (``train.val_samples`` may change)."""
+    for part, option in (("train", "--data"), ("val", "--val-data")):
+        old, new = saved.get(part) or [], now.get(part) or []
+        if part == "val" and not (old and new):
+            continue
+        difference = _prints_difference(old, new)
+        if difference:
+            return f"{option} {difference}"
+    return None
+
+
+def write_data_fingerprint(path: Path, now: dict[str, Any], saved: dict[str, Any] | None = None,
+                           change: dict[str, Any] | None = None) -> None:
+    """Write ``data.json``: the fingerprint ``now`` (the validation one ``saved`` when there is none now),
+    the ``changes`` of ``saved`` and ``change``, a record of a resume on other data."""
+    saved = saved or {}
+    record = {"train": now["train"], "val": now.get("val") or saved.get("val", []),
+              "changes": [*saved.get("changes", []), *([change] if change else [])]}
+    _write_if_changed(path, json.dumps(record, indent=2) + "\n")

@@ -2,12 +2,13 @@
 
 A :class:`~lorat.training.run_folder.TrainingRun` (also importable from here) says what to train:
 config, data, weight files, run folder, resume state. :func:`run_training` builds it
-(:func:`_setup`), then trains epoch after epoch (:func:`_train_epoch`: one optimiser step per
-batch, then its log row), ending each epoch with a checkpoint, the resumable state and validation
-(:func:`_end_epoch`), and stops on a signal, the ``stop_after`` step or a data error with the
-state saved. The recipe is in :mod:`lorat.training.optim`, the step (forward, loss,
-update) in :mod:`lorat.training.step`, the run folder's files in :mod:`lorat.training.run_folder`, the
-data loaders in :mod:`lorat.data.loading`.
+(:func:`_setup`; a resumed run first checks that its data is the data it started with), then
+trains epoch after epoch (:func:`_train_epoch`: one optimiser step per batch, then its log row, and
+the resumable state every ``train.save_state_every_minutes``), ending each epoch with a checkpoint,
+the resumable state and validation (:func:`_end_epoch`), and stops on a signal, the ``stop_after``
+step or a data error with the state saved; rank 0 holds the run folder throughout. The recipe is in
+:mod:`lorat.training.optim`, the step (forward, loss, update) in :mod:`lorat.training.step`, the run
+folder's files in :mod:`lorat.training.run_folder`, the data loaders in :mod:`lorat.data.loading`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import csv
 import dataclasses
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,11 +40,16 @@ from lorat.training.run_folder import (
     TrainingRun,
     checkpoint_complete,
     checkpoint_due,
+    data_difference,
+    data_fingerprint,
     logged_epochs,
+    read_data_fingerprint,
     restore_state,
     save_checkpoint,
     save_state,
     trim_log,
+    try_hold_run_folder,
+    write_data_fingerprint,
     write_run_files,
 )
 from lorat.training.step import forward_loss, update
@@ -103,6 +109,7 @@ class _Loop:
     val_set: PairDataset | None
     step: int = 0
     skipped: int = 0
+    saved_at: float = 0.0  # time.monotonic() when state.pt was last written, or the loop was built
 
     @property
     def config(self) -> Config:
@@ -123,6 +130,13 @@ class _Loop:
     def save_state(self) -> None:
         save_state(self.out / "state.pt", self.model, self.optimizer, self.scaler, self.step, self.config,
                    self.spec.full_state, self.skipped)
+        self.saved_at = time.monotonic()
+
+    def state_due(self) -> bool:
+        """Whether a mid-epoch state is due: ``train.save_state_every_minutes`` have passed since the
+        last one (an epoch end writes its own)."""
+        minutes = self.config.train.save_state_every_minutes
+        return minutes > 0 and self.step % self.iters != 0 and time.monotonic() - self.saved_at >= minutes * 60
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -138,19 +152,45 @@ def _check_recipe(config: Config, env: Distributed) -> None:
                          f"to adapt: use train.finetune full")
 
 
-def _datasets(spec: TrainingRun) -> tuple[PairDataset, PairDataset | None]:
-    """The training pairs and the fixed validation pairs (None without validation data or samples)."""
+def _datasets(spec: TrainingRun) -> tuple[PairDataset, PairDataset | None, dict[str, list]]:
+    """The training pairs, the fixed validation pairs (None without validation data or samples) and
+    the fingerprint of both (``data.json``)."""
     config, cfg = spec.config, spec.config.train
     val_data = spec.val_data
     if not val_data:  # default: GOT-10k's val split, when GOT-10k is trained on
         val_data = tuple((name, path, "val") for name, path, _ in spec.data if name == "got10k")
     val_sources = sources(val_data, cfg, "val") if val_data and cfg.val_samples > 0 else []
+    train_sources = sources(spec.data, cfg, "train")
+    fingerprint = {"train": data_fingerprint(spec.data, train_sources, "train"),
+                   "val": data_fingerprint(val_data, val_sources, "val") if val_sources else []}
     factors = (config.tracking.template_area_factor, config.tracking.search_area_factor)
-    train_set = PairDataset(sources(spec.data, cfg, "train"), config.model, factors, cfg, cfg.samples_per_epoch,
-                            cfg.seed)
+    train_set = PairDataset(train_sources, config.model, factors, cfg, cfg.samples_per_epoch, cfg.seed)
     if not val_sources:
-        return train_set, None
-    return train_set, PairDataset(val_sources, config.model, factors, cfg, cfg.val_samples, cfg.seed + 1)
+        return train_set, None, fingerprint
+    return (train_set, PairDataset(val_sources, config.model, factors, cfg, cfg.val_samples, cfg.seed + 1),
+            fingerprint)
+
+
+def _check_data(spec: TrainingRun, env: Distributed, now: dict[str, list]) -> tuple[dict | None, str | None]:
+    """A resumed run's data against the fingerprint it started with (``data.json``; rank 0 decides for
+    every process): the saved fingerprint (None: none) and what differs (None: nothing).
+
+    Raises:
+        LoratError: the data differs and ``spec.allow_other_data`` is off, or ``data.json`` is damaged.
+    """
+    saved = difference = refusal = None
+    if env.main and spec.state is not None:
+        try:
+            saved = read_data_fingerprint(spec.out / "data.json")
+        except LoratError as err:
+            refusal = str(err)
+        difference = data_difference(saved, now) if saved is not None else None
+        if difference is not None and not spec.allow_other_data:
+            refusal = (f"--resume {spec.out}: {difference}; give the data the run started with (it may have moved), "
+                       f"or add --allow-other-data to go on with this data (the run is then no longer reproducible)")
+    if not env.agree(refusal is None):
+        raise LoratError(refusal or f"rank 0 refused the data for {spec.out}")
+    return saved, difference
 
 
 def _training_model(spec: TrainingRun, device: torch.device) -> LoRAT:
@@ -181,7 +221,8 @@ def _setup(spec: TrainingRun, env: Distributed) -> _Loop:
     """Datasets, model, optimiser, schedule and AMP; the saved state put back; the run folder prepared."""
     cfg, device = spec.config.train, env.device
     _check_recipe(spec.config, env)
-    train_set, val_set = _datasets(spec)
+    train_set, val_set, fingerprint = _datasets(spec)
+    saved_data, other_data = _check_data(spec, env, fingerprint)
     model = _training_model(spec, device)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, cfg.samples_per_epoch // cfg.batch_size)
@@ -189,12 +230,18 @@ def _setup(spec: TrainingRun, env: Distributed) -> _Loop:
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16 and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
     loop = _Loop(spec, env, model, _network(model, cfg, env), optimizer, scheduler, scaler, autocast, train_set,
-                 val_set)
+                 val_set, saved_at=time.monotonic())
     if spec.state is not None:
         restore_state(spec.state, model, optimizer, scaler, spec.full_state, spec.out / "state.pt")
         loop.step, loop.skipped = int(spec.state["step"]), int(spec.state.get("skipped_images", 0))
     if env.main:
+        change = None
+        if other_data is not None:
+            change = {"step": loop.step, "difference": other_data, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+            print(f"warning: --allow-other-data: {other_data}; the run goes on with this data from step {loop.step} "
+                  f"and is no longer reproducible (recorded in {spec.out / 'data.json'})")
         write_run_files(spec)
+        write_data_fingerprint(spec.out / "data.json", fingerprint, saved_data, change)
         trim_log(spec.out / "metrics.csv", loop.step)  # rows logged after the last saved state (a kill)
         trim_log(spec.out / "val.csv", loop.step // loop.iters)
     env.barrier()
@@ -207,10 +254,23 @@ def _setup(spec: TrainingRun, env: Distributed) -> _Loop:
 def run_training(spec: TrainingRun, env: Distributed) -> int:
     """Set up, then epochs of steps with their bookkeeping, then the closing message; the exit code.
 
+    Rank 0 holds the run folder throughout (:func:`~lorat.training.run_folder.hold_run_folder`;
+    ``python -m lorat.train`` takes it before it reads the folder, and it is held on here).
+
     Raises:
-        LoratError: a recipe the processes cannot run, data that cannot be read (the steps done
-            are saved first), a state that does not fit the model.
+        LoratError: another training holds the run folder, a recipe the processes cannot run, data
+            that cannot be read (the steps done are saved first), a state that does not fit the
+            model, data other than the resumed run's.
     """
+    with ExitStack() as folder:
+        refusal = try_hold_run_folder(folder, spec.out, reentrant=True) if env.main else None
+        if not env.agree(refusal is None):
+            raise LoratError(refusal or f"{spec.out} is in use by another training (rank 0 could not lock it)")
+        return _train(spec, env)
+
+
+def _train(spec: TrainingRun, env: Distributed) -> int:
+    """:func:`run_training` in the held run folder."""
     loop = _setup(spec, env)
     if env.main:
         _announce(loop)
@@ -298,6 +358,8 @@ def _train_epoch(loop: _Loop, stop: _StopFlag, log: _Log | None) -> str | None:
                     log.write(loop, epoch, lr, losses, bar)
                 if stop.signal is not None or (stop_after and loop.step >= stop_after):
                     break
+                if env.main and loop.state_due():  # a kill loses minutes, not the epoch
+                    loop.save_state()
         except DatasetError as err:  # e.g. every image unreadable: stop here, keeping the steps done
             return str(err)  # not the exception: its traceback holds the loader's workers
     return None
@@ -412,13 +474,14 @@ class _Log:
 
 def _tensorboard(out: Path, step: int):
     """A TensorBoard writer for ``out/tensorboard`` (an earlier process's events after ``step``, the
-    saved state, are dropped), or None with a note when the tensorboard package is missing."""
+    saved state, are dropped: all of them when a run killed before its first state starts again), or
+    None with a note when the tensorboard package is missing."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # torch raises this when the tensorboard package is missing
         print("note: the tensorboard package is not installed; metrics go to metrics.csv only")
         return None
-    return SummaryWriter(str(out / "tensorboard"), purge_step=step + 1 if step else None)
+    return SummaryWriter(str(out / "tensorboard"), purge_step=step + 1)
 
 
 def _summary(loop: _Loop) -> str:

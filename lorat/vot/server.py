@@ -18,7 +18,10 @@ as the official code). Initial regions may be rectangles, polygons or masks (the
 answers are rectangles (the official integer rounding) or, for objects given as masks (VOTS
 stacks) or with ``--output mask``, frame-sized masks: SAM prompted with each box
 (``--sam-weights sam_vit_h_4b8939.pth``, one image embedding per frame), or the box filled.
-Each answer carries the score as the ``confidence`` property (long-term analyses read it).
+Each answer carries the score as the ``confidence`` property (long-term analyses read it). An object
+the toolkit adds on a later frame that cannot be tracked (its region outside the frame, an empty mask,
+a box on an object already tracked) is refused alone: a line in the log, an empty region with
+confidence 0 for it on every frame, and the other objects go on being tracked.
 """
 
 from __future__ import annotations
@@ -36,13 +39,22 @@ import numpy as np
 
 from lorat.errors import LoratError, run_cli
 from lorat.options import add_tracker_arguments
-from lorat.vot.session import OUTPUTS, Answer, Start, VotSession, start_from_mask, start_from_points
+from lorat.vot.session import (
+    OUTPUTS,
+    Answer,
+    Refused,
+    Start,
+    VotSession,
+    check_inside,
+    start_from_mask,
+    start_from_points,
+)
 
 if TYPE_CHECKING:
     from lorat.tracking.tracker import Tracker
     from lorat.vot.masks import BoxMasker
 
-__all__ = ["main", "serve", "trackers_ini"]
+__all__ = ["main", "serve", "trackers_ini", "check_tracker_name", "check_tracker_files"]
 
 _INSTALL = "pip install 'lorat[vot]' (vot-toolkit and vot-trax)"
 _IDENTIFIER = re.compile(r"[A-Za-z0-9_-]+")  # the toolkit's rule for tracker names
@@ -92,6 +104,20 @@ def _start(region: Any, index: int, frame_size: tuple[int, int], trax: Any) -> S
     raise LoratError(f"object {index + 1}: an initial region of type {kind!r} cannot be tracked")
 
 
+def _new_objects(regions: Sequence[Any], known: int, frame_size: tuple[int, int], trax: Any) -> list[Start | Refused]:
+    """The objects the toolkit adds on a later frame (VOTS). One that cannot be tracked (a region outside
+    the frame, an empty mask, no area, an unknown type) is refused alone: the session logs a line and
+    answers it with an empty region and score 0 (the toolkit's "not there"; it wants one answer per
+    object), and goes on tracking the others -- ending the whole session would lose them all."""
+    objects: list[Start | Refused] = []
+    for k, region in enumerate(regions):
+        try:
+            objects.append(check_inside(_start(region, known + k, frame_size, trax), frame_size, known + k))
+        except LoratError as err:
+            objects.append(Refused(str(err), mask=region.type == trax.Region.MASK))
+    return objects
+
+
 def _encode(answer: Answer) -> Any:
     from trax.region import Mask, Rectangle
 
@@ -125,7 +151,8 @@ def serve(session: VotSession, multiobject: bool, trax: Any) -> None:
             if request.type == trax.TraxStatus.INITIALIZE:
                 if frame is None:
                     raise LoratError(f"cannot read the first frame {name}")
-                starts = [_start(r, k, frame.shape[:2], trax) for k, (r, _) in enumerate(request.objects)]
+                starts = [check_inside(_start(r, k, frame.shape[:2], trax), frame.shape[:2], k)
+                          for k, (r, _) in enumerate(request.objects)]
                 answers, started = session.initialize(frame, starts), True
             else:
                 if not started:
@@ -137,9 +164,7 @@ def serve(session: VotSession, multiobject: bool, trax: Any) -> None:
                     answers = session.frame(None)
                 else:
                     regions = [r for r, _ in request.objects or []]
-                    known = len(session.last)
-                    new = [_start(r, known + k, frame.shape[:2], trax) for k, r in enumerate(regions)]
-                    answers = session.frame(frame, new)
+                    answers = session.frame(frame, _new_objects(regions, len(session.last), frame.shape[:2], trax))
             server.status([(_encode(a), {"confidence": f"{a.score:.4f}"}) for a in answers])
     except LoratError as err:
         server.quit(reason=str(err))
@@ -152,13 +177,22 @@ def serve(session: VotSession, multiobject: bool, trax: Any) -> None:
 
 def trackers_ini(name: str, argv: Sequence[str]) -> str:
     """A ``trackers.ini`` entry that runs ``python -m lorat.vot`` with ``argv`` under this Python; file
-    arguments become absolute (the toolkit starts trackers in a temporary folder)."""
+    arguments become absolute (the toolkit starts trackers in a temporary folder).
+
+    Raises:
+        LoratError: ``name`` is not a tracker name the toolkit takes, or ``argv`` holds ``--ini`` (the
+            command would print an entry instead of tracking).
+    """
+    check_tracker_name(name)
+    if any(_is_ini(arg) for arg in argv):
+        raise LoratError("--ini prints a trackers.ini entry and exits: a tracker command that holds it would not "
+                         "track; leave it out of the tracker options")
     args, absolute = list(argv), []
     for k, arg in enumerate(args):
         option, eq, value = arg.partition("=")
-        if eq and option in _FILE_OPTIONS and Path(value).exists():
+        if eq and _is_option(option, _FILE_OPTIONS) and Path(value).exists():
             arg = f"{option}={Path(value).resolve()}"
-        elif k and args[k - 1] in _FILE_OPTIONS and Path(arg).exists():
+        elif k and _is_option(args[k - 1], _FILE_OPTIONS) and Path(arg).exists():
             arg = str(Path(arg).resolve())
         absolute.append(arg)
     command = shlex.join([sys.executable, "-m", "lorat.vot", *absolute])
@@ -166,14 +200,64 @@ def trackers_ini(name: str, argv: Sequence[str]) -> str:
             f"# seconds the toolkit waits for an answer, the model and SAM loading included\ntimeout = 300\n\n")
 
 
+def check_tracker_name(name: str) -> str:
+    """``name``, if the toolkit takes it as a tracker name (its identifier rule) and ``vot test NAME`` can
+    name it on a command line (no leading '-', which would read as an option).
+
+    Raises:
+        LoratError: any other name.
+    """
+    if not _IDENTIFIER.fullmatch(name) or name.startswith("-"):
+        raise LoratError(f"--ini {name!r}: a VOT tracker name is letters, digits, '_' and '-', not starting "
+                         f"with '-'")
+    return name
+
+
+def check_tracker_files(args: argparse.Namespace) -> None:
+    """The files the tracker options name exist (a named model such as LoRAT-B-224 for ``--weights``, a
+    bundled config name such as b224 for ``--config`` are fine): an entry with a missing file would
+    only fail when the toolkit runs it.
+
+    Raises:
+        LoratError: naming the option and the missing file.
+    """
+    from lorat.checkpoint.hub import MODELS
+    from lorat.files import bundled_config
+
+    for option in _FILE_OPTIONS:
+        value = getattr(args, option.removeprefix("--").replace("-", "_"), None)
+        if value is None or Path(value).is_file():
+            continue
+        if option == "--weights" and str(value).lower() in MODELS:
+            continue
+        if option == "--config" and bundled_config(str(value)) is not None:
+            continue
+        what = "a folder, not a file" if Path(value).is_dir() else "no such file"
+        raise LoratError(f"{option} {value}: {what}" + (" (nor a named model such as LoRAT-B-224)"
+                                                       if option == "--weights" else ""))
+
+
+def _is_option(arg: str, options: Sequence[str]) -> bool:
+    """Whether ``arg`` is one of ``options``, as argparse reads it: the whole flag or a prefix of it
+    (``--weights``, ``--w``), optionally with ``=VALUE``. (An abbreviation that fits another option as
+    well never gets here: argparse refuses it.)"""
+    option = arg.partition("=")[0]
+    return option.startswith("--") and len(option) > 2 and any(o.startswith(option) for o in options)
+
+
+def _is_ini(arg: str) -> bool:
+    """Whether ``arg`` is the ``--ini`` option (``--ini``, ``--in``, ``--i``, with or without ``=VALUE``)."""
+    return _is_option(arg, ("--ini",))
+
+
 def _strip_ini(argv: Sequence[str]) -> list[str]:
     out, skip = [], False
     for arg in argv:
         if skip:
             skip = False
-        elif arg == "--ini":
-            skip = True
-        elif not arg.startswith("--ini="):
+        elif _is_ini(arg):
+            skip = "=" not in arg
+        else:
             out.append(arg)
     return out
 
@@ -202,8 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _build_parser().parse_args(argv)
     if args.ini is not None:
-        if not _IDENTIFIER.fullmatch(args.ini):
-            raise LoratError(f"--ini {args.ini!r}: a VOT tracker name is letters, digits, '_' and '-'")
+        check_tracker_name(args.ini)
+        check_tracker_files(args)
         print(trackers_ini(args.ini, _strip_ini(argv)), end="")
         return 0
     if args.sam_weights is not None and not args.sam_weights.is_file():
@@ -219,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         masker = _masker(args, tracker)
         _note(f"LoRAT {tracker.config.model.variant} on {tracker.device} for the VOT toolkit: "
               f"{'one object' if args.single_object else 'all objects'} per process, output {args.output}")
-        serve(VotSession(tracker, masker, args.output), multiobject=not args.single_object, trax=trax)
+        serve(VotSession(tracker, masker, args.output, note=_note), multiobject=not args.single_object, trax=trax)
     return 0
 
 

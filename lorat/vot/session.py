@@ -4,12 +4,14 @@
 protocol: the toolkit's initial regions become :class:`Start` (:func:`start_from_points` for
 rectangles and polygons, :func:`start_from_mask` for masks), every frame gives one :class:`Answer`
 per object -- a box (the official integer rounding) or a frame-sized mask from a
-:class:`~lorat.vot.masks.BoxMasker` -- with the tracker's score.
+:class:`~lorat.vot.masks.BoxMasker` -- with the tracker's score. An object added on a later frame
+that cannot be tracked (:class:`Refused`: its region lies outside the frame, say) keeps its place
+and is answered with an empty region, score 0, on every frame; the others are tracked as usual.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,7 +23,8 @@ if TYPE_CHECKING:
     from lorat.tracking.tracker import Tracker
     from lorat.vot.masks import BoxMasker
 
-__all__ = ["OUTPUTS", "Start", "Answer", "VotSession", "start_from_mask", "start_from_points"]
+__all__ = ["OUTPUTS", "Start", "Refused", "Answer", "VotSession", "start_from_mask", "start_from_points",
+           "check_inside"]
 
 OUTPUTS = ("auto", "box", "mask")  # what objects are answered with (see VotSession)
 
@@ -40,6 +43,20 @@ class Start:
 
     box: tuple[float, float, float, float]
     mask: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A new object (given on a later frame) that cannot be tracked, and why.
+
+    Attributes:
+        reason: the message (``object 4: the initial region ... lies outside the 320x240 frame``).
+        mask: whether the toolkit gave its region as a mask (it is then answered with an empty mask
+            under ``output="auto"``, as the objects given as masks are).
+    """
+
+    reason: str
+    mask: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,6 +107,25 @@ def start_from_points(points: Sequence[tuple[float, float]], index: int) -> Star
     return Start((float(lo[0]), float(lo[1]), float(hi[0] - lo[0]), float(hi[1] - lo[1])))
 
 
+def check_inside(start: Start, frame_size: tuple[int, int], index: int) -> Start:
+    """``start``, if the tracker can start on it in a frame of ``frame_size`` (H, W): its box, clipped to
+    the frame, keeps an area (the rule of :func:`lorat.tracking.step.init_boxes`).
+
+    Raises:
+        LoratError: the region lies outside the frame.
+    """
+    import torch
+
+    from lorat.tracking.boxes import clip_xyxy, is_valid_xyxy, xywh_to_xyxy
+
+    height, width = frame_size
+    xyxy = clip_xyxy(xywh_to_xyxy(torch.tensor(start.box, dtype=torch.float64)), width, height)
+    if not bool(is_valid_xyxy(xyxy)):
+        raise LoratError(f"object {index + 1}: the initial region (x, y, w, h) = "
+                         f"({', '.join(f'{v:g}' for v in start.box)}) lies outside the {width}x{height} frame")
+    return start
+
+
 # ----------------------------------------------------------------------------- the session
 
 
@@ -100,19 +136,24 @@ class VotSession:
         tracker: the loaded tracker (one batched step per frame for all objects).
         masker: turns boxes into masks for the objects answered with masks.
         output: ``"box"``, ``"mask"``, or ``"auto"`` (masks for objects given as masks, boxes otherwise).
+        note: where a line goes for each new object refused (the log; default: nowhere).
     """
 
-    def __init__(self, tracker: Tracker, masker: BoxMasker, output: str = "auto"):
+    def __init__(self, tracker: Tracker, masker: BoxMasker, output: str = "auto",
+                 note: Callable[[str], None] | None = None):
         if output not in OUTPUTS:
             raise LoratError(f"unknown output {output!r}; use {', '.join(OUTPUTS)}")
         self.tracker = tracker
         self.masker = masker
         self.output = output
-        self.wants_mask: list[bool] = []
-        self.last: list[Answer] = []
+        self.note = note or (lambda message: None)
+        self.wants_mask: list[bool] = []  # per tracked object, in the tracker's order
+        self.last: list[Answer] = []  # per object, refused ones included, in the toolkit's order
+        self.refused: dict[int, Answer] = {}  # object index -> its constant empty answer
 
-    def _wants_mask(self, start: Start) -> bool:
-        return self.output == "mask" or (self.output == "auto" and start.mask is not None)
+    def _wants_mask(self, start: Start | Refused) -> bool:
+        given_mask = start.mask if isinstance(start, Refused) else start.mask is not None
+        return self.output == "mask" or (self.output == "auto" and given_mask)
 
     def _first(self, frame: np.ndarray, starts: Sequence[Start], boxes: Sequence[tuple]) -> list[Answer]:
         """The answers on an object's first frame: its region as given (a mask, or the clipped box)."""
@@ -129,15 +170,22 @@ class VotSession:
         """Start (or restart) on ``frame`` (H, W, 3) uint8 RGB with these objects."""
         if not starts:
             raise LoratError("the toolkit gave no object to track")
-        self.wants_mask = []
+        self.wants_mask, self.refused = [], {}
         self.tracker.reset()
-        results = self.tracker.init(frame, [s.box for s in starts])
+        # the toolkit defines the objects: all are tracked as given, even two that overlap
+        results = self.tracker.init(frame, [s.box for s in starts], distinct=False)
         self.last = self._first(frame, starts, [r.box for r in results])
         return self.last
 
-    def frame(self, frame: np.ndarray | None, new: Sequence[Start] = ()) -> list[Answer]:
+    def frame(self, frame: np.ndarray | None, new: Sequence[Start | Refused] = ()) -> list[Answer]:
         """Track every object into ``frame`` (None: unreadable, the last regions with score 0); then
-        start the ``new`` objects on it. Answers in the order the objects were given."""
+        start the ``new`` objects on it. Answers in the order the objects were given.
+
+        A :class:`Refused` new object is not given to the tracker: it is answered with an empty region
+        (a zero box, or an empty mask where masks are answered) and score 0 on this and every later
+        frame -- the toolkit wants one answer per object, and an empty region is its "target not
+        there", so the other objects go on being tracked.
+        """
         if not self.last and not new:
             return []
         if frame is None:
@@ -145,12 +193,36 @@ class VotSession:
                 raise LoratError("new objects were given on a frame that cannot be read")
             self.last = [Answer(a.box, a.mask, 0.0) for a in self.last]
             return self.last
-        answers = self._track(frame) if self.last else []
-        if new:
-            results = self.tracker.add(frame, [s.box for s in new])
-            answers += self._first(frame, new, [r.box for r in results])
+        tracked = iter(self._track(frame) if len(self.last) > len(self.refused) else [])
+        answers = [self.refused[k] if k in self.refused else next(tracked) for k in range(len(self.last))]
+        objects, boxes = self._add(frame, new, len(answers))
+        firsts = iter(self._first(frame, [s for s in objects if isinstance(s, Start)], boxes))
+        for start in objects:
+            if isinstance(start, Refused):
+                self.note(f"warning: {start.reason}; this object is not tracked (answered with an empty region, "
+                          f"confidence 0)")
+                empty = np.zeros(frame.shape[:2], dtype=bool) if self._wants_mask(start) else None
+                answer = self.refused[len(answers)] = Answer((0.0, 0.0, 0.0, 0.0), empty, 0.0)
+                answers.append(answer)
+            else:
+                answers.append(next(firsts))
         self.last = answers
         return answers
+
+    def _add(self, frame: np.ndarray, new: Sequence[Start | Refused], known: int
+             ) -> tuple[list[Start | Refused], list[tuple]]:
+        """Give the tracker the new objects one by one: one it refuses (a box on an object already
+        tracked, say) becomes :class:`Refused` alone. Returns the objects and the accepted ones' boxes."""
+        objects: list[Start | Refused] = []
+        boxes = []
+        for k, start in enumerate(new):
+            if isinstance(start, Start):
+                try:
+                    boxes.append(self.tracker.add(frame, [start.box], distinct=False)[0].box)
+                except LoratError as err:
+                    start = Refused(f"object {known + k + 1}: {err}", mask=start.mask is not None)
+            objects.append(start)
+        return objects, boxes
 
     def _track(self, frame: np.ndarray) -> list[Answer]:
         from lorat.evaluation.results import rasterize_xywh

@@ -12,6 +12,7 @@ and ``trackers.ini`` with a ``LoRAT`` entry for ``python -m lorat.vot`` and the 
 (see ``python -m lorat.vot --help``). ``--masks`` writes mask ground truth (a segmentation stack:
 the tracker answers masks), ``--objects N`` several objects per sequence (multi-object stack).
 It is for trying the integration and the toolkit end to end; the numbers it gives are not a benchmark.
+The folder may be new, empty, or hold other files, but none of those it writes: it never overwrites.
 (``python -m lorat.vot_workspace`` is the older name of this command.)
 """
 
@@ -25,7 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from lorat.errors import LoratError, run_cli
+from lorat.errors import LoratError, listed, run_cli
 from lorat.vot.server import trackers_ini
 
 __all__ = ["main", "write_sequence", "write_workspace"]
@@ -66,6 +67,27 @@ def _mask_rle(mask: np.ndarray) -> str:
     return f"m{cols[0]},{rows[0]},{cols[-1] - cols[0] + 1},{rows[-1] - rows[0] + 1}," + ",".join(map(str, runs))
 
 
+def _write_new(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, which must not exist (never an overwrite, even of a file made meanwhile)."""
+    try:
+        with open(path, "x") as f:
+            f.write(text)
+    except FileExistsError:
+        raise LoratError(f"{path} already exists; it is not overwritten") from None
+    except OSError as err:
+        raise LoratError(f"cannot write {path}: {err.strerror or err}") from None
+
+
+def _make_folder(folder: Path) -> None:
+    """Create ``folder`` (and its parents); it may exist as a folder. A LoratError where it cannot be one."""
+    if folder.exists() and not folder.is_dir():
+        raise LoratError(f"{folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LoratError(f"cannot create the folder {folder}: {err.strerror or err}") from None
+
+
 def write_sequence(folder: Path, name: str, frames: int, objects: int = 1, masks: bool = False,
                    size: tuple[int, int] = (320, 240), seed: int = 0) -> Path:
     """Write one generated sequence in the VOT format to ``folder / name``.
@@ -73,11 +95,17 @@ def write_sequence(folder: Path, name: str, frames: int, objects: int = 1, masks
     Each object is a textured ellipse moving on a smooth closed path over a textured background;
     its ground truth per frame is the bounding rectangle ``x,y,w,h`` of its pixels or, with
     ``masks``, the pixel mask.
+
+    Raises:
+        LoratError: ``folder / name`` exists and is not an empty folder (nothing is overwritten), or
+            cannot be written.
     """
     width, height = size
     rng = np.random.default_rng(seed)
     root = folder / name
-    (root / "color").mkdir(parents=True, exist_ok=True)
+    if root.exists() and not (root.is_dir() and not any(root.iterdir())):
+        raise LoratError(f"{root} already exists; it is not overwritten")
+    _make_folder(root / "color")
     background = _texture(rng, height, width, 12) // 2 + 40
     sprites = [_texture(rng, height, width, 6) for _ in range(objects)]
     shapes = [(rng.uniform(0.08, 0.14) * width, rng.uniform(0.10, 0.18) * height) for _ in range(objects)]
@@ -98,31 +126,66 @@ def write_sequence(folder: Path, name: str, frames: int, objects: int = 1, masks
             else:
                 rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
                 truth[k].append(f"{cols[0]},{rows[0]},{cols[-1] - cols[0] + 1},{rows[-1] - rows[0] + 1}")
-        cv2.imwrite(str(root / "color" / f"{t + 1:08d}.jpg"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR),
-                    [cv2.IMWRITE_JPEG_QUALITY, 95])
+        image = root / "color" / f"{t + 1:08d}.jpg"
+        ok, data = cv2.imencode(".jpg", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+        if not ok:
+            raise LoratError(f"cannot encode the frame {image} as JPEG")
+        try:
+            with open(image, "xb") as f:
+                f.write(data.tobytes())
+        except OSError as err:
+            raise LoratError(f"cannot write {image}: {err.strerror or err}") from None
     files = ["groundtruth.txt"] if objects == 1 else [f"groundtruth_{k:03d}.txt" for k in range(objects)]
     for file, lines in zip(files, truth, strict=True):
-        (root / file).write_text("\n".join(lines) + "\n")
-    (root / "sequence").write_text(f"name={name}\nfps=30\nformat=default\nchannels.color=color/%08d.jpg\n"
-                                   f"width={width}\nheight={height}\nlength={frames}\n")
+        _write_new(root / file, "\n".join(lines) + "\n")
+    _write_new(root / "sequence", f"name={name}\nfps=30\nformat=default\nchannels.color=color/%08d.jpg\n"
+                                  f"width={width}\nheight={height}\nlength={frames}\n")
     return root
+
+
+def _names(sequences: int, masks: bool) -> list[str]:
+    return [f"lorat-{'masks' if masks else 'boxes'}-{k + 1}" for k in range(sequences)]
+
+
+def _in_the_way(folder: Path, names: Sequence[str]) -> list[str]:
+    """What of the workspace ``folder`` already holds (relative paths), so that nothing is overwritten."""
+    try:
+        if not folder.exists():
+            return []
+        if not folder.is_dir():
+            raise LoratError(f"{folder} is a file, not a folder")
+        paths = ["config.yaml", "stack.yaml", "trackers.ini", "sequences/list.txt", *(f"sequences/{n}" for n in names)]
+        return [p for p in paths if (folder / p).exists() or (folder / p).is_symlink()]
+    except OSError as err:  # e.g. a folder that may not be read
+        raise LoratError(f"cannot look into {folder}: {err.strerror or err}") from None
 
 
 def write_workspace(folder: Path, tracker_argv: Sequence[str] = (), sequences: int = 3, frames: int = 60,
                     objects: int = 1, masks: bool = False) -> Path:
-    """Write the workspace described in the module docstring to ``folder`` (which must not hold one)."""
+    """Write the workspace described in the module docstring to ``folder``: a new or empty folder, or one
+    that holds none of the files and folders it writes (they are never overwritten).
+
+    Raises:
+        LoratError: ``folder`` holds some of them (named), is a file, or cannot be created or written;
+            ``tracker_argv`` holds ``--ini``.
+    """
     folder = Path(folder)
-    if (folder / "config.yaml").exists():
-        raise LoratError(f"{folder} already holds a VOT workspace (config.yaml); choose another folder")
-    names = [f"lorat-{'masks' if masks else 'boxes'}-{k + 1}" for k in range(sequences)]
+    names = _names(sequences, masks)
+    entry = trackers_ini("LoRAT", tracker_argv)  # before anything is written: it checks the options
+    taken = _in_the_way(folder, names)
+    if taken:
+        raise LoratError(f"{folder} already holds {listed(taken)}; nothing is overwritten: choose a new or empty "
+                         f"folder")
+    _make_folder(folder)
+    _make_folder(folder / "sequences")
     for k, name in enumerate(names):
         write_sequence(folder / "sequences", name, frames + 10 * k, objects, masks, seed=k)
-    (folder / "sequences" / "list.txt").write_text("\n".join(names) + "\n")
+    _write_new(folder / "sequences" / "list.txt", "\n".join(names) + "\n")
     kind = ("mask" if masks else "box") + (f", {objects} objects" if objects > 1 else "")
-    (folder / "stack.yaml").write_text(_STACK.format(kind=kind, multiobject="\n    multiobject: True"
-                                                     if objects > 1 else ""))
-    (folder / "config.yaml").write_text("stack: ./stack.yaml\nregistry:\n- ./trackers.ini\n")
-    (folder / "trackers.ini").write_text(trackers_ini("LoRAT", tracker_argv))
+    _write_new(folder / "stack.yaml", _STACK.format(kind=kind, multiobject="\n    multiobject: True"
+                                                    if objects > 1 else ""))
+    _write_new(folder / "trackers.ini", entry)
+    _write_new(folder / "config.yaml", "stack: ./stack.yaml\nregistry:\n- ./trackers.ini\n")  # last: complete
     return folder
 
 
@@ -139,9 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, tracker_argv = p.parse_known_args(sys.argv[1:] if argv is None else argv)
     if min(args.sequences, args.objects) < 1 or args.frames < 2:
         raise LoratError("--sequences and --objects must be at least 1, --frames at least 2")
-    from lorat.vot.server import _build_parser  # the tracker options must be ones python -m lorat.vot takes
+    from lorat.vot.server import _build_parser, check_tracker_files  # options python -m lorat.vot takes
 
-    _build_parser().parse_args(tracker_argv)
+    check_tracker_files(_build_parser().parse_args(tracker_argv))
     folder = write_workspace(args.folder, tracker_argv, args.sequences, args.frames, args.objects, args.masks)
     print(f"wrote a VOT workspace in {folder}: {args.sequences} sequence(s), the tracker LoRAT in "
           f"{folder / 'trackers.ini'}")
