@@ -36,8 +36,9 @@ Gradio's cache (uploads, served copies) drops files older than an hour (``delete
 A bad upload, box or request (an API call with wrong arguments included) is refused with a message
 on the page (server paths cut to the file's name) and one ``refused: ...`` line in the server log,
 not a traceback; the app keeps serving. The webcam source says on the page when the browser has no
-camera or denies access to it. Uses only the public ``lorat`` API; of Gradio, besides its public API,
-two internals: the input checks of ``Blocks.preprocess_data`` and the queue's record of running events.
+camera or denies access to it. Uses only the public ``lorat`` API; of Gradio it also relies on two
+internals, each in one function: its input checks (``_Blocks.preprocess_data``) and its queue's record
+of the running events (``_client_gone``).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ from lorat.checkpoint.loader import LoadedModel, load
 from lorat.evaluation.results import box_line
 from lorat.options import ModelOptions, add_model_arguments, parse_xywh
 from lorat.runtime import default_weights, default_weights_notice
+from lorat.tracking.step import DUPLICATE_IOU
 from lorat.video import FrameSource, VideoWriter, draw_targets, open_source
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +79,6 @@ _STOPS: dict[str, threading.Event] = {}  # session -> "stop the running Track" (
 _STOPS_LOCK = threading.Lock()
 KEEP_RESULTS = 4  # request folders kept; Gradio has its own copy of the files once a request returns
 CACHE_LIFETIME_S = 3600  # Gradio's cached uploads and results older than this are deleted
-SAME_BOX_IOU = 0.9  # a new box overlapping a selected one more than this (intersection over union) is refused
 log = logging.getLogger("lorat.app")
 
 
@@ -382,11 +383,11 @@ def _iou(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def _check_new_box(box: list[float], boxes: list) -> None:
-    """Refuse a box identical, or nearly (IoU above ``SAME_BOX_IOU``), to one already selected: the same
-    target would be tracked twice."""
+    """Refuse a box identical, or nearly (IoU above ``DUPLICATE_IOU``, the tracker's own limit), to one
+    already selected: the same object would be tracked twice (and the Track refused)."""
     for k, old in enumerate(boxes):
         overlap = _iou(box, old)
-        if overlap > SAME_BOX_IOU:
+        if overlap > DUPLICATE_IOU:
             raise _refuse(f"That box is (nearly) the same as target #{k + 1} (IoU {overlap:.2f} with it), so it "
                           f"is not added: each target is tracked once. Clear the boxes to start over.")
 
@@ -536,8 +537,8 @@ def make_track_fn(models: Models, limits: Limits, results: ResultFolders) -> Cal
         finally:
             source.close()
         if gone():  # nobody to answer: say so in the log and free the worker for the next request
-            log.info("cancelled: the client left; tracking stopped at frame %d of %d-%d", start + len(scores),
-                     start + 1, start + count)
+            log.info("cancelled: the client left; tracking stopped at frame %d (of frames %d-%d)",
+                     start + len(scores), start + 1, start + count)
             raise gr.Error("The client left; tracking stopped.", print_exception=False)
         if not scores:
             raise _refuse(f"No frame of this video could be decoded from frame {start + 1}.")

@@ -481,7 +481,7 @@ def test_a_client_that_leaves_mid_track_frees_the_worker(app, tmp_path):
     assert message.startswith("Tracked 1 target(s) over 3 frames")
     cancelled = _new_log_lines(app, since, "cancelled: the client left")
     assert len(cancelled) == 1, "".join(app["log"][since:])
-    stopped = int(re.search(r"stopped at frame (\d+) of 1-100", cancelled[0]).group(1))
+    stopped = int(re.search(r"stopped at frame (\d+) \(of frames 1-100\)", cancelled[0]).group(1))
     assert stopped < 50, cancelled[0]
     assert waited < 20, f"the next request took {waited:.0f} s: the abandoned job kept the worker"
     assert not any("Traceback" in line for line in app["log"][since:])
