@@ -7,7 +7,8 @@
 * :mod:`lorat.training.optim` -- parameter groups, AdamW, the warm-up + cosine schedule.
 * :mod:`lorat.training.loss` -- the official losses (varifocal + GIoU).
 * :mod:`lorat.training.run_folder` -- :class:`~lorat.training.run_folder.TrainingRun` (what a run
-  needs) and what a run folder holds: config, arguments, state, checkpoints.
+  needs) and what a run folder holds: config, arguments, data fingerprint, state, checkpoints, and
+  the lock that keeps it to one training at a time.
 
 The training pairs come from :mod:`lorat.data`.
 """
