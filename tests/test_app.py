@@ -499,7 +499,7 @@ def test_browser_webcam_without_a_camera_says_so(app):
         page.goto(app["url"])
         note = page.locator("#webcam-note-text")
         note.wait_for(state="attached", timeout=60_000)
-        assert not page.locator("#webcam-note").is_visible()  # nothing to say yet
+        page.locator("#webcam-note").wait_for(state="hidden", timeout=30_000)  # the page's script: nothing to say yet
         page.locator("#video-input button[aria-label='Capture from camera']").first.click()
         page.locator("#video-input").get_by_text("Click to Access Webcam").first.click()
         page.get_by_text(re.compile(r"Webcam: (no camera was found|access to the camera was denied)")).wait_for(
