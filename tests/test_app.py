@@ -235,6 +235,7 @@ def test_a_video_with_huge_frames_is_refused_at_upload(app, tmp_path):
         Client(app["url"], verbose=False).predict(handle_file(str(wide)), api_name="/load_first_frame")
 
 
+@pytest.mark.slow
 def test_result_folders_stay_bounded(app, tmp_path):
     from gradio_client import handle_file
 
@@ -339,6 +340,7 @@ def _add_typed_box(page, box: str) -> None:
     page.get_by_text("1 target(s)").wait_for(timeout=30_000)
 
 
+@pytest.mark.slow  # a second browser session: the default suite keeps one
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium")
 def test_browser_stop_trim_and_reinitialise(app, tmp_path):
     """In the page: a 160-frame upload is trimmed to the app's 100 frames; Stop ends a second run early;
@@ -487,6 +489,7 @@ def test_a_client_that_leaves_mid_track_frees_the_worker(app, tmp_path):
     assert not any("Traceback" in line for line in app["log"][since:])
 
 
+@pytest.mark.slow  # a second browser session: the default suite keeps one
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium")
 def test_browser_webcam_without_a_camera_says_so(app):
     """Chromium without a (fake) camera: choosing the webcam source shows a note on the page, not only a

@@ -283,6 +283,7 @@ def test_vot_test_passes_in_single_and_multi_object_mode(tmp_path):
         assert 0 <= float(confidence.removeprefix("confidence=")) <= 1
 
 
+@pytest.mark.slow  # the toolkit's TraX client in another process
 def test_toolkit_receives_sam_masks_as_computed_in_process(tmp_path, tiny_sam, demo):
     """Through the toolkit's own runtime: masks in (a VOTS-like sequence of three mask objects), SAM masks
     out, which the toolkit decodes to exactly the frame-sized masks of an in-process session."""

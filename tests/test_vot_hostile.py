@@ -160,7 +160,7 @@ def test_session_refuses_a_new_object_alone_and_tracks_the_others(demo, monkeypa
     with pytest.raises(LoratError, match=r"object 2: the initial region .* lies outside the 320x240 frame"):
         check_inside(Start((400.0, 10.0, 30.0, 30.0)), (240, 320), 1)
     add = demo.add
-    monkeypatch.setattr(demo, "add", lambda frame, box: (_ for _ in ()).throw(LoratError("no room"))
+    monkeypatch.setattr(demo, "add", lambda frame, box, **options: (_ for _ in ()).throw(LoratError("no room"))
                         if box[0][0] == 20.0 else add(frame, box))
     new = [Refused("object 2: outside", mask=True), Start((20.0, 150.0, 50.0, 40.0)), Start((200.0, 30.0, 40.0, 50.0))]
     answers = [session.frame(frames[2], new)] + [session.frame(f) for f in frames[3:]]

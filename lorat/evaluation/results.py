@@ -171,7 +171,7 @@ def folder_lock(path: Path) -> FileLock:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise LoratError(f"cannot create {path.parent}: {err.strerror or err}") from None
+        raise LoratError(f"cannot write {path}: {err.strerror or err}") from None
     return FileLock(path.parent / f".{path.name}.lock")
 
 
