@@ -563,7 +563,7 @@ def _wait_for_lines(path: Path, lines: int, proc: subprocess.Popen, seconds: flo
 
 def test_show_and_drawing_the_box_with_the_mouse_under_xvfb(tmp_path):
     """``--show`` without ``--init`` on a virtual screen: drag a box in the window, Enter, Esc; the
-    tracking starts on it and ``q`` stops it. Needs Xvfb and xdotool (not installed here: skipped)."""
+    tracking starts on it and ``q`` stops it. Needs Xvfb and xdotool (``.ci/run`` installs them)."""
     import os
     import time
 
