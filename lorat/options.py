@@ -44,7 +44,8 @@ class ModelOptions:
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         dtype: compute (autocast) dtype: ``auto``, ``float32``, ``float16`` or ``bfloat16`` (see
             :func:`lorat.runtime.resolve_dtype`).
-        threads: CPU threads for torch and ONNX Runtime; None: torch's choice.
+        threads: CPU threads for torch and ONNX Runtime; None: chosen while tracking from measured step
+            times (:mod:`lorat.tracking.threads`).
         backend: one of :data:`BACKENDS`.
     """
 
@@ -90,7 +91,8 @@ _OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
                 "native bfloat16; else float32), float32, float16, bfloat16"}),
     "threads": ("--threads", {
         "type": int, "metavar": "N",
-        "help": "CPU threads (default: torch's choice; on a busy machine fewer can be faster)"}),
+        "help": "CPU threads (default: chosen while tracking from measured step times, fast on a quiet and on a "
+                "busy machine; N fixes it)"}),
     "backend": ("--backend", {
         "choices": BACKENDS, "default": "auto",
         "help": "auto (onnxruntime for an .onnx --weights file, else torch), torch or onnxruntime"}),

@@ -131,17 +131,22 @@ def cast_for_autocast(model: torch.nn.Module, dtype: torch.dtype | None) -> torc
 
 
 def set_threads(threads: int | None) -> None:
-    """Use ``threads`` CPU threads for torch (and for ONNX Runtime sessions made afterwards); None: the default.
+    """Use ``threads`` CPU threads for torch (and for ONNX Runtime sessions made afterwards); None: chosen
+    while tracking from measured step times (:mod:`lorat.tracking.threads`), as fast quiet and on a busy machine.
 
     Raises:
         LoratError: fewer than one thread.
     """
+    from lorat.tracking.threads import TUNER
+
     if threads is None:
+        TUNER.enable()
         return
     if threads < 1:
         raise LoratError(f"the number of threads must be at least 1, got {threads}")
     import torch
 
+    TUNER.disable()
     torch.set_num_threads(threads)
 
 

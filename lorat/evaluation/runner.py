@@ -24,6 +24,7 @@ from lorat.errors import LoratError, listed
 from lorat.evaluation.results import write_sequence
 from lorat.tracking.boxes import xyxy_to_xywh
 from lorat.tracking.step import TrackState, init_boxes, init_state, to_frame_tensor, track_step
+from lorat.tracking.threads import TUNER
 from lorat.tracking.tracker import ensure_finite
 from lorat.video import read_rgb
 
@@ -112,11 +113,14 @@ def _start(joining: list[_Running], images: list[np.ndarray | None], model, conf
 def _step(running: list[_Running], images: list[np.ndarray | None], state: TrackState, model, config,
           dtype) -> TrackState:
     """One batched step of the sequences already running; returns the new state."""
+    started = time.perf_counter()
     frames = [to_frame_tensor(r.image_or_blank(image), model.device) for r, image in zip(running, images, strict=True)]
     readable = torch.tensor([image is not None for image in images])
     step = track_step(model, state, frames, config.tracking, dtype, readable=readable)
     for r, xywh in zip(running, ensure_finite(xyxy_to_xywh(step.box).cpu().numpy()), strict=True):
         r.boxes.append(xywh)
+    if model.device.type == "cpu":  # per sequence: the batch shrinks as sequences end
+        TUNER.record((time.perf_counter() - started) / len(running))
     return step.state
 
 

@@ -9,6 +9,7 @@ are copied to the host.
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from lorat.options import ModelOptions
 from lorat.tracking.boxes import xyxy_to_xywh
 from lorat.tracking.cuda_graph import GraphedStep
 from lorat.tracking.step import Frame, StageTimer, TrackState, init_boxes, init_state, to_frame_tensor, track_step
+from lorat.tracking.threads import TUNER
 
 if TYPE_CHECKING:
     import argparse
@@ -194,6 +196,7 @@ class Tracker:
         """
         if self.state is None:
             raise LoratError("call init(frame, box) before track(frame)")
+        started = time.perf_counter()
         image = to_frame_tensor(frame, self.device)
         if self._graphed(image, timer):
             packed = self._graph(image).numpy()
@@ -206,6 +209,8 @@ class Tracker:
             packed = torch.cat([xyxy_to_xywh(step.box), step.score[:, None].to(step.box.dtype)], dim=1)
             packed = packed.cpu().numpy()  # the only device -> host copy of the frame
         ensure_finite(packed)
+        if self.device.type == "cpu" and timer is None:
+            TUNER.record(time.perf_counter() - started)
         if timer is not None:
             timer("postprocess")
         return [TrackResult(tuple(float(v) for v in row[:4]), float(row[4])) for row in packed]

@@ -1,0 +1,153 @@
+"""How many CPU threads a tracking loop uses, chosen from measured step times while it runs.
+
+With as many compute threads as cores, every parallel region of a step waits for its slowest
+thread; when another process takes a core, that thread is preempted and the whole step waits for
+it (on 2 cores, bundled model: 37 FPS quiet, 11 FPS beside one busy process, where one thread
+still gives 30). No fixed number is right for both, and the load changes while a video runs, so
+the thread count is measured, not guessed: :class:`ThreadTuner` times the steps, tries the other
+candidate counts for a few steps now and then, and keeps the fastest. It starts on one thread (which
+never collapses) and probes more threads a few steps in. Probes that confirm the choice come less and
+less often (every 32 steps at first, at most every 512; at once 512 when the other count lost by far),
+so a steady machine pays almost nothing; a change of choice, or steps turning 1.5x slower than when
+the count was chosen, brings the probes back.
+
+Only torch's intra-op threads on the CPU are tuned, and only when no thread count was given
+(``--threads N`` fixes it, as does :func:`lorat.runtime.set_threads`). ONNX Runtime sessions keep
+the count they were made with.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+
+__all__ = ["ThreadTuner", "TUNER", "thread_candidates"]
+
+
+def thread_candidates(cores: int | None = None) -> list[int]:
+    """The thread counts worth trying on ``cores`` usable cores: 1, half, all (1 and 2 on two cores)."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return sorted({1, max(1, cores // 2), max(1, cores)})
+
+
+class ThreadTuner:
+    """Chooses torch's CPU thread count from the measured duration of each tracking step.
+
+    Call :meth:`record` after every step with its duration; the tuner changes ``torch.set_num_threads``
+    between steps. Inactive until :meth:`enable` (the loader enables it when no thread count is given).
+
+    A probe of another count runs ``trial`` steps: the first (the pool waking up) is not counted, and
+    the probe stops at the first counted step slower than ``1 / margin`` of the current count's
+    median step, so a bad count costs two steps. A count replaces the current one only when its
+    median is faster by the factor ``margin``.
+
+    Args:
+        candidates: thread counts to choose from (default :func:`thread_candidates`).
+        trial: steps per probe of one count.
+        first, last: steps between probes, at first and at most (doubling while the choice holds).
+        margin: how much faster (median step time ratio) a count must be to be chosen.
+    """
+
+    def __init__(self, candidates: list[int] | None = None, trial: int = 4, first: int = 32, last: int = 512,
+                 margin: float = 0.95):
+        self.candidates = candidates
+        self.trial, self.first, self.last, self.margin = trial, first, last, margin
+        self.active = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self.current: int | None = None
+        self.interval = self.first
+        self._until_probe = 3  # probe early: a busy machine shows in the first steps
+        self._queue: list[int] = []  # counts still to probe in this round
+        self._steady: list[float] = []  # the current count's recent step times
+        self._probe: list[float] = []  # the probed count's step times (the first one not counted)
+        self._results: dict[int, float] = {}  # this round's medians of the probed counts
+        self._set: int | None = None  # what this tuner last gave torch
+        self._decided: float | None = None  # the median step time when the current count was last chosen
+
+    def enable(self) -> None:
+        """Tune from the next step on (the thread count starts at torch's current one)."""
+        self.active = True
+        self._reset()
+
+    def disable(self) -> None:
+        self.active = False
+
+    def record(self, seconds: float) -> None:
+        """Account one step of ``seconds``; maybe switch the thread count for the next one."""
+        if not self.active:
+            return
+        import torch
+
+        if self._set is not None and torch.get_num_threads() != self._set:  # someone else chose: leave it to them
+            self.active = False
+            return
+        if self.current is None:
+            self._start(torch.get_num_threads())
+        if self._queue:
+            self._probe_step(seconds)
+        else:
+            self._steady_step(seconds)
+
+    def _start(self, threads: int) -> None:
+        # start on one thread: it never collapses under load, and on a quiet machine the first probe
+        # (a few steps in) moves to more threads where they are faster
+        self.candidates = sorted(set(self.candidates or thread_candidates()))
+        self.current = self.candidates[0]
+        if threads != self.current:
+            self._switch(self.current)
+
+    def _reference(self) -> float:
+        return statistics.median(self._steady)
+
+    def _steady_step(self, seconds: float) -> None:
+        self._steady = (self._steady + [seconds])[-8:]
+        self._until_probe -= 1
+        if self._decided is not None and len(self._steady) >= 4 and self._reference() > 1.5 * self._decided:
+            self._until_probe = 0  # the steps got much slower (another process started): look again now
+        if self._until_probe <= 0 and len(self.candidates) > 1 and len(self._steady) >= 2:
+            self._queue = [c for c in self.candidates if c != self.current]
+            self._results = {}
+            self._switch(self._queue[0])
+
+    def _probe_step(self, seconds: float) -> None:
+        self._probe.append(seconds)
+        counted = self._probe[1:]
+        slower = bool(counted) and counted[-1] * self.margin > self._reference()
+        if not slower and len(self._probe) < self.trial:
+            return
+        if not slower:
+            self._results[self._queue[0]] = statistics.median(counted)
+        self._probe = []
+        self._queue.pop(0)
+        if self._queue:
+            self._switch(self._queue[0])
+            return
+        self._decide()
+
+    def _decide(self) -> None:
+        best = min(self._results, key=self._results.get, default=None)
+        reference = self._reference()
+        if best is not None and self._results[best] < self.margin * reference:
+            self.current, self.interval, self._steady = best, self.first, []
+            self._decided = self._results[best]
+        else:
+            # a count that lost clearly (a stopped probe, or twice as slow) is not worth trying again soon
+            clearly = len(self._results) < len(self.candidates) - 1 or \
+                min(self._results.values(), default=0.0) > 2 * reference
+            self.interval = self.last if clearly else min(self.interval * 2, self.last)
+            self._decided = reference
+        self._until_probe = self.interval
+        self._switch(self.current)
+
+    def _switch(self, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        self._set = threads
+
+
+TUNER = ThreadTuner()
+"""The process's tuner: torch's thread count is one setting for the whole process."""

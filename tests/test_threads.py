@@ -1,0 +1,84 @@
+"""The thread policy: the tuner keeps the thread count whose steps are measured fastest."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorat.runtime import set_threads
+from lorat.tracking.threads import ThreadTuner, thread_candidates
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    before = torch.get_num_threads()
+    yield
+    set_threads(before)
+
+
+def _run(tuner: ThreadTuner, step_ms: dict[int, float], steps: int) -> list[int]:
+    """Feed the tuner ``steps`` steps whose duration depends on the thread count in use; the counts used."""
+    used = []
+    for _ in range(steps):
+        threads = torch.get_num_threads()
+        used.append(threads)
+        tuner.record(step_ms[threads] / 1000)
+    return used
+
+
+def test_candidates():
+    assert thread_candidates(1) == [1] and thread_candidates(2) == [1, 2] and thread_candidates(16) == [1, 8, 16]
+
+
+def test_busy_machine_stays_on_one_thread_and_rarely_probes():
+    torch.set_num_threads(2)
+    tuner = ThreadTuner([1, 2])
+    tuner.enable()
+    used = _run(tuner, {1: 25.0, 2: 80.0}, 600)
+    assert used[:80].count(2) <= 3  # the first step, then one probe of 2 threads stopped at its first counted step
+    assert used.count(2) <= 6  # and the next probe 512 steps later
+    assert tuner.current == 1 and tuner.interval == tuner.last
+
+
+def test_quiet_machine_keeps_the_faster_count():
+    torch.set_num_threads(2)
+    tuner = ThreadTuner([1, 2])
+    tuner.enable()
+    used = _run(tuner, {1: 40.0, 2: 25.0}, 300)
+    assert used[-50:] == [2] * 50 and tuner.current == 2
+
+
+def test_a_change_of_load_is_followed_at_once():
+    torch.set_num_threads(2)
+    tuner = ThreadTuner([1, 2], last=64)
+    tuner.enable()
+    _run(tuner, {1: 40.0, 2: 25.0}, 200)
+    assert tuner.current == 2
+    used = _run(tuner, {1: 25.0, 2: 90.0}, 20)  # another process starts: the steps turn 3.6x slower
+    assert tuner.current == 1 and used[-5:] == [1] * 5
+    _run(tuner, {1: 40.0, 2: 25.0}, 200)  # and ends
+    assert tuner.current == 2
+
+
+def test_nearly_equal_counts_do_not_flip():
+    torch.set_num_threads(2)
+    tuner = ThreadTuner([1, 2])
+    tuner.enable()
+    used = _run(tuner, {1: 25.0, 2: 24.5}, 300)
+    assert tuner.current == 1 and used.count(2) < 15  # within the 5 % margin: the start (one thread) holds
+
+
+def test_a_fixed_thread_count_or_someone_elses_choice_is_left_alone():
+    set_threads(1)  # --threads 1
+    from lorat.tracking.threads import TUNER
+
+    assert not TUNER.active
+    _run(TUNER, {1: 25.0, 2: 1.0}, 50)
+    assert torch.get_num_threads() == 1
+    tuner = ThreadTuner([1, 2])
+    tuner.enable()
+    torch.set_num_threads(2)
+    _run(tuner, {1: 25.0, 2: 80.0}, 10)
+    torch.set_num_threads(2)  # the program sets its own count: the tuner stops
+    _run(tuner, {1: 25.0, 2: 80.0}, 100)
+    assert not tuner.active and torch.get_num_threads() == 2
