@@ -33,7 +33,7 @@ def test_candidates():
 def test_busy_machine_stays_on_one_thread_and_rarely_probes():
     torch.set_num_threads(2)
     tuner = ThreadTuner([1, 2])
-    tuner.enable()
+    tuner.enable(measure=False)
     used = _run(tuner, {1: 25.0, 2: 80.0}, 600)
     assert used[:80].count(2) <= 3  # the first step, then one probe of 2 threads stopped at its first counted step
     assert used.count(2) <= 6  # and the next probe 512 steps later
@@ -43,7 +43,7 @@ def test_busy_machine_stays_on_one_thread_and_rarely_probes():
 def test_quiet_machine_keeps_the_faster_count():
     torch.set_num_threads(2)
     tuner = ThreadTuner([1, 2])
-    tuner.enable()
+    tuner.enable(measure=False)
     used = _run(tuner, {1: 40.0, 2: 25.0}, 300)
     assert used[-50:] == [2] * 50 and tuner.current == 2
 
@@ -51,7 +51,7 @@ def test_quiet_machine_keeps_the_faster_count():
 def test_a_change_of_load_is_followed_at_once():
     torch.set_num_threads(2)
     tuner = ThreadTuner([1, 2], last=64)
-    tuner.enable()
+    tuner.enable(measure=False)
     _run(tuner, {1: 40.0, 2: 25.0}, 200)
     assert tuner.current == 2
     used = _run(tuner, {1: 25.0, 2: 90.0}, 20)  # another process starts: the steps turn 3.6x slower
@@ -63,7 +63,7 @@ def test_a_change_of_load_is_followed_at_once():
 def test_nearly_equal_counts_do_not_flip():
     torch.set_num_threads(2)
     tuner = ThreadTuner([1, 2])
-    tuner.enable()
+    tuner.enable(measure=False)
     used = _run(tuner, {1: 25.0, 2: 24.5}, 300)
     assert tuner.current == 1 and used.count(2) < 15  # within the 5 % margin: the start (one thread) holds
 
@@ -76,9 +76,29 @@ def test_a_fixed_thread_count_or_someone_elses_choice_is_left_alone():
     _run(TUNER, {1: 25.0, 2: 1.0}, 50)
     assert torch.get_num_threads() == 1
     tuner = ThreadTuner([1, 2])
-    tuner.enable()
+    tuner.enable(measure=False)
     torch.set_num_threads(2)
     _run(tuner, {1: 25.0, 2: 80.0}, 10)
     torch.set_num_threads(2)  # the program sets its own count: the tuner stops
     _run(tuner, {1: 25.0, 2: 80.0}, 100)
     assert not tuner.active and torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("idle, start", [(2.0, 2), (1.6, 2), (1.0, 1), (None, 1)])
+def test_the_starting_count_follows_how_idle_the_cores_were(monkeypatch, idle, start):
+    """All threads where both cores stood idle while the model loaded; one thread beside a busy process
+    (or where /proc/stat cannot be read)."""
+    import lorat.tracking.threads as threads
+
+    monkeypatch.setattr(threads, "idle_cores", lambda window=0.1: idle)
+    torch.set_num_threads(2)
+    tuner = ThreadTuner([1, 2])
+    tuner.enable()
+    assert _run(tuner, {1: 25.0, 2: 25.0}, 5)[1:] == [start] * 4
+
+
+def test_idle_cores_reads_the_machine():
+    from lorat.tracking.threads import idle_cores
+
+    idle = idle_cores(0.05)
+    assert idle is None or 0.0 <= idle <= 1024

@@ -5,9 +5,10 @@ thread; when another process takes a core, that thread is preempted and the whol
 it (on 2 cores, bundled model: 37 FPS quiet, 11 FPS beside one busy process, where one thread
 still gives 30). No fixed number is right for both, and the load changes while a video runs, so
 the thread count is measured, not guessed: :class:`ThreadTuner` times the steps, tries the other
-candidate counts for a few steps now and then, and keeps the fastest. It starts on one thread (which
-never collapses) and probes more threads a few steps in. Probes that confirm the choice come less and
-less often (every 32 steps at first, at most every 512; at once 512 when the other count lost by far),
+candidate counts for a few steps now and then, and keeps the fastest. It starts on every core when
+the cores stood idle as the model loaded (0.1 s of ``/proc/stat``), else on one thread (which never
+collapses). Probes that confirm the choice come less and less often (every 64 steps at first, at
+most every 512; at once 512 when the other count lost by far),
 so a steady machine pays almost nothing; a change of choice, or steps turning 1.5x slower than when
 the count was chosen, brings the probes back.
 
@@ -20,8 +21,27 @@ from __future__ import annotations
 
 import os
 import statistics
+import time
 
-__all__ = ["ThreadTuner", "TUNER", "thread_candidates"]
+__all__ = ["ThreadTuner", "TUNER", "thread_candidates", "idle_cores"]
+
+
+def idle_cores(window: float = 0.1) -> float | None:
+    """How many cores stood idle over the next ``window`` seconds (Linux ``/proc/stat``), or None
+    where that cannot be read. This process sleeps meanwhile, so busy cores are other programs'."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return values[3] + values[4], sum(values)  # idle + iowait, all
+
+    try:
+        idle0, total0 = sample()
+        time.sleep(window)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores * (idle1 - idle0) / max(total1 - total0, 1)
 
 
 def thread_candidates(cores: int | None = None) -> list[int]:
@@ -49,17 +69,18 @@ class ThreadTuner:
         margin: how much faster (median step time ratio) a count must be to be chosen.
     """
 
-    def __init__(self, candidates: list[int] | None = None, trial: int = 4, first: int = 32, last: int = 512,
+    def __init__(self, candidates: list[int] | None = None, trial: int = 4, first: int = 64, last: int = 512,
                  margin: float = 0.95):
         self.candidates = candidates
         self.trial, self.first, self.last, self.margin = trial, first, last, margin
         self.active = False
+        self._idle: float | None = None
         self._reset()
 
     def _reset(self) -> None:
         self.current: int | None = None
         self.interval = self.first
-        self._until_probe = 3  # probe early: a busy machine shows in the first steps
+        self._until_probe = self.first
         self._queue: list[int] = []  # counts still to probe in this round
         self._steady: list[float] = []  # the current count's recent step times
         self._probe: list[float] = []  # the probed count's step times (the first one not counted)
@@ -67,10 +88,12 @@ class ThreadTuner:
         self._set: int | None = None  # what this tuner last gave torch
         self._decided: float | None = None  # the median step time when the current count was last chosen
 
-    def enable(self) -> None:
-        """Tune from the next step on (the thread count starts at torch's current one)."""
+    def enable(self, measure: bool = True) -> None:
+        """Tune from the next step on. ``measure``: look at how idle the cores are now (0.1 s) to choose
+        the starting count; without it, start on one thread."""
         self.active = True
         self._reset()
+        self._idle = idle_cores() if measure else None
 
     def disable(self) -> None:
         self.active = False
@@ -92,10 +115,11 @@ class ThreadTuner:
             self._steady_step(seconds)
 
     def _start(self, threads: int) -> None:
-        # start on one thread: it never collapses under load, and on a quiet machine the first probe
-        # (a few steps in) moves to more threads where they are faster
+        # Start on all threads where the cores stood idle just before (measured at enable), else on
+        # one thread, which never collapses under load; the probes correct either guess.
         self.candidates = sorted(set(self.candidates or thread_candidates()))
-        self.current = self.candidates[0]
+        quiet = self._idle is not None and self._idle >= self.candidates[-1] - 0.5
+        self.current = self.candidates[-1] if quiet else self.candidates[0]
         if threads != self.current:
             self._switch(self.current)
 
