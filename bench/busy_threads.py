@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loads", type=int, nargs="+", default=[0, 1, 2], help="busy processes beside the run")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="explicit --threads values")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--frames", type=int, default=150, help="frames per run (demo model)")
+    parser.add_argument("--frames", type=int, default=150, help="frames per run (demo model); 0: skip it")
     parser.add_argument("--b224-frames", type=int, default=40, help="frames per run (B-224); 0: skip B-224")
     args = parser.parse_args(argv)
     from lorat.files import bundled_weights
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     head = " | ".join(["default", *(f"`--threads {t}`" for t in args.threads)])
     print(f"| model | busy processes | {head} | default / best fixed |\n|---|---|" + "---|" * (len(columns) + 1))
     with tempfile.TemporaryDirectory() as tmp:
-        models = [("demo", bundled_weights(), args.frames)]
+        models = [("demo", bundled_weights(), args.frames)] if args.frames else []
         if args.b224_frames:
             models.append(("B-224 (random weights)", _b224(Path(tmp)), args.b224_frames))
         for name, weights, frames in models:

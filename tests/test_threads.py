@@ -102,3 +102,14 @@ def test_idle_cores_reads_the_machine():
 
     idle = idle_cores(0.05)
     assert idle is None or 0.0 <= idle <= 1024
+
+
+def test_a_busy_start_looks_again_only_much_later(monkeypatch):
+    import lorat.tracking.threads as threads
+
+    monkeypatch.setattr(threads, "idle_cores", lambda window=0.1: 0.9)
+    torch.set_num_threads(2)
+    tuner = ThreadTuner([1, 2])
+    tuner.enable()
+    used = _run(tuner, {1: 25.0, 2: 80.0}, 500)
+    assert used[1:] == [1] * 499  # a 150-frame clip beside a busy process pays no probe at all

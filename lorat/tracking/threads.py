@@ -7,8 +7,9 @@ still gives 30). No fixed number is right for both, and the load changes while a
 the thread count is measured, not guessed: :class:`ThreadTuner` times the steps, tries the other
 candidate counts for a few steps now and then, and keeps the fastest. It starts on every core when
 the cores stood idle as the model loaded (0.1 s of ``/proc/stat``), else on one thread (which never
-collapses). Probes that confirm the choice come less and less often (every 64 steps at first, at
-most every 512; at once 512 when the other count lost by far),
+collapses; the first probe then comes after 512 steps). Probes that confirm the choice come less
+and less often (every 64 steps at first, at most every 512; at once 512 when the other count lost
+by far),
 so a steady machine pays almost nothing; a change of choice, or steps turning 1.5x slower than when
 the count was chosen, brings the probes back.
 
@@ -120,6 +121,9 @@ class ThreadTuner:
         self.candidates = sorted(set(self.candidates or thread_candidates()))
         quiet = self._idle is not None and self._idle >= self.candidates[-1] - 0.5
         self.current = self.candidates[-1] if quiet else self.candidates[0]
+        if self._idle is not None and not quiet:
+            # other programs hold cores now: more threads would wait for them; look again much later
+            self.interval = self._until_probe = self.last
         if threads != self.current:
             self._switch(self.current)
 
