@@ -1,4 +1,4 @@
-"""Tracking speed quiet and beside busy processes, for the default thread policy and fixed --threads.
+"""Tracking speed quiet and beside busy processes: default threads, ``--threads auto`` and fixed counts.
 
     python bench/busy_threads.py                      # the demo model and a random-weight B-224
     python bench/busy_threads.py --loads 0 1 --repeats 3
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CLIP, INIT = ROOT / "assets" / "box.mp4", "290,14,308,228"
 
 
-def _fps(weights: Path, frames: int, threads: int | None) -> float:
+def _fps(weights: Path, frames: int, threads: int | str | None) -> float:
     extra = [] if threads is None else ["--threads", str(threads)]
     run = subprocess.run([sys.executable, "-m", "lorat.track", str(CLIP), "--init", INIT, "--max-frames", str(frames),
                           "--weights", str(weights), *extra], capture_output=True, text=True, check=True)
@@ -51,9 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from lorat.files import bundled_weights
 
-    columns = [None, *args.threads]
-    head = " | ".join(["default", *(f"`--threads {t}`" for t in args.threads)])
-    print(f"| model | busy processes | {head} | default / best fixed |\n|---|---|" + "---|" * (len(columns) + 1))
+    columns = [None, "auto", *args.threads]
+    head = " | ".join(["default", "`--threads auto`", *(f"`--threads {t}`" for t in args.threads)])
+    print(f"| model | busy processes | {head} | default / best fixed | auto / best fixed |\n|---|---|"
+          + "---|" * (len(columns) + 2))
     with tempfile.TemporaryDirectory() as tmp:
         models = [("demo", bundled_weights(), args.frames)] if args.frames else []
         if args.b224_frames:
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                 median = {c: statistics.median(v) for c, v in runs.items()}
                 best = max(median[c] for c in args.threads)
                 cells = " | ".join(f"{median[c]:.1f}" for c in columns)
-                print(f"| {name} | {load} | {cells} | {median[None] / best:.2f} |", flush=True)
+                print(f"| {name} | {load} | {cells} | {median[None] / best:.2f} | {median['auto'] / best:.2f} |",
+                      flush=True)
     return 0
 
 

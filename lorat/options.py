@@ -44,8 +44,8 @@ class ModelOptions:
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         dtype: compute (autocast) dtype: ``auto``, ``float32``, ``float16`` or ``bfloat16`` (see
             :func:`lorat.runtime.resolve_dtype`).
-        threads: CPU threads for torch and ONNX Runtime; None: chosen while tracking from measured step
-            times (:mod:`lorat.tracking.threads`).
+        threads: CPU threads for torch and ONNX Runtime; None: one per core; ``"auto"``: chosen while
+            tracking from measured step times (:mod:`lorat.tracking.threads`).
         backend: one of :data:`BACKENDS`.
     """
 
@@ -54,7 +54,7 @@ class ModelOptions:
     backbone_weights: str | Path | None = None
     device: Any = "auto"
     dtype: Any = "auto"
-    threads: int | None = None
+    threads: int | str | None = None
     backend: str = "auto"
 
     @classmethod
@@ -71,6 +71,16 @@ class ModelOptions:
                 raise LoratError(f"two configs given: {positional} and --config {values['config']}; give one")
             values["config"] = positional
         return cls(**(values | changes))
+
+
+def _threads(text: str) -> int | str:
+    """``--threads``: a number, or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
 
 
 # name -> (flag, argparse keywords); the one definition of each option.
@@ -90,9 +100,9 @@ _OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
         "help": "compute (autocast) dtype: auto (float16 on CUDA; bfloat16 for DINOv2 variants on a CPU with "
                 "native bfloat16; else float32), float32, float16, bfloat16"}),
     "threads": ("--threads", {
-        "type": int, "metavar": "N",
-        "help": "CPU threads (default: chosen while tracking from measured step times, fast on a quiet and on a "
-                "busy machine; N fixes it)"}),
+        "type": _threads, "metavar": "N|auto",
+        "help": "CPU threads (default: one per core; auto: chosen while tracking from measured step times, fast "
+                "beside busy programs too, boxes may differ in the 4th decimal between runs)"}),
     "backend": ("--backend", {
         "choices": BACKENDS, "default": "auto",
         "help": "auto (onnxruntime for an .onnx --weights file, else torch), torch or onnxruntime"}),

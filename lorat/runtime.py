@@ -130,18 +130,25 @@ def cast_for_autocast(model: torch.nn.Module, dtype: torch.dtype | None) -> torc
     return model
 
 
-def set_threads(threads: int | None) -> None:
-    """Use ``threads`` CPU threads for torch (and for ONNX Runtime sessions made afterwards); None: chosen
-    while tracking from measured step times (:mod:`lorat.tracking.threads`), as fast quiet and on a busy machine.
+def set_threads(threads: int | str | None) -> None:
+    """Use ``threads`` CPU threads for torch (and for ONNX Runtime sessions made afterwards); None: torch's
+    choice (one per core); ``"auto"``: chosen while tracking from measured step times
+    (:mod:`lorat.tracking.threads`), fast beside busy programs too, at the price of boxes that may
+    differ in the 4th decimal from run to run (thread counts change the order of float sums).
 
     Raises:
-        LoratError: fewer than one thread.
+        LoratError: fewer than one thread, or a word other than ``auto``.
     """
     from lorat.tracking.threads import TUNER
 
     if threads is None:
+        TUNER.disable()
+        return
+    if threads == "auto":
         TUNER.enable()
         return
+    if isinstance(threads, str):
+        raise LoratError(f"the number of threads must be a number or 'auto', got {threads!r}")
     if threads < 1:
         raise LoratError(f"the number of threads must be at least 1, got {threads}")
     import torch

@@ -113,3 +113,26 @@ def test_a_busy_start_looks_again_only_much_later(monkeypatch):
     tuner.enable()
     used = _run(tuner, {1: 25.0, 2: 80.0}, 500)
     assert used[1:] == [1] * 499  # a 150-frame clip beside a busy process pays no probe at all
+
+
+def test_threads_option_default_number_and_auto(capsys):
+    """Default: one thread per core, boxes identical from run to run; a number fixes it; auto tunes."""
+    import argparse
+
+    from lorat.errors import LoratError
+    from lorat.options import ModelOptions, add_model_arguments
+    from lorat.tracking.threads import TUNER
+
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser, ("threads",))
+    assert [ModelOptions.from_args(parser.parse_args(a)).threads for a in ([], ["--threads", "1"],
+                                                                          ["--threads", "auto"])] == [None, 1, "auto"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--threads", "many"])
+    assert "expected a number or auto, got 'many'" in capsys.readouterr().err
+    set_threads("auto")
+    assert TUNER.active
+    set_threads(None)
+    assert not TUNER.active
+    with pytest.raises(LoratError, match="a number or 'auto'"):
+        set_threads("fast")

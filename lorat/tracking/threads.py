@@ -13,9 +13,10 @@ by far),
 so a steady machine pays almost nothing; a change of choice, or steps turning 1.5x slower than when
 the count was chosen, brings the probes back.
 
-Only torch's intra-op threads on the CPU are tuned, and only when no thread count was given
-(``--threads N`` fixes it, as does :func:`lorat.runtime.set_threads`). ONNX Runtime sessions keep
-the count they were made with.
+Only torch's intra-op threads on the CPU are tuned, and only with ``--threads auto`` (not yet the
+default: the thread count changes the order of float sums, so boxes may differ in the 4th decimal
+from run to run; a fixed count keeps runs identical). ONNX Runtime sessions keep the count they were
+made with.
 """
 
 from __future__ import annotations
