@@ -44,15 +44,15 @@ def _b224(folder: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--loads", type=int, nargs="+", default=[0, 1, 2], help="busy processes beside the run")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="explicit --threads values")
+    parser.add_argument("--counts", type=int, nargs="+", default=[1, 2], help="fixed --threads values to compare")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--frames", type=int, default=150, help="frames per run (demo model); 0: skip it")
     parser.add_argument("--b224-frames", type=int, default=40, help="frames per run (B-224); 0: skip B-224")
     args = parser.parse_args(argv)
     from lorat.files import bundled_weights
 
-    columns = [None, "auto", *args.threads]
-    head = " | ".join(["default", "`--threads auto`", *(f"`--threads {t}`" for t in args.threads)])
+    columns = [None, "auto", *args.counts]
+    head = " | ".join(["default", "`--threads auto`", *(f"`--threads {t}`" for t in args.counts)])
     print(f"| model | busy processes | {head} | default / best fixed | auto / best fixed |\n|---|---|"
           + "---|" * (len(columns) + 2))
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                     for p in busy:
                         p.kill()
                 median = {c: statistics.median(v) for c, v in runs.items()}
-                best = max(median[c] for c in args.threads)
+                best = max(median[c] for c in args.counts)
                 cells = " | ".join(f"{median[c]:.1f}" for c in columns)
                 print(f"| {name} | {load} | {cells} | {median[None] / best:.2f} | {median['auto'] / best:.2f} |",
                       flush=True)
