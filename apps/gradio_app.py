@@ -373,20 +373,18 @@ def _boxes_text(boxes: list) -> str:
         f"#{i + 1} {', '.join(f'{v:.0f}' for v in b)}" for i, b in enumerate(boxes))
 
 
-def _iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two x,y,w,h boxes."""
-    w = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
-    h = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
-    inter = max(w, 0.0) * max(h, 0.0)
-    union = a[2] * a[3] + b[2] * b[3] - inter
-    return inter / union if union > 0 else 0.0
-
-
 def _check_new_box(box: list[float], boxes: list) -> None:
     """Refuse a box identical, or nearly (IoU above ``DUPLICATE_IOU``, the tracker's own limit), to one
     already selected: the same object would be tracked twice (and the Track refused)."""
-    for k, old in enumerate(boxes):
-        overlap = _iou(box, old)
+    if not boxes:
+        return
+    import torch
+    from torchvision.ops import box_iou
+
+    from lorat.tracking.boxes import xywh_to_xyxy
+
+    xyxy = xywh_to_xyxy(torch.tensor([box, *boxes], dtype=torch.float64))
+    for k, overlap in enumerate(box_iou(xyxy[:1], xyxy[1:])[0].tolist()):  # the tracker's own IoU
         if overlap > DUPLICATE_IOU:
             raise _refuse(f"That box is (nearly) the same as target #{k + 1} (IoU {overlap:.2f} with it), so it "
                           f"is not added: each target is tracked once. Clear the boxes to start over.")

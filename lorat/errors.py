@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-__all__ = ["LoratError", "ConfigError", "WeightsError", "run_cli", "listed"]
+__all__ = ["LoratError", "ConfigError", "WeightsError", "run_cli", "listed", "first_line"]
 
 
 class LoratError(Exception):
@@ -57,3 +57,8 @@ def listed(items: list[str], limit: int = 5) -> str:
     """The first ``limit`` items, comma-separated, with ``(+N more)`` for the rest: for messages."""
     more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of a library's error message (its type's name when it has none), for one-line errors."""
+    return str(err).splitlines()[0] if str(err).strip() else type(err).__name__

@@ -29,7 +29,7 @@ import torch
 
 from lorat.checkpoint.files import CONFIG_KEY
 from lorat.config import Config, config_from_dict, config_to_dict
-from lorat.errors import ConfigError, LoratError, WeightsError
+from lorat.errors import ConfigError, LoratError, WeightsError, first_line
 from lorat.model.vit import LoRAT
 
 __all__ = ["export_onnx", "OnnxModel", "load_onnx", "check_onnx_graph", "MAX_CROP_SIZE"]
@@ -40,10 +40,6 @@ TOLERANCE = 1e-4  # largest |ONNX Runtime - PyTorch float32| accepted on export
 MAX_CROP_SIZE = 4096  # px per side of a template or search crop in an embedded config (the paper's largest: 378)
 _FLOAT, _INT64 = 1, 7  # onnx.TensorProto.FLOAT / INT64
 _TYPES = {_FLOAT: "float32", _INT64: "int64", 10: "float16", 11: "float64", 6: "int32"}
-
-
-def _first_line(err: BaseException) -> str:
-    return str(err).splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _require(module: str):
@@ -181,7 +177,7 @@ class OnnxModel:
             options.intra_op_num_threads = torch.get_num_threads()  # --threads applies here too
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own error types
-            raise WeightsError(f"{path}: not a readable ONNX model ({_first_line(err)})") from None
+            raise WeightsError(f"{path}: not a readable ONNX model ({first_line(err)})") from None
         self.path = Path(path)
         self.cfg = config.model
         self.device = torch.device("cpu")
@@ -197,7 +193,7 @@ class OnnxModel:
         except Exception as err:  # onnxruntime's own error types: the graph failed on these inputs
             if not type(err).__module__.startswith("onnxruntime"):
                 raise
-            raise WeightsError(f"{self.path}: ONNX Runtime failed: {_first_line(err)}") from None
+            raise WeightsError(f"{self.path}: ONNX Runtime failed: {first_line(err)}") from None
         out = {name: torch.from_numpy(np.asarray(value)) for name, value in zip(OUTPUTS, outputs, strict=True)}
         grid = (z.shape[0], *self.cfg.search_grid)
         if out["score_map"].shape != grid or out["boxes"].shape != (*grid, 4):
@@ -276,7 +272,7 @@ def load_onnx(path: str | Path) -> tuple[OnnxModel, Config]:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as err:  # onnx raises DecodeError and others
-        raise WeightsError(f"{path}: not a readable ONNX model ({_first_line(err)})") from None
+        raise WeightsError(f"{path}: not a readable ONNX model ({first_line(err)})") from None
     meta = {p.key: p.value for p in proto.metadata_props}
     if CONFIG_KEY not in meta:
         raise WeightsError(f"{path}: an ONNX model without lorat's config; export it with "
@@ -284,7 +280,7 @@ def load_onnx(path: str | Path) -> tuple[OnnxModel, Config]:
     try:
         config = config_from_dict(json.loads(meta[CONFIG_KEY]), where=f"{path} metadata")
     except (json.JSONDecodeError, ConfigError, RecursionError) as err:
-        raise WeightsError(f"{path}: the embedded config is invalid: {_first_line(err)}") from None
+        raise WeightsError(f"{path}: the embedded config is invalid: {first_line(err)}") from None
     _check_crop_sizes(config, path)
     check_onnx_graph(proto.graph, config, path)
     del proto

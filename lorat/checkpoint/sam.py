@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lorat.checkpoint.files import torch_load_safely
-from lorat.errors import LoratError, WeightsError, listed
+from lorat.errors import LoratError, WeightsError, first_line, listed
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
@@ -146,7 +146,7 @@ def read_sam_state(path: str | Path) -> dict[str, torch.Tensor]:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 state: object = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as err:  # safetensors raises its own error types
-            raise WeightsError(f"cannot read the SAM checkpoint {path}: {_first_line(err)}") from None
+            raise WeightsError(f"cannot read the SAM checkpoint {path}: {first_line(err)}") from None
     else:
         try:
             state = torch_load_safely(path)
@@ -161,10 +161,6 @@ def read_sam_state(path: str | Path) -> dict[str, torch.Tensor]:
     if missing:
         raise WeightsError(f"{path} is not a Segment Anything (SAM) model: it has no {missing[0]}")
     return tensors
-
-
-def _first_line(err: BaseException) -> str:
-    return str(err).splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 # ----------------------------------------------------------------------------- check
@@ -297,7 +293,7 @@ def check_sam(state: StateDict, source: object = "the SAM checkpoint") -> SamArc
     try:
         expected = sam_shapes(arch)
     except (AssertionError, ValueError, RuntimeError) as err:  # SAM's layers refusing these sizes
-        raise WeightsError(f"{source}: a SAM of {arch} cannot be built: {_first_line(err)}") from None
+        raise WeightsError(f"{source}: a SAM of {arch} cannot be built: {first_line(err)}") from None
     _check_fit(state, expected, source, arch.name)
     return arch
 
