@@ -1,4 +1,4 @@
-"""Tracking speed quiet and beside busy processes: default threads, ``--threads auto`` and fixed counts.
+"""Tracking speed quiet and beside busy processes: the default thread policy against fixed counts.
 
     python bench/busy_threads.py                      # the demo model and a random-weight B-224
     python bench/busy_threads.py --loads 0 1 --repeats 3
@@ -22,10 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 CLIP, INIT = ROOT / "assets" / "box.mp4", "290,14,308,228"
 
 
-def _fps(weights: Path, frames: int, threads: int | str | None) -> float:
+def _fps(model: list[str], frames: int, threads: int | None) -> float:
     extra = [] if threads is None else ["--threads", str(threads)]
     run = subprocess.run([sys.executable, "-m", "lorat.track", str(CLIP), "--init", INIT, "--max-frames", str(frames),
-                          "--weights", str(weights), *extra], capture_output=True, text=True, check=True)
+                          *model, *extra], capture_output=True, text=True, check=True)
     return float(re.search(r"\(([\d.]+) FPS\)", run.stdout).group(1))
 
 
@@ -49,32 +49,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=150, help="frames per run (demo model); 0: skip it")
     parser.add_argument("--b224-frames", type=int, default=40, help="frames per run (B-224); 0: skip B-224")
     args = parser.parse_args(argv)
-    from lorat.files import bundled_weights
-
-    columns = [None, "auto", *args.counts]
-    head = " | ".join(["default", "`--threads auto`", *(f"`--threads {t}`" for t in args.counts)])
-    print(f"| model | busy processes | {head} | default / best fixed | auto / best fixed |\n|---|---|"
-          + "---|" * (len(columns) + 2))
+    columns = [None, *args.counts]
+    head = " | ".join(["default", *(f"`--threads {t}`" for t in args.counts)])
+    print(f"| model | busy processes | {head} | default / best fixed |\n|---|---|" + "---|" * (len(columns) + 1))
     with tempfile.TemporaryDirectory() as tmp:
-        models = [("demo", bundled_weights(), args.frames)] if args.frames else []
+        models = [("demo (default: ONNX Runtime)", [], args.frames),
+                  ("demo, `--backend torch`", ["--backend", "torch"], args.frames)] if args.frames else []
         if args.b224_frames:
-            models.append(("B-224 (random weights)", _b224(Path(tmp)), args.b224_frames))
-        for name, weights, frames in models:
+            models.append(("B-224 (random weights)", ["--weights", str(_b224(Path(tmp)))], args.b224_frames))
+        for name, model, frames in models:
             for load in args.loads:
                 busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(load)]
                 try:
                     runs = {c: [] for c in columns}
                     for _ in range(args.repeats):
                         for c in columns:
-                            runs[c].append(_fps(weights, frames, c))
+                            runs[c].append(_fps(model, frames, c))
                 finally:
                     for p in busy:
                         p.kill()
                 median = {c: statistics.median(v) for c, v in runs.items()}
                 best = max(median[c] for c in args.counts)
                 cells = " | ".join(f"{median[c]:.1f}" for c in columns)
-                print(f"| {name} | {load} | {cells} | {median[None] / best:.2f} | {median['auto'] / best:.2f} |",
-                      flush=True)
+                print(f"| {name} | {load} | {cells} | {median[None] / best:.2f} |", flush=True)
     return 0
 
 

@@ -50,6 +50,10 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
 
 
 DEMO_WEIGHTS = "lorat_demo.safetensors"
+DEMO_ONNX = "lorat_demo.onnx"
+"""The same network exported for ONNX Runtime (end of ``weights/train_demo.sh``): the default backend on a CPU."""
+DEMO_ONNX_SHA256 = "6eb1a3d96cccca3f55ee17c53db3cce2fafb706912241311e7a1b824fb1ab7f5"
+"""The bundled ONNX file's SHA-256: only a file that matches is opened without the ``onnx`` package's graph check."""
 
 
 def _folder(package: str) -> Path | None:
@@ -66,6 +70,11 @@ def bundled_weights() -> Path:
     """The bundled demo model's file (it may be missing from a partial install: check ``is_file()``)."""
     folder = _folder("lorat.weights")
     return (folder or Path(__file__).resolve().parent.parent / "weights") / DEMO_WEIGHTS
+
+
+def bundled_onnx() -> Path:
+    """The bundled demo model's ONNX export (it may be missing: check ``is_file()``)."""
+    return bundled_weights().with_name(DEMO_ONNX)
 
 
 def config_names() -> list[str]:

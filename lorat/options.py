@@ -44,8 +44,8 @@ class ModelOptions:
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         dtype: compute (autocast) dtype: ``auto``, ``float32``, ``float16`` or ``bfloat16`` (see
             :func:`lorat.runtime.resolve_dtype`).
-        threads: CPU threads for torch and ONNX Runtime; None: one per core; ``"auto"``: chosen while
-            tracking from measured step times (:mod:`lorat.tracking.threads`).
+        threads: CPU threads for torch and ONNX Runtime; None or ``"auto"``: chosen while tracking from
+            measured step times (:mod:`lorat.tracking.threads`); the outputs do not depend on it.
         backend: one of :data:`BACKENDS`.
     """
 
@@ -101,11 +101,12 @@ _OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
                 "native bfloat16; else float32), float32, float16, bfloat16"}),
     "threads": ("--threads", {
         "type": _threads, "metavar": "N|auto",
-        "help": "CPU threads (default: one per core; auto: chosen while tracking from measured step times, fast "
-                "beside busy programs too, boxes may differ in the 4th decimal between runs)"}),
+        "help": "CPU threads (default auto: chosen while tracking from measured step times, so a busy machine "
+                "does not slow it down; the boxes are the same on any count)"}),
     "backend": ("--backend", {
         "choices": BACKENDS, "default": "auto",
-        "help": "auto (onnxruntime for an .onnx --weights file, else torch), torch or onnxruntime"}),
+        "help": "auto (onnxruntime for an .onnx --weights file and for the bundled demo model on a CPU, "
+                "else torch), torch or onnxruntime"}),
 }
 MODEL_OPTIONS = tuple(_OPTIONS)
 FILE_OPTIONS = ("weights", "config", "backbone_weights")

@@ -131,20 +131,17 @@ def cast_for_autocast(model: torch.nn.Module, dtype: torch.dtype | None) -> torc
 
 
 def set_threads(threads: int | str | None) -> None:
-    """Use ``threads`` CPU threads for torch (and for ONNX Runtime sessions made afterwards); None: torch's
-    choice (one per core); ``"auto"``: chosen while tracking from measured step times
-    (:mod:`lorat.tracking.threads`), fast beside busy programs too, at the price of boxes that may
-    differ in the 4th decimal from run to run (thread counts change the order of float sums).
+    """Use ``threads`` CPU threads for torch and ONNX Runtime; None or ``"auto"``: start on one per core
+    (one where other programs hold cores) and let tracking loops choose from measured step times
+    (:mod:`lorat.tracking.threads`), so that a busy machine does not stall them. The outputs are the
+    same on any thread count (tested), so this choice changes speed only.
 
     Raises:
         LoratError: fewer than one thread, or a word other than ``auto``.
     """
     from lorat.tracking.threads import TUNER
 
-    if threads is None:
-        TUNER.disable()
-        return
-    if threads == "auto":
+    if threads is None or threads == "auto":
         TUNER.enable()
         return
     if isinstance(threads, str):

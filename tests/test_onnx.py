@@ -192,3 +192,93 @@ def test_graph_declarations_must_be_the_networks(tmp_path, no_session):
                                             r"config \(official-tiny\) makes it float32 \[batch, 16, 16\]")]:
         with pytest.raises(WeightsError, match=message):
             load_onnx(_with_config(proto, config, tmp_path / "declared.onnx"))
+
+
+# ----------------------------------------------------------------------------- the bundled model on ONNX Runtime
+
+
+def test_the_bundled_onnx_file_is_the_recorded_one_and_the_same_network():
+    """weights/lorat_demo.onnx is the file whose digest the loader trusts, and computes what the bundled
+    safetensors file computes (an export of it)."""
+    import hashlib
+
+    from lorat.checkpoint.loader import load_model
+    from lorat.checkpoint.onnx import OnnxModel
+    from lorat.files import DEMO_ONNX_SHA256, bundled_onnx, bundled_weights
+
+    assert hashlib.sha256(bundled_onnx().read_bytes()).hexdigest() == DEMO_ONNX_SHA256, \
+        "weights/lorat_demo.onnx changed: re-export it (end of weights/train_demo.sh) and update DEMO_ONNX_SHA256"
+    model, config = load_model(bundled_weights())
+    onnx_model = OnnxModel(bundled_onnx())
+    assert onnx_model.config.model == config.model and onnx_model.config.tracking == config.tracking
+    generator = torch.Generator().manual_seed(0)
+    m = config.model
+    z = torch.rand(2, 3, m.template_size[1], m.template_size[0], generator=generator) * 4 - 2
+    x = torch.rand(2, 3, m.search_size[1], m.search_size[0], generator=generator) * 4 - 2
+    mask = torch.randint(0, 2, (2, *m.template_grid), generator=generator)
+    with torch.no_grad():
+        expected = model(z, x, mask)
+    got = onnx_model(z, x, mask)
+    for key in ("score_map", "boxes"):
+        assert (got[key] - expected[key]).abs().max() < 1e-4, key
+
+
+def _first_frames(count: int) -> list[np.ndarray]:
+    import cv2
+
+    from .conftest import ROOT
+
+    capture = cv2.VideoCapture(str(ROOT / "assets" / "box.mp4"))
+    frames = []
+    while len(frames) < count:
+        ok, frame = capture.read()
+        assert ok
+        frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+    return frames
+
+
+def test_the_bundled_model_runs_on_onnx_runtime_by_default_with_torchs_boxes():
+    """The default backend of the bundled model (named or by default) is ONNX Runtime on a CPU; its boxes
+    on box.mp4 stay within 0.01 px of torch's."""
+    from lorat.checkpoint.loader import load
+    from lorat.files import bundled_weights
+    from lorat.options import ModelOptions
+
+    default, named = load(ModelOptions(None), say=None), load(ModelOptions(bundled_weights()), say=None)
+    torch_backend = load(ModelOptions(None, backend="torch"), say=None)
+    assert default.backend == named.backend == "onnxruntime" and torch_backend.backend == "torch"
+    assert load(ModelOptions(None, dtype="bfloat16"), say=None).backend == "torch"  # ONNX Runtime runs float32
+    frames = _first_frames(40)
+    boxes = []
+    for loaded in (default, torch_backend):
+        tracker = Tracker.from_loaded(loaded)
+        tracker.init(frames[0], (290, 14, 308, 228))
+        boxes.append(np.array([tracker.track(frame).box for frame in frames[1:]]))
+    assert np.abs(boxes[0] - boxes[1]).max() < 0.01
+
+
+def test_a_changed_bundled_onnx_file_falls_back_to_torch(tmp_path, monkeypatch):
+    """Only the recorded file skips the graph check: any other bytes, or no onnxruntime, mean torch."""
+    import lorat.checkpoint.loader as loader
+    from lorat.files import bundled_onnx
+    from lorat.options import ModelOptions
+
+    changed = tmp_path / "lorat_demo.onnx"
+    changed.write_bytes(bundled_onnx().read_bytes() + b"\0")
+    monkeypatch.setattr(loader, "bundled_onnx", lambda: changed)
+    assert loader.load(ModelOptions(None), say=None).backend == "torch"
+    monkeypatch.undo()
+    monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)  # not installed
+    assert loader.load(ModelOptions(None), say=None).backend == "torch"
+
+
+@pytest.mark.slow
+def test_the_bundled_onnx_file_is_reproducible(tmp_path):
+    """Exporting the bundled safetensors file again gives the same bytes (the recorded digest)."""
+    import hashlib
+
+    from lorat.files import DEMO_ONNX_SHA256, bundled_weights
+
+    out = tmp_path / "again.onnx"
+    assert run_cli(export_main, ["--weights", str(bundled_weights()), "--onnx", str(out)]) == 0
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == DEMO_ONNX_SHA256

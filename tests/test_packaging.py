@@ -71,6 +71,7 @@ def test_wheel_tracks_from_another_folder(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, capture_output=True)
     assert (target / "lorat" / "weights" / "lorat_demo.safetensors").is_file()
+    assert (target / "lorat" / "weights" / "lorat_demo.onnx").is_file()  # the default backend's file
     assert (target / "lorat" / "configs" / "b224.yaml").is_file()
     assert (target / "lorat" / "configs" / "trackers.ini").is_file()  # the VOT-toolkit registry example
     elsewhere = tmp_path / "elsewhere"
@@ -85,7 +86,7 @@ def test_wheel_tracks_from_another_folder(tmp_path):
                            "290,14,308,228", "--max-frames", "5", "--save-txt", str(out)], cwd=elsewhere, env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "bundled demo model" in proc.stdout and str(target) in proc.stdout
+    assert "bundled demo model" in proc.stdout and str(target) in proc.stdout and "on ONNX Runtime" in proc.stdout
     assert len(out.read_text().splitlines()) == 5
     script = target / "bin" / "lorat-track"
     proc = subprocess.run([str(script), "--help"], cwd=elsewhere, env=env, capture_output=True, text=True)

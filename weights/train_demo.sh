@@ -60,3 +60,7 @@ python -m lorat.train configs/demo.yaml --init-weights "$run-cutouts/checkpoint/
     --set train.lr=1e-4 --set train.warmup_epochs=0.5 --set train.epochs=20 --set train.checkpoint_every=1
 cp "$run-stage3/checkpoint/epoch_020/lorat.safetensors" weights/lorat_demo.safetensors
 python -m lorat.info --weights weights/lorat_demo.safetensors
+# The same network for ONNX Runtime, the default backend on a CPU; then record its digest in
+# lorat/files.py (DEMO_ONNX_SHA256), which tests/test_onnx.py checks.
+python -m lorat.export --weights weights/lorat_demo.safetensors --onnx weights/lorat_demo.onnx
+sha256sum weights/lorat_demo.onnx

@@ -17,12 +17,14 @@ the config's sizes (:func:`check_onnx_graph`) -- all before an inference session
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
 import tempfile
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,9 +32,11 @@ import torch
 from lorat.checkpoint.files import CONFIG_KEY
 from lorat.config import Config, config_from_dict, config_to_dict
 from lorat.errors import ConfigError, LoratError, WeightsError, first_line
-from lorat.model.vit import LoRAT
 
-__all__ = ["export_onnx", "OnnxModel", "load_onnx", "check_onnx_graph", "MAX_CROP_SIZE"]
+if TYPE_CHECKING:
+    from lorat.model.vit import LoRAT
+
+__all__ = ["export_onnx", "OnnxModel", "load_onnx", "open_bundled_onnx", "check_onnx_graph", "MAX_CROP_SIZE"]
 
 INPUTS = ("z", "x", "z_feat_mask")
 OUTPUTS = ("score_map", "boxes")
@@ -166,21 +170,52 @@ class OnnxModel:
 
     ``model(z, x, mask)`` takes and returns torch tensors (``score_map``, ``boxes``), so
     :class:`lorat.Tracker` and the batched functions of :mod:`lorat.tracking.tracker` use it unchanged.
+
+    Each call runs on as many threads as torch uses at that moment (``torch.get_num_threads()``: the
+    ``--threads`` count, or the one :mod:`lorat.tracking.threads` chose), with one session per count,
+    opened on first use (an ONNX Runtime session keeps the thread count it was made with). The
+    sessions' threads sleep instead of spinning between calls, which would take cores from other
+    programs. The outputs are the same on any number of threads.
     """
 
     backend = "onnxruntime"
 
-    def __init__(self, path: str | Path, config: Config):
-        ort = _require("onnxruntime")
+    def __init__(self, path: str | Path, config: Config | None = None):
+        self._ort = _require("onnxruntime")
+        self.path = Path(path)
+        self.device = torch.device("cpu")
+        self._sessions: dict[int, object] = {}
+        self.session = self._session(torch.get_num_threads())
+        self.config = config if config is not None else self._embedded_config()
+        self.cfg = self.config.model
+
+    def _embedded_config(self) -> Config:
+        """The config in the file's metadata, read through the open session."""
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if CONFIG_KEY not in meta:
+            raise WeightsError(f"{self.path}: an ONNX model without lorat's config; export it with "
+                               f"python -m lorat.export --onnx")
+        try:
+            return config_from_dict(json.loads(meta[CONFIG_KEY]), where=f"{self.path} metadata")
+        except (json.JSONDecodeError, ConfigError, RecursionError) as err:
+            raise WeightsError(f"{self.path}: the embedded config is invalid: {first_line(err)}") from None
+
+    def _session(self, threads: int):
+        """The session that runs on ``threads`` threads (opened now if it is the first call with them)."""
+        session = self._sessions.get(threads)
+        if session is not None:
+            return session
+        ort = self._ort
         try:
             options = ort.SessionOptions()
-            options.intra_op_num_threads = torch.get_num_threads()  # --threads applies here too
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1  # one graph at a time: no second pool
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own error types
-            raise WeightsError(f"{path}: not a readable ONNX model ({first_line(err)})") from None
-        self.path = Path(path)
-        self.cfg = config.model
-        self.device = torch.device("cpu")
+            raise WeightsError(f"{self.path}: not a readable ONNX model ({first_line(err)})") from None
+        self._sessions[threads] = session
+        return session
 
     def eval(self) -> OnnxModel:
         return self
@@ -189,7 +224,7 @@ class OnnxModel:
         feed = {"z": z.float().cpu().numpy(), "x": x.float().cpu().numpy(),
                 "z_feat_mask": mask.to(torch.int64).cpu().numpy()}
         try:
-            outputs = self.session.run(list(OUTPUTS), feed)
+            outputs = self._session(torch.get_num_threads()).run(list(OUTPUTS), feed)
         except Exception as err:  # onnxruntime's own error types: the graph failed on these inputs
             if not type(err).__module__.startswith("onnxruntime"):
                 raise
@@ -255,6 +290,33 @@ def check_onnx_graph(graph, config: Config, path: Path) -> None:
             raise WeightsError(f"{path}: {name} is declared as {_TYPES.get(got_type, got_type)} {got}, but the "
                                f"embedded config ({config.model.variant}) makes it {_TYPES[elem_type]} "
                                f"[batch, {', '.join(map(str, dims))}]")
+
+
+def open_bundled_onnx(path: Path, sha256: str) -> tuple[OnnxModel, Config] | None:
+    """Open the bundled demo model's ONNX file if it is exactly the file the package was built with.
+
+    A file whose SHA-256 is ``sha256`` is our own export (checked by the test suite against the
+    bundled safetensors file), so the graph check of :func:`load_onnx`, whose ``onnx`` package takes
+    about 1 s to import, is not needed; the config comes from the session's metadata.
+
+    Returns:
+        (model, config), or None where onnxruntime is not installed or the file is missing or differs.
+    """
+    try:
+        import onnxruntime  # noqa: F401  (only whether it is installed)
+    except ImportError:
+        return None
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    if digest.hexdigest() != sha256:
+        return None
+    model = OnnxModel(path)
+    return model, model.config
 
 
 def load_onnx(path: str | Path) -> tuple[OnnxModel, Config]:

@@ -9,7 +9,11 @@ bundled demo model (``configs/demo.yaml``) uses it; the official checkpoints do 
 BatchNorm is folded into the convolutions when the ImageNet weights are loaded (the stem has no
 BatchNorm layers: it behaves the same at any batch size, in training and inference), and the
 convolutions run channels-last; together about 3x faster on CPU than the plain torchvision
-module.
+module. The 1x1 convolutions run as matrix products over the channels (:class:`PointwiseConv2d`):
+oneDNN's 1x1 convolution splits its sum over input channels between threads on small feature
+maps, so its outputs changed with the thread count (by 1e-6, enough to move a box by 0.001 px);
+the matrix product gives the same numbers on any number of threads, so the thread count can be
+chosen for speed alone (:mod:`lorat.tracking.threads`).
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ from contextlib import nullcontext
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.models import mobilenet_v2
 
-__all__ = ["MobileNetV2Stem", "STEM_BLOCKS", "imagenet_stem_weights"]
+__all__ = ["MobileNetV2Stem", "PointwiseConv2d", "STEM_BLOCKS", "imagenet_stem_weights"]
 
 STEM_BLOCKS = 14  # torchvision mobilenet_v2().features[:14]: stride 16, 96 channels
 _STEM_CHANNELS = 96
@@ -46,12 +51,36 @@ class MobileNetV2Stem(nn.Module):
         with torch.device(device) if device is not None else nullcontext():
             self.features = mobilenet_v2().features[:STEM_BLOCKS]
             _remove_batchnorm(self.features)
+            _pointwise_as_matmul(self.features)
         self.features.to(dtype=dtype, memory_format=torch.channels_last)
-        self.proj = nn.Conv2d(_STEM_CHANNELS, embed_dim, 1, device=device, dtype=dtype)
+        self.proj = PointwiseConv2d(_STEM_CHANNELS, embed_dim, 1, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x.contiguous(memory_format=torch.channels_last))
         return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class PointwiseConv2d(nn.Conv2d):
+    """A 1x1, stride-1, ungrouped ``nn.Conv2d`` computed as a matrix product over the channels.
+
+    Same parameters and state-dict keys as the convolution; the output does not depend on the
+    number of CPU threads (oneDNN's convolution does, see the module docstring). (B, C, H, W) in,
+    (B, O, H, W) out, channels-last in memory. An ONNX export keeps the convolution: ONNX Runtime's
+    is as thread-independent, and 1.4x faster there than the product with its transposes.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return super().forward(x)
+        return F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
+
+
+def _pointwise_as_matmul(module: nn.Module) -> None:
+    """Turn every 1x1, stride-1, ungrouped, unpadded ``nn.Conv2d`` inside ``module`` into a :class:`PointwiseConv2d`."""
+    for conv in module.modules():
+        if (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1
+                and conv.padding == (0, 0) and conv.dilation == (1, 1)):
+            conv.__class__ = PointwiseConv2d
 
 
 def _conv_bn_pairs(module: nn.Module, prefix: str = ""):

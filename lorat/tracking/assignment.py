@@ -15,7 +15,6 @@ import lap
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.ops import box_iou
 
 __all__ = ["score_peaks", "assign_peaks"]
 
@@ -62,6 +61,8 @@ def assign_peaks(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float
     valid = np.isfinite(flat_scores)
     # Group peaks into objects: connected components of the overlap graph.
     # (torchvision's IoU is NaN for two empty boxes; NaN > threshold is False, as an IoU of 0 would be)
+    from torchvision.ops import box_iou  # on first use: it imports torch._dynamo (about 1 s)
+
     overlap = (box_iou(boxes, boxes) > iou_threshold).numpy() & valid[:, None] & valid[None, :]
     group = -np.ones(n * k, dtype=np.int64)
     groups = 0

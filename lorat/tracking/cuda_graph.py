@@ -11,15 +11,17 @@ kernels run on the same inputs.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
 from lorat.config import TrackingConfig
-from lorat.model.vit import LoRAT
 from lorat.tracking.boxes import xyxy_to_xywh
 from lorat.tracking.constants import static_constants
 from lorat.tracking.step import TrackState, track_step
+
+if TYPE_CHECKING:
+    from lorat.model.vit import LoRAT
 
 __all__ = ["capture", "GraphedStep"]
 

@@ -19,14 +19,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torchvision.ops import box_iou
 
 from lorat.config import ModelConfig, TrackingConfig
 from lorat.errors import LoratError
-from lorat.model.vit import LoRAT
 from lorat.tracking.assignment import assign_peaks, score_peaks
 from lorat.tracking.boxes import clip_xyxy, is_valid_xyxy, xywh_to_xyxy
 from lorat.tracking.constants import const
@@ -39,6 +38,9 @@ from lorat.tracking.crop import (
     normalize_crops,
     template_mask,
 )
+
+if TYPE_CHECKING:
+    from lorat.model.vit import LoRAT
 
 __all__ = ["Frame", "StageTimer", "TrackState", "StepResult", "init_state", "track_step", "search_crops", "run_model",
            "decode_step", "to_frame_tensor", "hann_window", "init_boxes", "DUPLICATE_IOU"]
@@ -83,6 +85,10 @@ def _box_text(xyxy: Sequence[float]) -> str:
 def _refuse_duplicates(xyxy: torch.Tensor, labels: Sequence[str], tracked: torch.Tensor | None) -> None:
     """Raise when two of the new boxes, or a new box and a tracked target, overlap with IoU above
     :data:`DUPLICATE_IOU` (one object, two targets: both would follow it, each a copy of the other)."""
+    if len(xyxy) < 2 and (tracked is None or len(tracked) == 0):
+        return  # one box: nothing to compare (and no torchvision import, about 1 s, for the usual run)
+    from torchvision.ops import box_iou
+
     iou = box_iou(xyxy, xyxy).triu(diagonal=1)
     if bool((iou > DUPLICATE_IOU).any()):
         i, j = (int(v) for v in (iou > DUPLICATE_IOU).nonzero()[0])

@@ -6,50 +6,73 @@ it (on 2 cores, bundled model: 37 FPS quiet, 11 FPS beside one busy process, whe
 still gives 30). No fixed number is right for both, and the load changes while a video runs, so
 the thread count is measured, not guessed: :class:`ThreadTuner` times the steps, tries the other
 candidate counts for a few steps now and then, and keeps the fastest. It starts on every core when
-the cores stood idle as the model loaded (0.1 s of ``/proc/stat``), else on one thread (which never
-collapses; the first probe then comes after 512 steps). Probes that confirm the choice come less
-and less often (every 64 steps at first, at most every 512; at once 512 when the other count lost
-by far),
-so a steady machine pays almost nothing; a change of choice, or steps turning 1.5x slower than when
-the count was chosen, brings the probes back.
+other programs left the cores idle while the model loaded (``/proc/stat`` against this process's
+own CPU time), else on one thread (which never collapses; the first probe then comes after 512
+steps). Probes that confirm the choice come less and less often (after 16 steps at first, at most
+every 512; at once 512 when the other count lost by far), so a steady machine pays almost nothing;
+a change of choice, or steps turning 1.5x slower than when the count was chosen, brings the probes
+back.
 
-Only torch's intra-op threads on the CPU are tuned, and only with ``--threads auto`` (not yet the
-default: the thread count changes the order of float sums, so boxes may differ in the 4th decimal
-from run to run; a fixed count keeps runs identical). ONNX Runtime sessions keep the count they were
-made with.
+This is the default of every command (``--threads N`` fixes the count). It moves no box: the
+models' outputs are the same on any thread count (the matrix products split their rows, not their
+sums, between threads; the one oneDNN convolution that did not, the stem's 1x1, runs as a matrix
+product), which ``tests/test_threads.py`` checks. torch's intra-op threads are tuned; the ONNX
+Runtime backend follows them with one session per count (:class:`lorat.checkpoint.onnx.OnnxModel`).
 """
 
 from __future__ import annotations
 
 import os
 import statistics
+import threading
 import time
 
-__all__ = ["ThreadTuner", "TUNER", "thread_candidates", "idle_cores"]
+__all__ = ["ThreadTuner", "TUNER", "thread_candidates", "idle_cores", "cores_left_idle"]
+
+
+def _cpu_sample() -> tuple[int, int, float, float] | None:
+    """(idle ticks, all ticks) of all cores from ``/proc/stat``, this process's CPU seconds, the time."""
+    try:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    if len(values) < 5:
+        return None
+    return values[3] + values[4], sum(values), time.process_time(), time.monotonic()
+
+
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def cores_left_idle(since: tuple[int, int, float, float] | None, min_window: float = 0.05) -> float | None:
+    """How many cores other programs left idle since the ``since`` sample (of :func:`_cpu_sample`):
+    this process's usable cores minus the cores others kept busy on average (its own CPU time does not
+    count as busy). None where ``/proc/stat`` cannot be read or less than ``min_window`` seconds passed."""
+    now = _cpu_sample()
+    if since is None or now is None or now[3] - since[3] < min_window:
+        return None
+    wall = now[3] - since[3]
+    total = max(now[1] - since[1], 1)
+    busy = total - (now[0] - since[0])
+    rate = total / (os.cpu_count() or 1) / wall  # ticks per second of one core
+    others = max(busy - (now[2] - since[2]) * rate, 0) / rate / wall  # cores kept busy by other programs
+    return max(_usable_cores() - others, 0.0)
 
 
 def idle_cores(window: float = 0.1) -> float | None:
-    """How many cores stood idle over the next ``window`` seconds (Linux ``/proc/stat``), or None
-    where that cannot be read. This process sleeps meanwhile, so busy cores are other programs'."""
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-        return values[3] + values[4], sum(values)  # idle + iowait, all
-
-    try:
-        idle0, total0 = sample()
-        time.sleep(window)
-        idle1, total1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return cores * (idle1 - idle0) / max(total1 - total0, 1)
+    """How many cores other programs leave idle over the next ``window`` seconds (Linux ``/proc/stat``;
+    this process sleeps meanwhile), or None where that cannot be read."""
+    since = _cpu_sample()
+    time.sleep(window)
+    return cores_left_idle(since, min_window=0.0)
 
 
 def thread_candidates(cores: int | None = None) -> list[int]:
     """The thread counts worth trying on ``cores`` usable cores: 1, half, all (1 and 2 on two cores)."""
     if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = _usable_cores()
     return sorted({1, max(1, cores // 2), max(1, cores)})
 
 
@@ -71,12 +94,13 @@ class ThreadTuner:
         margin: how much faster (median step time ratio) a count must be to be chosen.
     """
 
-    def __init__(self, candidates: list[int] | None = None, trial: int = 4, first: int = 64, last: int = 512,
+    def __init__(self, candidates: list[int] | None = None, trial: int = 4, first: int = 16, last: int = 512,
                  margin: float = 0.95):
         self.candidates = candidates
         self.trial, self.first, self.last, self.margin = trial, first, last, margin
         self.active = False
-        self._idle: float | None = None
+        self._since: tuple[int, int, float, float] | None = None
+        self._lock = threading.Lock()  # the app's worker threads may share the process's tuner
         self._reset()
 
     def _reset(self) -> None:
@@ -91,11 +115,12 @@ class ThreadTuner:
         self._decided: float | None = None  # the median step time when the current count was last chosen
 
     def enable(self, measure: bool = True) -> None:
-        """Tune from the next step on. ``measure``: look at how idle the cores are now (0.1 s) to choose
-        the starting count; without it, start on one thread."""
+        """Tune from the next step on. ``measure``: the first step's count depends on how many cores
+        other programs leave idle from now until then (no waiting: the model loads meanwhile);
+        without it, start on one thread."""
         self.active = True
         self._reset()
-        self._idle = idle_cores() if measure else None
+        self._since = _cpu_sample() if measure else None
 
     def disable(self) -> None:
         self.active = False
@@ -104,6 +129,10 @@ class ThreadTuner:
         """Account one step of ``seconds``; maybe switch the thread count for the next one."""
         if not self.active:
             return
+        with self._lock:
+            self._record(seconds)
+
+    def _record(self, seconds: float) -> None:
         import torch
 
         if self._set is not None and torch.get_num_threads() != self._set:  # someone else chose: leave it to them
@@ -120,9 +149,12 @@ class ThreadTuner:
         # Start on all threads where the cores stood idle just before (measured at enable), else on
         # one thread, which never collapses under load; the probes correct either guess.
         self.candidates = sorted(set(self.candidates or thread_candidates()))
-        quiet = self._idle is not None and self._idle >= self.candidates[-1] - 0.5
+        idle = cores_left_idle(self._since)
+        if idle is None and self._since is not None:
+            idle = idle_cores()  # the load was too quick to tell: look for 0.1 s
+        quiet = idle is not None and idle >= self.candidates[-1] - 0.5
         self.current = self.candidates[-1] if quiet else self.candidates[0]
-        if self._idle is not None and not quiet:
+        if idle is not None and not quiet:
             # other programs hold cores now: more threads would wait for them; look again much later
             self.interval = self._until_probe = self.last
         if threads != self.current:

@@ -22,7 +22,6 @@ import torch
 from lorat.checkpoint.loader import LoadedModel, load
 from lorat.config import Config
 from lorat.errors import LoratError
-from lorat.model.vit import LoRAT
 from lorat.options import ModelOptions
 from lorat.tracking.boxes import xyxy_to_xywh
 from lorat.tracking.cuda_graph import GraphedStep
@@ -31,6 +30,8 @@ from lorat.tracking.threads import TUNER
 
 if TYPE_CHECKING:
     import argparse
+
+    from lorat.model.vit import LoRAT
 
 __all__ = ["TrackResult", "FrameResults", "Tracker", "ensure_finite", "tracker_from_arguments"]
 
