@@ -23,8 +23,9 @@ section "Machine"
   python3 -c "import torch, timm, peft; print('torch', torch.__version__, '| timm', timm.__version__, '| peft', peft.__version__)"
 } 2>&1 | fenced
 
-section "CUDA tests (pytest -m gpu: GPU crops, GPU == CPU trajectory, CUDA graph == eager)"
-timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_crop.py tests/test_tracker.py >> "$LOG" 2>&1
+section "CUDA tests (pytest -m gpu: GPU crops, GPU == CPU trajectory, CUDA graph == eager, pinned upload)"
+timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_crop.py tests/test_tracker.py tests/test_transfer.py \
+    >> "$LOG" 2>&1
 echo "pytest exit status $?; the summary line:" | fenced
 grep -E "passed|failed|error" "$LOG" | tail -1 | fenced
 

@@ -3,8 +3,9 @@
 At batch 1 a GPU step is bound by kernel launches (a few hundred small kernels per frame), not by
 arithmetic. :class:`GraphedStep` captures :func:`lorat.tracking.step.track_step` once for a fixed frame
 size and number of targets, keeps the tracking state in static device tensors that the graph
-updates in place, and per frame only uploads the frame, replays the graph and copies the boxes and
-scores back (the one synchronisation of the frame). The boxes are the eager step's: the same
+updates in place, and per frame only copies in the uploaded frame and replays the graph; the
+caller reads the boxes and scores back (:class:`lorat.tracking.transfer.HostReadback`: the one
+synchronisation of the frame). The boxes are the eager step's: the same
 kernels run on the same inputs.
 """
 
@@ -108,8 +109,8 @@ class GraphedStep:
 
     def __call__(self, frame: torch.Tensor) -> torch.Tensor:
         """Track one frame: (3, H, W) in [0, 255] on any device (see
-        :func:`lorat.tracking.step.to_frame_tensor`) -> (N, 5) host ``x, y, w, h, score`` rows (float64);
-        the state advances."""
+        :class:`lorat.tracking.transfer.FrameUploader`) -> (N, 5) ``x, y, w, h, score`` rows (float64) on
+        the device, overwritten by the next call; the state advances. Nothing here waits for the GPU."""
         self._frame.permute(2, 0, 1).copy_(frame, non_blocking=True)
         self._graph.replay()
-        return self._packed.cpu()
+        return self._packed

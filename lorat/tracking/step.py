@@ -38,6 +38,7 @@ from lorat.tracking.crop import (
     normalize_crops,
     template_mask,
 )
+from lorat.tracking.transfer import to_frame_tensor
 
 if TYPE_CHECKING:
     from lorat.model.vit import LoRAT
@@ -51,26 +52,6 @@ StageTimer = Callable[[str], None]
 
 
 # ----------------------------------------------------------------------------- inputs
-
-
-def to_frame_tensor(frame: Frame, device: torch.device) -> torch.Tensor:
-    """A frame as a (3, H, W) tensor in [0, 255] on ``device`` (uint8 stays uint8: a view, no copy).
-
-    Accepts HWC uint8 RGB numpy arrays or tensors, or CHW uint8 tensors, on any device.
-    """
-    if isinstance(frame, np.ndarray):
-        if frame.ndim != 3 or frame.shape[2] != 3:
-            raise LoratError(f"expected an HxWx3 RGB frame, got an array of shape {frame.shape}")
-        # One synchronous uint8 upload; pinning a fresh buffer every frame costs more than it saves.
-        return torch.from_numpy(np.ascontiguousarray(frame)).to(device).permute(2, 0, 1)
-    if isinstance(frame, torch.Tensor):
-        if frame.ndim != 3 or 3 not in (frame.shape[0], frame.shape[2]):
-            raise LoratError(f"expected an HxWx3 or 3xHxW frame tensor, got shape {tuple(frame.shape)}")
-        tensor = frame.to(device)
-        if tensor.shape[0] != 3:  # HWC
-            tensor = tensor.permute(2, 0, 1)
-        return tensor
-    raise LoratError(f"expected a numpy array or torch tensor frame, got {type(frame).__name__}")
 
 
 DUPLICATE_IOU = 0.9

@@ -25,8 +25,9 @@ from lorat.errors import LoratError
 from lorat.options import ModelOptions
 from lorat.tracking.boxes import xyxy_to_xywh
 from lorat.tracking.cuda_graph import GraphedStep
-from lorat.tracking.step import Frame, StageTimer, TrackState, init_boxes, init_state, to_frame_tensor, track_step
+from lorat.tracking.step import Frame, StageTimer, TrackState, init_boxes, init_state, track_step
 from lorat.tracking.threads import TUNER
+from lorat.tracking.transfer import FrameUploader, HostReadback
 
 if TYPE_CHECKING:
     import argparse
@@ -111,6 +112,8 @@ class Tracker:
         self.cuda_graph = cuda_graph
         self.state: TrackState | None = None
         self._graph = None
+        self._upload: FrameUploader | None = None  # pinned staging on CUDA, made for the model's device
+        self._readback = HostReadback()
 
     @classmethod
     def from_pretrained(cls, weights: str | Path | None = None, config: str | Path | Config | None = None,
@@ -160,7 +163,7 @@ class Tracker:
             LoratError: a box with non-finite values, zero/negative size, or outside the frame; two
                 boxes on one object (IoU above 0.9, see :func:`lorat.tracking.step.init_boxes`).
         """
-        image = to_frame_tensor(frame, self.device)
+        image = self._uploaded(frame)
         xyxy = init_boxes(box, image.shape[-1], image.shape[-2], distinct=distinct)
         self.state = init_state([image] * len(xyxy), xyxy, self.model.cfg, self.config.tracking)
         return _first_results(xyxy)
@@ -181,7 +184,7 @@ class Tracker:
         """
         if self.state is None:
             return self.init(frame, box, distinct)
-        image = to_frame_tensor(frame, self.device)
+        image = self._uploaded(frame)
         xyxy = init_boxes(box, image.shape[-1], image.shape[-2], tracked=self.state.box, distinct=distinct)
         new = init_state([image] * len(xyxy), xyxy, self.model.cfg, self.config.tracking)
         self.state = TrackState.cat([self.state, new])
@@ -198,9 +201,9 @@ class Tracker:
         if self.state is None:
             raise LoratError("call init(frame, box) before track(frame)")
         started = time.perf_counter()
-        image = to_frame_tensor(frame, self.device)
+        image = self._uploaded(frame)
         if self._graphed(image, timer):
-            packed = self._graph(image).numpy()
+            packed = self._graph(image)
             self.state = self._graph.state
         else:
             step = track_step(self.model, self.state, [image] * len(self.state), self.config.tracking,
@@ -208,13 +211,18 @@ class Tracker:
                               timer=timer)
             self.state = step.state
             packed = torch.cat([xyxy_to_xywh(step.box), step.score[:, None].to(step.box.dtype)], dim=1)
-            packed = packed.cpu().numpy()  # the only device -> host copy of the frame
-        ensure_finite(packed)
+        packed = ensure_finite(self._readback(packed))  # the only device -> host copy (and wait) of the frame
         if self.device.type == "cpu" and timer is None:
             TUNER.record(time.perf_counter() - started)
         if timer is not None:
             timer("postprocess")
         return [TrackResult(tuple(float(v) for v in row[:4]), float(row[4])) for row in packed]
+
+    def _uploaded(self, frame: Frame) -> torch.Tensor:
+        """``frame`` as a (3, H, W) tensor on the model's device (see :class:`FrameUploader`)."""
+        if self._upload is None or self._upload.device != self.device:
+            self._upload = FrameUploader(self.device)
+        return self._upload(frame)
 
     def _graphed(self, image: torch.Tensor, timer: StageTimer | None) -> bool:
         """Whether this step replays a CUDA graph; captures (or re-targets) it when needed."""
