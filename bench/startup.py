@@ -1,7 +1,7 @@
 """Start-up: how long until the first tracked box, against ``python -c "import torch"``.
 
     python bench/startup.py                    # 5 paired runs, the bundled model on assets/box.mp4
-    python bench/startup.py --repeats 9 -- --backend torch
+    python bench/startup.py --repeats 9 --backend torch -- --backend torch
 
 Prints the medians of paired runs (``import torch``, then a 2-frame ``python -m lorat.track``: the init
 box and the first tracked box), their ratio, and where the time of one run goes: the imports (from
@@ -21,6 +21,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from lorat.options import add_model_arguments
+
 ROOT = Path(__file__).resolve().parent.parent
 CLIP, INIT = ROOT / "assets" / "box.mp4", "290,14,308,228"
 
@@ -32,13 +34,13 @@ def _seconds(command: list[str]) -> float:
 
 
 def _imports(command: list[str]) -> dict[str, float]:
-    """Seconds of imports by top-level package (``-X importtime``'s cumulative times of the outermost imports)."""
+    """Seconds of imports by top-level package (the sum of ``-X importtime``'s own times of its modules)."""
     run = subprocess.run([sys.executable, "-X", "importtime", *command], capture_output=True, text=True, check=True)
     totals: dict[str, float] = defaultdict(float)
     for line in run.stderr.splitlines():
-        match = re.match(r"import time:\s+\d+ \|\s+(\d+) \| ( *)(\S+)", line)
-        if match and not match.group(2):  # outermost imports only: their times include the nested ones
-            totals[match.group(3).split(".")[0]] += int(match.group(1)) / 1e6
+        match = re.match(r"import time:\s+(\d+) \|\s+\d+ \| *(\S+)", line)
+        if match:
+            totals[match.group(2).split(".")[0]] += int(match.group(1)) / 1e6
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
@@ -59,12 +61,12 @@ mark(f"load the model ({loaded.backend})")
 from lorat.video import open_source
 source = open_source(sys.argv[1])
 frames = iter(source)
-first = next(frames)
+first = cv2.cvtColor(next(frames)[1], cv2.COLOR_BGR2RGB)
 mark("open the video, first frame")
 tracker = Tracker.from_loaded(loaded)
 tracker.init(first, [float(v) for v in sys.argv[2].split(",")])
 mark("init")
-tracker.track(next(frames))
+tracker.track(cv2.cvtColor(next(frames)[1], cv2.COLOR_BGR2RGB))
 mark("first tracked box")
 last = started
 for name, at in marks:
@@ -76,7 +78,7 @@ for name, at in marks:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--backend", default="auto", help="for the in-process breakdown (the CLI's --backend)")
+    add_model_arguments(parser, ("backend",))  # for the in-process breakdown; lorat.track's after --
     parser.add_argument("track_args", nargs="*", help="extra lorat.track arguments (after --)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:

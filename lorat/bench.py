@@ -11,6 +11,13 @@ Prints one JSON object:
 * ``peak_memory_mb``: GPU (``max_memory_allocated``) and process RSS.
 
 Weights do not change the speed, so without ``--weights`` a randomly initialised model is used.
+
+Training (:mod:`lorat.training.speed`): ``--train --batch N`` times full training steps (forward,
+loss, backward, clipping, AdamW) at the config's training settings as resolved on the device and
+prints, as its last line, a JSON object with ``samples_per_s``, ``step_ms``, ``peak_mb``, ``dtype``;
+``--train --table`` runs every precision (float32, bfloat16, float16 with the grad scaler) with
+``torch.compile`` and activation checkpointing on and off, each in its own process. ``--data
+NAME=PATH --workers 1 2`` times the training data pipeline (pairs per second).
 """
 
 from __future__ import annotations
@@ -289,6 +296,65 @@ def _table(options: ModelOptions, argv: list[str]) -> str:
     return "\n".join(rows)
 
 
+def _training_config(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """The config to time, with the command line's training settings applied."""
+    options = ModelOptions.from_args(args)
+    if options.config is None:
+        parser.error("--train and --data need a CONFIG")
+    config = load_config(options.config)
+    changes = {"compile": args.compile or config.train.compile,
+               "grad_checkpointing": args.grad_checkpointing or config.train.grad_checkpointing}
+    if args.amp:
+        changes["amp"] = args.amp
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, **changes)), options
+
+
+def _training_main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
+    from lorat.training.speed import time_data_pipeline, time_training_steps
+
+    config, options = _training_config(parser, args)
+    set_threads(options.threads)
+    if args.data:
+        from lorat.data.sequences import parse_dataset_arg
+
+        data = [parse_dataset_arg(item, "--data") for item in args.data]
+        rows = ["| data workers | batch | pairs/s |", "|---|---|---|"]
+        for workers in args.workers:
+            r = time_data_pipeline(config, data, workers, args.batch)
+            rows.append(f"| {workers} | {args.batch} | {r['pairs_per_s']:.1f} |")
+        print("\n".join(rows))
+        return 0
+    if args.table:
+        print(_training_table(resolve_device(options.device), _without(argv, ("--amp",), ("--table", "--compile",
+                                                                                     "--grad-checkpointing"))))
+        return 0
+    device = resolve_device(options.device)
+    result = {"config": str(options.config), "variant": config.model.variant, "device": _device_name(device),
+              "finetune": config.train.finetune, "torch": torch.__version__}
+    result |= time_training_steps(config, device, args.batch, args.steps)
+    print(json.dumps(result))  # one line: the last line of the output is the JSON object
+    return 0
+
+
+def _training_table(device: torch.device, argv: list[str]) -> str:
+    """Every training precision x compile x activation checkpointing, each in a process of its own."""
+    amps = ["none", "bfloat16", "float16"] if device.type == "cuda" or cpu_has_bf16() else ["none", "float16"]
+    memory = "peak GPU MB (allocated)" if device.type == "cuda" else "peak RSS MB"
+    rows = [f"| precision | compile | checkpointing | samples/s | step ms | {memory} |", "|---|---|---|---|---|---|"]
+    variants = [(amp, compiled, ckpt) for amp in amps for compiled in (False, True) for ckpt in (False, True)]
+    for amp, compiled, ckpt in tqdm(variants, desc="variants", unit="run"):
+        extra = ["--amp", amp] + ["--compile"] * compiled + ["--grad-checkpointing"] * ckpt
+        proc = subprocess.run([sys.executable, "-m", "lorat.bench", *argv, *extra], capture_output=True, text=True)
+        name = "float32" if amp == "none" else amp + (" + grad scaler" if amp == "float16" else "")
+        if proc.returncode != 0:
+            rows.append(f"| {name} | {compiled} | {ckpt} | failed: {proc.stderr.strip().splitlines()[-1:]} | | |")
+            continue
+        r = json.loads(proc.stdout)
+        rows.append(f"| {name} | {'on' if compiled else 'off'} | {'on' if ckpt else 'off'} | {r['samples_per_s']:.2f} "
+                    f"| {r['step_ms']:.0f} | {r['peak_mb']:.0f} |")
+    return "\n".join(rows)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lorat.bench", description=__doc__.split("\n")[0].split(": ")[1])
     add_model_arguments(parser, config_positional=True)
@@ -299,8 +365,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="on CUDA: launch every kernel (default: each tracking step and the model-only pass "
                              "replayed as a CUDA graph; off with --compile)")
     parser.add_argument("--table", action="store_true",
-                        help="every backend and dtype this machine runs, each in its own process: a Markdown table")
+                        help="every backend and dtype this machine runs, each in its own process: a Markdown table "
+                             "(with --train: every training precision, compile and checkpointing setting)")
+    training = parser.add_argument_group("training speed")
+    training.add_argument("--train", action="store_true", help="time training steps instead of tracking")
+    training.add_argument("--batch", type=int, default=4, help="training batch (default 4)")
+    training.add_argument("--steps", type=int, default=10, help="timed training steps (after 3 untimed ones)")
+    training.add_argument("--amp", choices=("auto", "none", "float16", "bfloat16"),
+                          help="training autocast (default: the config's train.amp)")
+    training.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations")
+    training.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
+                          help="time the training data pipeline on this dataset (repeatable)")
+    training.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="data worker counts to time")
     args = parser.parse_args(argv)
+    if args.train or args.data:
+        return _training_main(parser, args, [a for a in (sys.argv[1:] if argv is None else argv)])
     options = ModelOptions.from_args(args)
     if options.config is None and options.weights is None:
         parser.error("give a CONFIG or --weights")

@@ -141,4 +141,5 @@ def build_training_model(config: Config, backbone_weights: str | Path | None = N
     if tr.finetune == "full":
         for name, p in model.named_parameters():
             p.requires_grad_(not (tr.freeze_stem and name.startswith("patch_embed.features.")))
+    model.grad_checkpointing = tr.grad_checkpointing
     return model

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from timm.layers import GluMlp, Mlp, PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lorat.config import BackboneConfig, ModelConfig, swiglu_hidden_size
 from lorat.model.head import MlpHead
@@ -136,6 +137,10 @@ class LoRAT(nn.Module):
     It returns ``{"score_map": (B, Hx, Wx) float32 logits, "boxes": (B, Hx, Wx, 4) float32
     normalised x1y1x2y2}`` (see :class:`lorat.model.head.MlpHead`). The forward pass neither
     changes the grad mode nor uses autocast: callers decide.
+
+    ``grad_checkpointing`` (attribute, default False; ``train.grad_checkpointing``): while gradients
+    are recorded, each transformer block keeps only its input and recomputes its activations in the
+    backward pass (``torch.utils.checkpoint``, non-reentrant): the same gradients in less memory.
     """
 
     def __init__(self, cfg: ModelConfig, device=None, dtype=None):
@@ -170,6 +175,7 @@ class LoRAT(nn.Module):
             block.attn.fused_attn = True  # F.scaled_dot_product_attention
         self.norm = nn.LayerNorm(b.embed_dim, eps=1e-6, **dd)
         self.head = MlpHead(b.embed_dim, self.search_grid, **dd)
+        self.grad_checkpointing = False
 
     @property
     def device(self) -> torch.device:
@@ -200,7 +206,8 @@ class LoRAT(nn.Module):
         z_tokens = z_tokens + self.template_pos_embed() + self.token_type_embed[z_feat_mask.flatten(1)]
         x_tokens = x_tokens + self.pos_embed + self.token_type_embed[2]
         tokens = torch.cat([z_tokens, x_tokens], dim=1)
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            tokens = block(tokens)
+            tokens = checkpoint(block, tokens, use_reentrant=False) if recompute else block(tokens)
         tokens = self.norm(tokens)
         return self.head(tokens[:, -hx * wx:])

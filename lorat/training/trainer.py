@@ -34,7 +34,7 @@ from lorat.data.pairs import PairDataset
 from lorat.data.sequences import DatasetError
 from lorat.errors import LoratError
 from lorat.model.vit import LoRAT
-from lorat.runtime import Distributed
+from lorat.runtime import Distributed, dtype_name
 from lorat.training.optim import make_optimizer, make_scheduler
 from lorat.training.run_folder import (
     TrainingRun,
@@ -52,11 +52,10 @@ from lorat.training.run_folder import (
     write_data_fingerprint,
     write_run_files,
 )
-from lorat.training.step import forward_loss, update
+from lorat.training.step import forward_loss, precision, training_amp, update
 
 __all__ = ["TrainingRun", "run_training", "load_init_weights"]
 
-_AMP = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "none": None}
 _METRICS_HEADER = ["step", "epoch", "lr", "loss", "cls", "reg", "samples_per_s", "skipped_images"]
 
 
@@ -202,11 +201,6 @@ def _training_model(spec: TrainingRun, device: torch.device) -> LoRAT:
     return model.to(device)
 
 
-def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None: full precision); ``auto`` is float16 on CUDA only."""
-    return torch.float16 if cfg.amp == "auto" and device.type == "cuda" else _AMP[cfg.amp]
-
-
 def _network(model: LoRAT, cfg: TrainConfig, env: Distributed) -> torch.nn.Module:
     """What runs the batches: the model, compiled when the config asks, in DDP over several processes."""
     net: torch.nn.Module = torch.compile(model) if cfg.compile else model
@@ -226,9 +220,7 @@ def _setup(spec: TrainingRun, env: Distributed) -> _Loop:
     model = _training_model(spec, device)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, cfg.samples_per_epoch // cfg.batch_size)
-    amp = _amp_dtype(cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16 and device.type == "cuda")
-    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
+    _, scaler, autocast = precision(cfg, device)
     loop = _Loop(spec, env, model, _network(model, cfg, env), optimizer, scheduler, scaler, autocast, train_set,
                  val_set, saved_at=time.monotonic())
     if spec.state is not None:
@@ -493,7 +485,7 @@ def _summary(loop: _Loop) -> str:
     val = "; ".join(f"{s.name}: {len(s.sequences)}" for s in loop.val_set.sources) if loop.val_set else "none"
     start = (f"init {spec.init_weights}" if spec.init_weights
              else f"backbone {spec.backbone_weights}" if spec.backbone_weights else "backbone randomly initialised")
-    amp = "off" if loop.autocast is nullcontext else "float16" if cfg.amp == "auto" else str(cfg.amp)
+    amp = dtype_name(training_amp(cfg, loop.env.device)) if loop.autocast is not nullcontext else "off (float32)"
     lines = [
         f"model      {loop.config.model.variant}: {params / 1e6:.2f} M parameters, {trainable / 1e6:.2f} M trained "
         f"(finetune {cfg.finetune}); {start}",
