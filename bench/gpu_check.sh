@@ -45,4 +45,23 @@ for config in b224 l378; do
         rm -rf "$OUT/data"
     fi
 done
+# Training: our default step (float16 autocast on CUDA) with torch.compile, side by side with the official
+# code's step at its GPU recipe (float16 + grad scaler, compile) when OFFICIAL=<checkout of LitingLin/LoRAT>
+# is given; then memory of the largest model with and without activation checkpointing.
+for config in b224 l224; do
+    section "${config} training step, batch 32: python -m lorat.bench ${config} --train --table (each precision, compile, checkpointing)"
+    timeout 400 python3 -m lorat.bench $config --train --batch 32 --steps 10 --device cuda --table 2>> "$LOG" \
+        | tee -a "$REPORT"
+    if [ -n "${OFFICIAL:-}" ]; then
+        section "${config} training step, batch 32, ours vs the official code (float16, compile, alternating)"
+        timeout 400 python3 bench/official_train_step.py --official "$OFFICIAL" --config $config --batch 32 \
+            --steps 10 --rounds 2 --device cuda --official-amp float16 --official-compile --ours-args "--compile" \
+            2>> "$LOG" | tee -a "$REPORT"
+    fi
+done
+section "g378 training memory at batch 16 (the paper: 25.8 GB), without and with activation checkpointing"
+for extra in "" "--grad-checkpointing"; do
+    timeout 300 python3 -m lorat.bench g378 --train --batch 16 --steps 3 --device cuda $extra 2>> "$LOG" | tail -1 \
+        | fenced
+done
 echo "done: $REPORT"

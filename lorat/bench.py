@@ -325,8 +325,8 @@ def _training_main(parser: argparse.ArgumentParser, args: argparse.Namespace, ar
         print("\n".join(rows))
         return 0
     if args.table:
-        print(_training_table(resolve_device(options.device), _without(argv, ("--amp",), ("--table", "--compile",
-                                                                                     "--grad-checkpointing"))))
+        _training_table(resolve_device(options.device), _without(argv, ("--amp",), ("--table", "--compile",
+                                                                                  "--grad-checkpointing")))
         return 0
     device = resolve_device(options.device)
     result = {"config": str(options.config), "variant": config.model.variant, "device": _device_name(device),
@@ -336,23 +336,36 @@ def _training_main(parser: argparse.ArgumentParser, args: argparse.Namespace, ar
     return 0
 
 
-def _training_table(device: torch.device, argv: list[str]) -> str:
-    """Every training precision x compile x activation checkpointing, each in a process of its own."""
-    amps = ["none", "bfloat16", "float16"] if device.type == "cuda" or cpu_has_bf16() else ["none", "float16"]
-    memory = "peak GPU MB (allocated)" if device.type == "cuda" else "peak RSS MB"
-    rows = [f"| precision | compile | checkpointing | samples/s | step ms | {memory} |", "|---|---|---|---|---|---|"]
+def _cpu_has_fp16() -> bool:
+    """Native float16 arithmetic on this CPU (AMX-FP16 or AVX-512 FP16), as torch detects it."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_fp16_supported", "_is_avx512_fp16_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def _training_table(device: torch.device, argv: list[str]) -> None:
+    """Print every training precision x compile x activation checkpointing, each run in a process of its
+    own, row by row as they finish. Precisions the CPU has no native arithmetic for are listed as
+    skipped (emulated, they run for many minutes a step; ``--amp`` still runs them one at a time)."""
+    cuda = device.type == "cuda"
+    amps = ["none", *(["bfloat16"] if cuda or cpu_has_bf16() else []),
+            *(["float16"] if cuda or _cpu_has_fp16() else [])]
+    memory = "peak GPU MB (allocated)" if cuda else "peak RSS MB"
+    print(f"| precision | compile | checkpointing | samples/s | step ms | {memory} |\n|---|---|---|---|---|---|",
+          flush=True)
     variants = [(amp, compiled, ckpt) for amp in amps for compiled in (False, True) for ckpt in (False, True)]
     for amp, compiled, ckpt in tqdm(variants, desc="variants", unit="run"):
         extra = ["--amp", amp] + ["--compile"] * compiled + ["--grad-checkpointing"] * ckpt
         proc = subprocess.run([sys.executable, "-m", "lorat.bench", *argv, *extra], capture_output=True, text=True)
         name = "float32" if amp == "none" else amp + (" + grad scaler" if amp == "float16" else "")
+        switches = f"| {name} | {'on' if compiled else 'off'} | {'on' if ckpt else 'off'} |"
         if proc.returncode != 0:
-            rows.append(f"| {name} | {compiled} | {ckpt} | failed: {proc.stderr.strip().splitlines()[-1:]} | | |")
+            tqdm.write(f"{switches} failed: {proc.stderr.strip().splitlines()[-1:]} | | |")
             continue
-        r = json.loads(proc.stdout)
-        rows.append(f"| {name} | {'on' if compiled else 'off'} | {'on' if ckpt else 'off'} | {r['samples_per_s']:.2f} "
-                    f"| {r['step_ms']:.0f} | {r['peak_mb']:.0f} |")
-    return "\n".join(rows)
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        tqdm.write(f"{switches} {r['samples_per_s']:.2f} | {r['step_ms']:.0f} | {r['peak_mb']:.0f} |")
+    for amp in ("bfloat16", "float16"):
+        if amp not in amps:
+            tqdm.write(f"| {amp} | - | - | skipped: no native {amp} on this CPU | | |")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

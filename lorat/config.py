@@ -117,7 +117,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # global L2 norm
     amp: Literal["auto", "float16", "bfloat16", "none"] = "auto"  # auto: float16 on CUDA, bfloat16 on bf16 CPUs
     compile: bool = False  # torch.compile the model (official: on)
-    grad_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1.3x time
+    grad_checkpointing: bool = False  # recompute block activations in backward: ~30 % less memory, ~1.5x step time
     num_workers: int = 8  # data-loading processes per training process
     seed: int = 0  # one seed decides every sample, so runs and resumes are reproducible
     checkpoint_every: int = 10  # epochs between checkpoints (plus the last epoch)

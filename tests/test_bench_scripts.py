@@ -1,4 +1,4 @@
-"""The scripts behind the README's reported numbers: bench/compare.py and bench/contact_sheet.py."""
+"""The scripts behind the README's numbers (bench/): compare, contact sheet, start-up, busy threads, official step."""
 
 import json
 import subprocess
@@ -52,3 +52,22 @@ def test_contact_sheet(tmp_path):
     assert sheet[48:, 64:].max() == 0 and sheet[:48, :64].std() > 5
     bad = _script("bench/contact_sheet.py", tmp_path / "missing.mp4", out)
     assert bad.returncode == 2 and "error:" in bad.stderr
+
+
+def test_official_train_step_needs_a_checkout(tmp_path):
+    run = _script("bench/official_train_step.py", "--official", tmp_path)
+    assert run.returncode == 2 and "not a checkout of LitingLin/LoRAT" in run.stderr
+
+
+@pytest.mark.slow
+def test_startup_benchmark_prints_the_ratio_and_the_steps():
+    run = _script("bench/startup.py", "--repeats", "1")
+    assert run.returncode == 0, run.stderr
+    assert "ratio" in run.stdout and "first tracked box" in run.stdout and "load the model (onnxruntime)" in run.stdout
+
+
+@pytest.mark.slow
+def test_busy_threads_benchmark_runs(tmp_path):
+    run = _script("bench/busy_threads.py", "--loads", "0", "--repeats", "1", "--frames", "5", "--b224-frames", "0")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("| demo") == 2

@@ -54,8 +54,9 @@ def _learnable_batches(config, count: int, batch: int) -> list[dict[str, torch.T
 
 @pytest.mark.parametrize("name", ["debug", "tests/fixtures/official-tiny/config.yaml"])
 def test_bfloat16_training_follows_the_float32_loss_curve(name):
-    """300 steps on the tiny configs (full fine-tuning and LoRA): the bfloat16 curve stays within a few
-    per cent of float32's, step by step (smoothed over 10 steps), and ends as low."""
+    """150 steps on the tiny configs (full fine-tuning and LoRA): the bfloat16 curve stays within 1 % of
+    float32's on average and 3 % at any step (smoothed over 10 steps; measured over 300 steps: 0.04-0.07 %
+    and 0.2 %), and ends as low."""
     from lorat.training.speed import loss_curve
 
     from .conftest import ROOT
@@ -63,12 +64,12 @@ def test_bfloat16_training_follows_the_float32_loss_curve(name):
     config = load_config(name if name == "debug" else ROOT / name)
     config = _with_train(config, lr=1e-3, warmup_epochs=0.1)
     data = _learnable_batches(config, 8, 8)
-    curves = {amp: np.array(loss_curve(_with_train(config, amp=amp), CPU, data, 300)) for amp in ("none", "bfloat16")}
+    curves = {amp: np.array(loss_curve(_with_train(config, amp=amp), CPU, data, 150)) for amp in ("none", "bfloat16")}
     smooth = {k: np.convolve(v, np.ones(10) / 10, mode="valid") for k, v in curves.items()}
     relative = np.abs(smooth["bfloat16"] - smooth["none"]) / smooth["none"]
     assert curves["none"][-20:].mean() < 0.8 * curves["none"][:20].mean()  # it learns
-    assert relative.mean() < 0.03 and relative.max() < 0.10, (relative.mean(), relative.max())
-    assert abs(curves["bfloat16"][-20:].mean() / curves["none"][-20:].mean() - 1) < 0.05
+    assert relative.mean() < 0.01 and relative.max() < 0.03, (relative.mean(), relative.max())
+    assert abs(curves["bfloat16"][-20:].mean() / curves["none"][-20:].mean() - 1) < 0.02
 
 
 def test_float32_is_unchanged_by_the_new_options():
