@@ -52,7 +52,8 @@ def _learnable_batches(config, count: int, batch: int) -> list[dict[str, torch.T
     return out
 
 
-@pytest.mark.parametrize("name", ["debug", "tests/fixtures/official-tiny/config.yaml"])
+@pytest.mark.parametrize("name", ["debug", pytest.param("tests/fixtures/official-tiny/config.yaml",
+                                                        marks=pytest.mark.slow)])  # LoRA: 26 s
 def test_bfloat16_training_follows_the_float32_loss_curve(name):
     """150 steps on the tiny configs (full fine-tuning and LoRA): the bfloat16 curve stays within 1 % of
     float32's on average and 3 % at any step (smoothed over 10 steps; measured over 300 steps: 0.04-0.07 %
