@@ -8,7 +8,7 @@ Settings: a flag, else the first environment variable set of those listed, else 
     --port           LORAT_PORT, GRADIO_SERVER_PORT    7860
     --weights        LORAT_WEIGHTS (comma-separated)   the bundled demo model
     --device         LORAT_DEVICE                      auto
-    --dtype, --threads                                 auto, torch's choice (the model options of every command)
+    --dtype, --threads                                 auto, auto: measured while tracking (as every command)
     --max-frames     LORAT_MAX_FRAMES                  3000 (longer videos are trimmed to this many frames from
                                                             the start frame, not refused)
     --max-side       LORAT_MAX_SIDE                    1920 (videos with a longer frame side are refused)
