@@ -8,7 +8,7 @@ import torch
 from lorat.checkpoint.build import build_training_model
 from lorat.checkpoint.loader import save_model
 from lorat.config import config_from_dict, config_to_dict
-from lorat.data.cutouts import Cutout, held_out, is_photograph, load_cutouts, main, make_clip
+from lorat.data.cutouts import Cutout, Variety, held_out, is_photograph, load_cutouts, main, make_clip
 from lorat.data.pairs import PairDataset, Source
 from lorat.data.sequences import read_dataset
 from lorat.errors import LoratError, run_cli
@@ -118,3 +118,68 @@ def test_init_weights_start_the_training_model(tmp_path):
     lora = config_from_dict(config_to_dict(cfg) | {"train": {"finetune": "lora"}})
     with pytest.raises(LoratError, match="finetune full"):
         load_init_weights(build_training_model(lora), lora, path)
+
+
+# ----------------------------------------------------------------------------- variety (wide, grey, dark, logos)
+
+
+def _pool():
+    photos = [Cutout(_ellipse(colour=(40 * k, 90, 200 - 30 * k), size=(60, 50), noise=8, seed=k), f"t{k}", True)
+              for k in range(3)]
+    others = [Cutout(_ellipse(colour=(255, 0, 0), size=(30, 30)), "red", False)]
+    return photos, others
+
+
+def _clip(variety: Variety, seed: int = 0, frames: int = 12):
+    photos, others = _pool()
+    return list(make_clip(np.random.default_rng(seed), frames, photos, others, [], size=(320, 240), arm_odds=0.0,
+                          variety=variety))
+
+
+def test_defaults_draw_nothing_more():
+    """Variety() off is the earlier generator: the same frames and boxes (earlier recipes reproduce)."""
+    a, b = _clip(Variety()), _clip(Variety(grey=0.0, dark=0.0, salient=0.0))
+    assert all(np.array_equal(fa, fb) and ba == bb for (fa, ba, _), (fb, bb, _) in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("aspect, check", [((4.0, 6.0), lambda r: r > 2.5), ((0.15, 0.25), lambda r: r < 0.4)])
+def test_wide_and_tall_targets(aspect, check):
+    ratios = []
+    for seed in range(4):
+        ratios += [w / h for _, box, _ in _clip(Variety(aspect=aspect, spin=0.0), seed) if box
+                   for _, _, w, h in [box]]
+    assert ratios and check(float(np.median(ratios))), ratios[:5]
+    assert min(min(box[2:]) for seed in range(4) for _, box, _ in _clip(Variety(aspect=aspect, spin=0.0), seed)
+               if box) >= 8  # the short side stays visible
+
+
+def test_grey_and_dark_clips():
+    grey = _clip(Variety(grey=1.0))
+    assert all(np.array_equal(f[..., 0], f[..., 1]) and np.array_equal(f[..., 1], f[..., 2]) for f, _, _ in grey)
+    plain, dark = _clip(Variety(), seed=3), _clip(Variety(dark=1.0), seed=3)
+    assert np.mean([f.mean() for f, _, _ in dark]) < 0.5 * np.mean([f.mean() for f, _, _ in plain])
+    assert [b for _, b, _ in plain] == [b for _, b, _ in dark]  # the light changes, the boxes do not
+
+
+def test_a_salient_part_rides_inside_the_silhouette():
+    from lorat.data.cutouts import _with_part
+
+    photos, others = _pool()
+    marked = _with_part(np.random.default_rng(0), photos[0], others)
+    assert np.array_equal(marked.rgba[..., 3], photos[0].rgba[..., 3])  # the silhouette, hence the box, is the object's
+    changed = (marked.rgba[..., :3] != photos[0].rgba[..., :3]).any(axis=2)
+    assert 0 < changed.sum() < 0.25 * (photos[0].rgba[..., 3] > 128).sum()
+    assert not changed[photos[0].rgba[..., 3] <= 128].any()
+
+
+def test_variety_options_are_checked(tmp_path, capsys):
+    stamps = tmp_path / "stamps"
+    stamps.mkdir()
+    args = [str(tmp_path / "out"), "--stamps", str(stamps)]
+    for bad, message in ((["--grey", "1.5"], "probability"), (["--aspect", "5,2"], "0 < MIN <= MAX"),
+                         (["--spin", "400"], "[0, 180]")):
+        assert run_cli(main, args + bad) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(args + ["--aspect", "wide"])
+    assert "expected MIN,MAX" in capsys.readouterr().err

@@ -13,6 +13,12 @@ hand or a distractor still count, as in human annotations; parts outside the fra
 background shows inside the box as with real objects. ``--frames 1`` writes still images: the
 official recipe's static-image pairs (two jittered crops of one photo), as COCO gives them.
 
+:class:`Variety` (``--aspect``, ``--grey``, ``--dark``, ``--salient``, ``--spin``) adds what the
+default mix lacks: very wide or tall targets (boards, signs, vehicles from the side), greyscale and
+low-light clips, a small distinctive part on the target (a logo on a box: the box stays the whole
+object), strong in-plane rotation. Each is off by default, and off it draws no random number, so
+the datasets of earlier recipes are reproduced exactly.
+
 Layout: LaSOT's (``OUT/<category>/<category>-<k>/{img/%08d.jpg, groundtruth.txt,
 full_occlusion.txt, out_of_view.txt}``), readable with ``--data lasot=OUT``. Cut-outs are sorted
 into photographs and drawings by their colour statistics (:func:`is_photograph`); targets are
@@ -35,7 +41,7 @@ from tqdm import tqdm
 from lorat.data.synthetic import _photo_crop, load_images, load_photos, write_clip
 from lorat.errors import LoratError, run_cli
 
-__all__ = ["Cutout", "load_cutouts", "is_photograph", "make_clip", "write_dataset", "main"]
+__all__ = ["Cutout", "Variety", "load_cutouts", "is_photograph", "make_clip", "write_dataset", "main"]
 
 SIZES = ((176, 144), (320, 240), (480, 360), (640, 480))  # frame sizes and their odds below
 SIZE_ODDS = (0.2, 0.4, 0.25, 0.15)
@@ -48,6 +54,58 @@ class Cutout:
     rgba: np.ndarray
     name: str
     photo: bool
+
+
+@dataclass(frozen=True)
+class Variety:
+    """What clips may hold beyond the default mix; every field off by default.
+
+    Attributes:
+        aspect: (low, high): the target's width / height drawn log-uniformly in this range (its
+            short side kept at 12 px or more); None: the cut-out's own shape, stretched a little.
+        grey: odds that a clip is greyscale.
+        dark: odds of a low-light clip (gain 0.12-0.4 and 2-4x the sensor noise).
+        salient: odds that a small distinctive part (another cut-out, 15-35 % of the target's long
+            side, inside its silhouette) rides on the target.
+        spin: in-plane rotation amplitude in degrees, drawn in [spin / 2, spin] (None: 0-35 on 60 %
+            of the targets).
+    """
+
+    aspect: tuple[float, float] | None = None
+    grey: float = 0.0
+    dark: float = 0.0
+    salient: float = 0.0
+    spin: float | None = None
+
+    def __post_init__(self):
+        if self.aspect is not None and not 0 < self.aspect[0] <= self.aspect[1]:
+            raise LoratError(f"the aspect range must be 0 < MIN <= MAX, got {self.aspect}")
+        for name in ("grey", "dark", "salient"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise LoratError(f"--{name} is a probability in [0, 1], got {getattr(self, name)}")
+        if self.spin is not None and not 0 <= self.spin <= 180:
+            raise LoratError(f"--spin must be in [0, 180] degrees, got {self.spin}")
+
+
+def _with_part(rng: np.random.Generator, cutout: Cutout, others: Sequence[Cutout]) -> Cutout:
+    """``cutout`` with another cut-out pasted small inside its silhouette (its alpha unchanged)."""
+    part = others[int(rng.integers(len(others)))].rgba
+    h, w = cutout.rgba.shape[:2]
+    side = max(int(rng.uniform(0.15, 0.35) * max(w, h)), 4)
+    ph, pw = part.shape[:2]
+    scale = side / max(ph, pw)
+    size = (max(int(pw * scale), 2), max(int(ph * scale), 2))
+    small = cv2.resize(part, size, interpolation=cv2.INTER_AREA).astype(np.float32)
+    inside = np.argwhere(cutout.rgba[..., 3] > 128)
+    cy, cx = inside[int(rng.integers(len(inside)))] if len(inside) else (h // 2, w // 2)
+    x0 = int(np.clip(cx - size[0] // 2, 0, max(w - size[0], 0)))
+    y0 = int(np.clip(cy - size[1] // 2, 0, max(h - size[1], 0)))
+    rgba = cutout.rgba.copy()
+    region = rgba[y0:y0 + size[1], x0:x0 + size[0]]
+    small = small[:region.shape[0], :region.shape[1]]
+    alpha = small[..., 3:] / 255.0 * (region[..., 3:] > 128)
+    region[..., :3] = np.clip(region[..., :3] * (1 - alpha) + small[..., :3] * alpha, 0, 255).astype(np.uint8)
+    return Cutout(rgba, f"{cutout.name}+part", cutout.photo)
 
 
 def is_photograph(rgba: np.ndarray) -> bool:
@@ -348,7 +406,8 @@ def _visible_box(visible: np.ndarray, hidden: np.ndarray) -> tuple[tuple[int, in
 
 
 def make_clip(rng: np.random.Generator, frames: int, targets: Sequence[Cutout], others: Sequence[Cutout],
-              photos: Sequence[np.ndarray], size: tuple[int, int] | None = None, arm_odds: float = 0.6
+              photos: Sequence[np.ndarray], size: tuple[int, int] | None = None, arm_odds: float = 0.6,
+              variety: Variety = Variety()
               ) -> Iterator[tuple[np.ndarray, tuple[int, int, int, int] | None, bool]]:
     """Yield ``(frame_rgb, box, fully_occluded)`` for one clip; ``box`` is 0-based ``(x, y, w, h)``
     of the target's visible mask, or None when the target is out of the frame.
@@ -359,12 +418,28 @@ def make_clip(rng: np.random.Generator, frames: int, targets: Sequence[Cutout], 
         photos: RGB photographs for backgrounds.
         size: (W, H); default one of :data:`SIZES`.
         arm_odds: probability of a forearm holding (65 %) or crossing the target.
+        variety: the optional kinds of target and footage (:class:`Variety`).
     """
     W, H = size or SIZES[int(rng.choice(len(SIZES), p=SIZE_ODDS))]
     camera = _Camera(rng, W, H, photos)
     # the target: 50 px at least, up to 60 % of the frame's short side
     long_side = float(np.clip(rng.uniform(0.15, 0.6) * min(W, H), 40, None))
-    target = _actor(rng, targets[int(rng.integers(len(targets)))], W, H, long_side, rng.uniform(0.3, 5.0))
+    cutout = targets[int(rng.integers(len(targets)))]
+    if variety.salient and others and rng.random() < variety.salient:
+        cutout = _with_part(rng, cutout, others)
+    target = _actor(rng, cutout, W, H, long_side, rng.uniform(0.3, 5.0))
+    if variety.aspect is not None:  # width / height as asked: the long side grows so the short one stays >= 12 px
+        aspect = float(np.exp(rng.uniform(*np.log(variety.aspect))))
+        ch, cw = cutout.rgba.shape[:2]
+        target.stretch = aspect / (cw / ch)
+        target.size = float(min(max(target.size, 12 * max(aspect, 1 / aspect)), 0.9 * (W if aspect >= 1 else H)))
+    if variety.spin is not None:
+        target.spin = float(rng.uniform(variety.spin / 2, variety.spin))
+    # the light comes from a stream of its own: a grey or dark clip has the motion (and boxes) of the bright one
+    light = np.random.default_rng(int(hashlib.sha256(repr(rng.bit_generator.state).encode()).hexdigest()[:16], 16)) \
+        if variety.grey or variety.dark else None
+    grey = bool(variety.grey and light.random() < variety.grey)
+    dark = (light.uniform(0.12, 0.4), light.uniform(2, 4)) if variety.dark and light.random() < variety.dark else None
     distractors = _distractors(rng, target, others, W, H, long_side)
     arm = _Arm.maybe(rng, arm_odds, long_side, W, H, frames)
     look = _Look(rng)
@@ -377,21 +452,36 @@ def make_clip(rng: np.random.Generator, frames: int, targets: Sequence[Cutout], 
         if arm is not None:
             hidden |= arm.draw(frame, t, previous[-1], long_side, frames)
         frame = look.apply(frame, rng, t)
+        if dark is not None:  # little light: a low gain, then the sensor's noise, amplified
+            gain, noise = dark
+            frame = np.clip(frame * gain + light.normal(0, noise * max(look.noise, 2), frame.shape), 0, 255
+                            ).astype(np.uint8)
+        if grey:
+            frame = cv2.cvtColor(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
         yield (frame, *_visible_box(alpha > 0.5, hidden))
 
 
 def write_dataset(out: Path, sequences: int, frames: int, targets: Sequence[Cutout], others: Sequence[Cutout],
                   photos: Sequence[np.ndarray], seed: int = 0, category: str = "cutout", progress: bool = True,
-                  arm_odds: float = 0.6) -> list[Path]:
+                  arm_odds: float = 0.6, variety: Variety = Variety()) -> list[Path]:
     """Write ``sequences`` clips in the LaSOT layout (1-based ``groundtruth.txt``; absent: ``0,0,0,0``
     with ``out_of_view`` 1). JPEG quality varies by clip (40-92). Returns the clip folders."""
     folders = []
     for k in tqdm(range(1, sequences + 1), desc="clips", unit="clip", disable=not progress):
         rng = np.random.default_rng([seed, k])
         quality = int(rng.uniform(40, 92))
-        clip = make_clip(rng, frames, targets, others, photos, arm_odds=arm_odds)
+        clip = make_clip(rng, frames, targets, others, photos, arm_odds=arm_odds, variety=variety)
         folders.append(write_clip(out / category / f"{category}-{k}", clip, quality))
     return folders
+
+
+def _range(text: str) -> tuple[float, float]:
+    """``MIN,MAX`` -> two floats."""
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX, got {text!r}") from None
+    return low, high
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -412,7 +502,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="draw targets from the training or the held-out cut-outs")
     parser.add_argument("--arm-odds", type=float, default=0.6, metavar="P",
                         help="probability that a forearm holds or crosses the target (default 0.6)")
+    parser.add_argument("--aspect", type=_range, metavar="MIN,MAX",
+                        help="the target's width / height, drawn log-uniformly in [MIN, MAX] (e.g. 3,8: wide, flat)")
+    parser.add_argument("--grey", type=float, default=0.0, metavar="P", help="odds of a greyscale clip")
+    parser.add_argument("--dark", type=float, default=0.0, metavar="P", help="odds of a low-light clip")
+    parser.add_argument("--salient", type=float, default=0.0, metavar="P",
+                        help="odds that a small distinctive part (a logo) rides on the target")
+    parser.add_argument("--spin", type=float, metavar="DEG", help="in-plane rotation amplitude, degrees")
     args = parser.parse_args(argv)
+    variety = Variety(args.aspect, args.grey, args.dark, args.salient, args.spin)
     if args.sequences < 1 or args.frames < 1:
         raise LoratError("--sequences and --frames must be at least 1")
     if not 0 <= args.arm_odds <= 1:
@@ -427,7 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     others = [c for c in cutouts if not (c.photo and held_out(c.name, args.holdout))]
     photos = load_photos(args.photos) if args.photos else []
     write_dataset(args.out, args.sequences, args.frames, targets, others, photos, args.seed, args.category,
-                  arm_odds=args.arm_odds)
+                  arm_odds=args.arm_odds, variety=variety)
     print(f"wrote {args.sequences} clips of {args.frames} frames to {args.out} "
           f"({len(targets)} target cut-outs, {len(others)} distractors, {len(photos)} photos)")
     return 0
