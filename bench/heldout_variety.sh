@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The held-out generated set for the bundled model's weak points (wide / tall targets, greyscale,
+# low light, a small salient part, strong rotation), one subset per property, and the scores of a
+# model on each next to OpenCV MIL and a never-moving box. Fixed before any training on such data:
+# held-out cut-outs (--use heldout) over held-out photographs, seeds 7001-7006 (training uses others).
+# Run from the repository root:
+#   bash bench/heldout_variety.sh WEIGHTS OUT_DIR [DATA_DIR]
+# DATA_DIR holds stamps/ and photos-heldout/ as weights/train_demo.sh makes them (default: data).
+set -euo pipefail
+weights=$1
+out=$2
+data=${3:-data}
+stamps="$data/stamps/usr/share/tuxpaint/stamps"
+sets="$data/heldout-variety"
+mkdir -p "$out"
+make() {  # NAME SEED OPTIONS...: 12 clips of 50 frames, written once
+    local name=$1 seed=$2
+    shift 2
+    [ -d "$sets/$name" ] || python -m lorat.data.cutouts "$sets/$name" --stamps "$stamps" \
+        --photos "$data/photos-heldout" --use heldout --sequences 12 --frames 50 --seed "$seed" \
+        --category "$name" "$@"
+}
+make wide 7001 --aspect 3,8
+make tall 7002 --aspect 0.12,0.33
+make grey 7003 --grey 1
+make dark 7004 --dark 1
+make salient 7005 --salient 1
+make spin 7006 --spin 90
+for name in wide tall grey dark salient spin; do
+    python bench/compare.py --weights "$weights" --device cpu --mil --json --dataset "lasot=$sets/$name" \
+        > "$out/$name.json"
+done
+python - "$out" <<'PY'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+print("| held-out subset | LoRAT | OpenCV MIL | never-moving box |")
+print("|---|---|---|---|")
+for name in ("wide", "tall", "grey", "dark", "salient", "spin"):
+    r = {k: v["success_auc"] for k, v in json.loads((out / f"{name}.json").read_text()).items()}
+    print(f"| {name} | {r['lorat']:.3f} | {r['mil']:.3f} | {r['static']:.3f} |")
+PY
