@@ -151,11 +151,16 @@ def _onnx_backend(options: ModelOptions, weights: Path, config: Config | None) -
         raise LoratError(f"the onnxruntime backend runs an .onnx file, got {weights}; make one with "
                          f"python -m lorat.export --weights {weights} --onnx model.onnx")
     cpu = options.device in (None, "auto", "cpu", torch.device("cpu"))
-    if not cpu or options.dtype not in ("auto", None, "float32", "fp32", torch.float32):
+    if not cpu or not _float32(options.dtype):
         raise LoratError(f"the onnxruntime backend runs on the CPU in float32, not {options.device} / {options.dtype}")
     model, file_cfg = load_onnx(weights)
     config = dataclasses.replace(file_cfg, tracking=config.tracking) if config is not None else file_cfg
     return LoadedModel(model, config, torch.device("cpu"), None, Path(weights), None, "onnxruntime")
+
+
+def _float32(dtype: object) -> bool:
+    """Whether a ``--dtype`` value lets ONNX Runtime run the model (it runs float32)."""
+    return dtype in ("auto", None, "float32", "fp32", torch.float32)
 
 
 def _is_bundled(weights: str | Path) -> bool:
@@ -170,7 +175,7 @@ def _bundled_onnx_backend(options: ModelOptions, config: Config | None) -> Loade
     """The bundled demo model on ONNX Runtime, where that is what ``--backend auto`` means: on the CPU,
     in float32 (1.5x the frames per second of torch on 2 cores, boxes within 0.001 px), when
     onnxruntime is installed and the bundled export is intact. None otherwise (torch runs it)."""
-    if options.dtype not in ("auto", None, "float32", "fp32", torch.float32):
+    if not _float32(options.dtype):
         return None
     if resolve_device(options.device).type != "cpu":
         return None

@@ -192,13 +192,7 @@ class OnnxModel:
     def _embedded_config(self) -> Config:
         """The config in the file's metadata, read through the open session."""
         meta = self.session.get_modelmeta().custom_metadata_map
-        if CONFIG_KEY not in meta:
-            raise WeightsError(f"{self.path}: an ONNX model without lorat's config; export it with "
-                               f"python -m lorat.export --onnx")
-        try:
-            return config_from_dict(json.loads(meta[CONFIG_KEY]), where=f"{self.path} metadata")
-        except (json.JSONDecodeError, ConfigError, RecursionError) as err:
-            raise WeightsError(f"{self.path}: the embedded config is invalid: {first_line(err)}") from None
+        return _embedded_config(meta, self.path)
 
     def _session(self, threads: int):
         """The session that runs on ``threads`` threads (opened now if it is the first call with them)."""
@@ -235,6 +229,21 @@ class OnnxModel:
             raise WeightsError(f"{self.path}: the graph returned score_map {list(out['score_map'].shape)} and boxes "
                                f"{list(out['boxes'].shape)}, not {list(grid)} and {[*grid, 4]}")
         return out
+
+
+def _embedded_config(meta: dict[str, str], path: Path) -> Config:
+    """The config an export keeps in its metadata (``lorat.config``), validated.
+
+    Raises:
+        WeightsError: no config (not our export) or an invalid one.
+    """
+    if CONFIG_KEY not in meta:
+        raise WeightsError(f"{path}: an ONNX model without lorat's config; export it with "
+                           f"python -m lorat.export --onnx")
+    try:
+        return config_from_dict(json.loads(meta[CONFIG_KEY]), where=f"{path} metadata")
+    except (json.JSONDecodeError, ConfigError, RecursionError) as err:
+        raise WeightsError(f"{path}: the embedded config is invalid: {first_line(err)}") from None
 
 
 def _declared(values, kind: str, path: Path) -> dict[str, tuple[int, list[int | str]]]:
@@ -336,13 +345,7 @@ def load_onnx(path: str | Path) -> tuple[OnnxModel, Config]:
     except Exception as err:  # onnx raises DecodeError and others
         raise WeightsError(f"{path}: not a readable ONNX model ({first_line(err)})") from None
     meta = {p.key: p.value for p in proto.metadata_props}
-    if CONFIG_KEY not in meta:
-        raise WeightsError(f"{path}: an ONNX model without lorat's config; export it with "
-                           f"python -m lorat.export --onnx")
-    try:
-        config = config_from_dict(json.loads(meta[CONFIG_KEY]), where=f"{path} metadata")
-    except (json.JSONDecodeError, ConfigError, RecursionError) as err:
-        raise WeightsError(f"{path}: the embedded config is invalid: {first_line(err)}") from None
+    config = _embedded_config(meta, path)
     _check_crop_sizes(config, path)
     check_onnx_graph(proto.graph, config, path)
     del proto
