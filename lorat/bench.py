@@ -28,7 +28,6 @@ import dataclasses
 import importlib.util
 import json
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -46,18 +45,23 @@ from lorat.checkpoint.loader import load
 from lorat.config import load_config
 from lorat.errors import run_cli
 from lorat.options import ModelOptions, add_model_arguments
-from lorat.runtime import cast_for_autocast, cpu_has_bf16, dtype_name, resolve_device, resolve_dtype, set_threads
+from lorat.runtime import (
+    cast_for_autocast,
+    cpu_has_bf16,
+    cpu_has_fp16,
+    dtype_name,
+    peak_rss_mb,
+    resolve_device,
+    resolve_dtype,
+    set_threads,
+    synchronize,
+)
 from lorat.tracking.cuda_graph import capture
 from lorat.tracking.step import run_model, search_crops, to_frame_tensor
 from lorat.tracking.tracker import Tracker
 from lorat.video import prefetched
 
 __all__ = ["main"]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _device_name(device: torch.device) -> str:
@@ -96,17 +100,6 @@ def _decoded(path: Path):
         capture.release()
 
 
-def _peak_rss_mb() -> float:
-    """This process's peak resident memory in MB: Linux's VmHWM (of this program only), else ru_maxrss
-    (which Linux carries over from the parent process across exec)."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    scale = 2**20 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale, 1)
-
-
 def benchmark(tracker: Tracker, frames: int, iters: int, warmup: int = 10) -> dict:
     """Run the three measurements on an initialised-from-scratch tracker."""
     device, dtype, cfg = tracker.device, tracker.dtype, tracker.config
@@ -129,11 +122,11 @@ def benchmark(tracker: Tracker, frames: int, iters: int, warmup: int = 10) -> di
             forward = capture(forward, constants)[0].replay
         for _ in range(warmup):
             forward()
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(iters):
             forward()
-        _sync(device)
+        synchronize(device)
         model_s = (time.perf_counter() - start) / iters
 
         # 2. end to end, as a user runs it (frames decoded ahead in a thread, as lorat.track does).
@@ -146,7 +139,7 @@ def benchmark(tracker: Tracker, frames: int, iters: int, warmup: int = 10) -> di
         clock = [0.0]
 
         def lap(stage: str) -> None:
-            _sync(device)
+            synchronize(device)
             now = time.perf_counter()
             split[stage] += now - clock[0]
             clock[0] = now
@@ -160,7 +153,7 @@ def benchmark(tracker: Tracker, frames: int, iters: int, warmup: int = 10) -> di
                 yield frame
 
         steps = sum(1 for _ in tracker.stream(timed_frames(), box, timer=lap)) - 1
-    memory = {"process_rss": _peak_rss_mb()}
+    memory = {"process_rss": peak_rss_mb()}
     if device.type == "cuda":
         memory["gpu_allocated"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return {
@@ -336,19 +329,13 @@ def _training_main(parser: argparse.ArgumentParser, args: argparse.Namespace, ar
     return 0
 
 
-def _cpu_has_fp16() -> bool:
-    """Native float16 arithmetic on this CPU (AMX-FP16 or AVX-512 FP16), as torch detects it."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_fp16_supported", "_is_avx512_fp16_supported")]
-    return any(check() for check in checks if check is not None)
-
-
 def _training_table(device: torch.device, argv: list[str]) -> None:
     """Print every training precision x compile x activation checkpointing, each run in a process of its
     own, row by row as they finish. Precisions the CPU has no native arithmetic for are listed as
     skipped (emulated, they run for many minutes a step; ``--amp`` still runs them one at a time)."""
     cuda = device.type == "cuda"
     amps = ["none", *(["bfloat16"] if cuda or cpu_has_bf16() else []),
-            *(["float16"] if cuda or _cpu_has_fp16() else [])]
+            *(["float16"] if cuda or cpu_has_fp16() else [])]
     memory = "peak GPU MB (allocated)" if cuda else "peak RSS MB"
     print(f"| precision | compile | checkpointing | samples/s | step ms | {memory} |\n|---|---|---|---|---|---|",
           flush=True)

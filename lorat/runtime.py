@@ -6,7 +6,9 @@ Errors talk about values ("unknown device 'gpu'"); the commands name their own f
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,8 +18,9 @@ from lorat.files import bundled_weights
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["resolve_device", "resolve_dtype", "cpu_has_bf16", "BF16_MIN_WIDTH", "set_threads",
-           "dtype_name", "cast_for_autocast", "Distributed", "default_weights", "default_weights_notice"]
+__all__ = ["resolve_device", "resolve_dtype", "cpu_has_bf16", "cpu_has_fp16", "BF16_MIN_WIDTH", "set_threads",
+           "synchronize", "peak_rss_mb", "dtype_name", "cast_for_autocast", "Distributed", "default_weights",
+           "default_weights_notice"]
 
 WEIGHTS_VARIABLE = "LORAT_WEIGHTS"
 _DTYPES = {"float32": None, "fp32": None, "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16",
@@ -81,6 +84,35 @@ def cpu_has_bf16() -> bool:
 
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(check() for check in checks if check is not None)
+
+
+def cpu_has_fp16() -> bool:
+    """Native float16 arithmetic on this CPU (AMX-FP16 or AVX-512 FP16), as torch detects it."""
+    import torch
+
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_fp16_supported", "_is_avx512_fp16_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA); nothing elsewhere. For timing."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: Linux's VmHWM (of this program only), else ru_maxrss
+    (which Linux carries over from the parent process across exec)."""
+    import resource
+
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    scale = 2**20 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale, 1)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, width: int | None = None

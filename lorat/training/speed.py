@@ -11,7 +11,6 @@ augment and collate of LaSOT-layout sequences, with N worker processes.
 from __future__ import annotations
 
 import dataclasses
-import resource
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -20,22 +19,17 @@ import numpy as np
 import torch
 
 from lorat.config import Config
-from lorat.runtime import dtype_name
+from lorat.runtime import dtype_name, peak_rss_mb, synchronize
 from lorat.training.step import precision, update
 
 __all__ = ["synthetic_batch", "time_training_steps", "time_data_pipeline"]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _peak_mb(device: torch.device) -> float:
     """Peak GPU memory allocated by torch on CUDA, else the process's peak resident memory (MB)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return peak_rss_mb()
 
 
 def synthetic_batch(config: Config, batch: int, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -87,11 +81,11 @@ def time_training_steps(config: Config, device: torch.device, batch: int, steps:
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
         update(net, optimizer, scaler, data, num_pos, autocast, cfg.grad_clip)
-    _sync(device)
+    synchronize(device)
     started = time.perf_counter()
     for _ in range(steps):
         losses = update(net, optimizer, scaler, data, num_pos, autocast, cfg.grad_clip)
-    _sync(device)
+    synchronize(device)
     seconds = (time.perf_counter() - started) / max(steps, 1)
     return {"samples_per_s": batch / seconds, "step_ms": seconds * 1000, "peak_mb": _peak_mb(device),
             "dtype": dtype_name(amp), "compile": cfg.compile, "grad_checkpointing": cfg.grad_checkpointing,
