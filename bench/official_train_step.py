@@ -39,7 +39,7 @@ def _official_step(official: Path, config_name: str, batch: int, steps: int, dev
     import torch
 
     from lorat.config import load_config
-    from lorat.runtime import dtype_name
+    from lorat.runtime import dtype_name, synchronize
     from lorat.training.loss import lorat_loss
     from lorat.training.speed import synthetic_batch
 
@@ -80,19 +80,15 @@ def _official_step(official: Path, config_name: str, batch: int, steps: int, dev
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    def sync() -> None:
-        if target.type == "cuda":
-            torch.cuda.synchronize(target)
-
     for _ in range(3):
         step()
     if target.type == "cuda":
         torch.cuda.reset_peak_memory_stats(target)
-    sync()
+    synchronize(target)
     started = time.perf_counter()
     for _ in range(steps):
         loss = step()
-    sync()
+    synchronize(target)
     seconds = (time.perf_counter() - started) / steps
     peak = torch.cuda.max_memory_allocated(target) / 2**20 if target.type == "cuda" else float("nan")
     return {"samples_per_s": batch / seconds, "step_ms": seconds * 1000, "dtype": dtype_name(dtype), "loss": loss,
