@@ -2,11 +2,13 @@
 
     python bench/compare.py --dataset lasot=/data/syn-val --weights run/checkpoint/epoch_020/lorat.safetensors
     python bench/compare.py --video box.mp4 --gt box_pseudo_gt.txt --weights weights/lorat_demo.safetensors --mil
+    python bench/compare.py ... --set tracking.window_penalty=0.3 --set tracking.search_area_factor=4.5
 
 Trackers: ``lorat`` (the given weights), ``static`` (the init box, never moved) and, with
 ``--mil``, OpenCV's MIL tracker. Every tracker starts from the ground-truth box of frame 1 and is
 scored with :mod:`lorat.evaluation.metrics` (pytracking-compatible OPE). Prints a Markdown table and, with
-``--json``, one JSON object.
+``--json``, one JSON object. ``--set tracking.KEY=VALUE`` changes a tracking setting of the
+loaded model's config (for choosing settings on development clips; checked like a config file).
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import yaml
 
 from lorat.checkpoint.loader import load
+from lorat.config import config_from_dict, config_to_dict
 from lorat.data.sequences import read_boxes, read_dataset
-from lorat.errors import run_cli
+from lorat.errors import ConfigError, run_cli
 from lorat.evaluation.metrics import sequence_curves, summarize_curves
 from lorat.options import ModelOptions, add_model_arguments
 from lorat.tracking.tracker import Tracker
@@ -69,6 +73,20 @@ def _run(kind: str, frames, init: np.ndarray, tracker: Tracker | None) -> tuple[
     return np.array(boxes), len(boxes) / (time.perf_counter() - start)
 
 
+def _with_tracking(config, items: Sequence[str]):
+    """``config`` with ``tracking.KEY=VALUE`` overrides applied and checked."""
+    data = config_to_dict(config)
+    for item in items:
+        key, sep, raw = item.partition("=")
+        section, _, name = key.strip().partition(".")
+        if not sep or section != "tracking" or not name:
+            raise ConfigError(f"--set {item!r}: only tracking settings can change here (tracking.KEY=VALUE)")
+        if name not in data["tracking"]:
+            raise ConfigError(f"--set {item!r}: no tracking setting {name!r} (known: {', '.join(data['tracking'])})")
+        data["tracking"][name] = yaml.safe_load(raw)
+    return config_from_dict(data, where="--set")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", help="NAME=PATH of a dataset (lasot, custom, got10k, ...)")
@@ -78,10 +96,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_model_arguments(parser, weights={"required": True})
     parser.add_argument("--mil", action="store_true", help="also run OpenCV's MIL tracker")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="tracking.KEY=VALUE",
+                        help="change a tracking setting of the model's config; repeatable")
     args = parser.parse_args(argv)
     if bool(args.video) == bool(args.dataset) or (args.video and not args.gt):
         parser.error("give --dataset NAME=PATH, or --video FILE with --gt FILE")
     tracker = Tracker.from_loaded(load(ModelOptions.from_args(args), say=None))
+    if args.set:
+        tracker.config = _with_tracking(tracker.config, args.set)
     kinds = ["lorat", "static"] + (["mil"] if args.mil else [])
     curves = {k: [] for k in kinds}
     speed = {k: [] for k in kinds}

@@ -71,3 +71,21 @@ def test_busy_threads_benchmark_runs(tmp_path):
     run = _script("bench/busy_threads.py", "--loads", "0", "--repeats", "1", "--frames", "5", "--b224-frames", "0")
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("| demo") == 2
+
+
+def test_compare_set_changes_only_checked_tracking_settings():
+    import importlib.util
+
+    from lorat.errors import ConfigError
+
+    spec = importlib.util.spec_from_file_location("bench_compare", ROOT / "bench" / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    cfg = tiny_config()
+    changed = compare._with_tracking(cfg, ["tracking.window_penalty=0.3", "tracking.search_area_factor=4.5"])
+    assert (changed.tracking.window_penalty, changed.tracking.search_area_factor) == (0.3, 4.5)
+    assert changed.model == cfg.model
+    for bad, message in (("model.depth=2", "only tracking"), ("tracking.window=0.3", "no tracking setting"),
+                         ("tracking.window_penalty=1.5", "window_penalty")):
+        with pytest.raises(ConfigError, match=message):
+            compare._with_tracking(cfg, [bad])

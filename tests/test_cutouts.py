@@ -161,6 +161,34 @@ def test_grey_and_dark_clips():
     assert [b for _, b, _ in plain] == [b for _, b, _ in dark]  # the light changes, the boxes do not
 
 
+def test_low_detail_clips_keep_the_boxes_and_lose_fine_detail():
+    plain, low = _clip(Variety(), seed=3), _clip(Variety(lowres=1.0), seed=3)
+    assert [b for _, b, _ in plain] == [b for _, b, _ in low]
+    detail = lambda clip: np.mean([cv2.Laplacian(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY), cv2.CV_64F).var()  # noqa: E731
+                                   for f, _, _ in clip])
+    assert detail(low) < 0.5 * detail(plain)
+
+
+def test_tilt_is_a_homography_that_reduces_to_the_affine_map():
+    from lorat.data.cutouts import _affine, _tilted
+
+    m = _affine(100.0, 80.0, 60, 40, 90.0, 50.0, 30.0, False)
+    np.testing.assert_allclose(_tilted(m, 60, 40, 0.0, 0.0), np.vstack([m, [0, 0, 1]]), rtol=1e-5, atol=1e-4)
+    h = _tilted(m, 60, 40, 50.0, 0.0)  # the plane swings about its vertical axis: one side nearer
+    corners = cv2.perspectiveTransform(np.float32([[[0, 0], [0, 40], [60, 0], [60, 40]]]), h)[0]
+    near, far = np.linalg.norm(corners[0] - corners[1]), np.linalg.norm(corners[2] - corners[3])
+    assert near > 1.2 * far and abs(h[2, :2]).max() > 0
+    centre = cv2.perspectiveTransform(np.float32([[[30, 20]]]), h)[0, 0]
+    np.testing.assert_allclose(centre, (100, 80), atol=1e-3)
+
+
+def test_tilted_targets_keep_their_mask_boxes():
+    clip = _clip(Variety(tilt=60.0, spin=0.0), seed=1, frames=30)
+    boxes = [b for _, b, _ in clip if b]
+    assert len(boxes) == 30
+    assert np.std([w / h for _, _, w, h in boxes]) > 0.05  # the outline changes as the plane swings
+
+
 def test_a_salient_part_rides_inside_the_silhouette():
     from lorat.data.cutouts import _with_part
 
@@ -177,7 +205,8 @@ def test_variety_options_are_checked(tmp_path, capsys):
     stamps.mkdir()
     args = [str(tmp_path / "out"), "--stamps", str(stamps)]
     for bad, message in ((["--grey", "1.5"], "probability"), (["--aspect", "5,2"], "0 < MIN <= MAX"),
-                         (["--spin", "400"], "[0, 180]")):
+                         (["--spin", "400"], "[0, 180]"), (["--tilt", "80"], "[0, 75]"),
+                         (["--lowres", "-1"], "probability")):
         assert run_cli(main, args + bad) == 2
         assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -13,11 +13,12 @@ hand or a distractor still count, as in human annotations; parts outside the fra
 background shows inside the box as with real objects. ``--frames 1`` writes still images: the
 official recipe's static-image pairs (two jittered crops of one photo), as COCO gives them.
 
-:class:`Variety` (``--aspect``, ``--grey``, ``--dark``, ``--salient``, ``--spin``) adds what the
-default mix lacks: very wide or tall targets (boards, signs, vehicles from the side), greyscale and
-low-light clips, a small distinctive part on the target (a logo on a box: the box stays the whole
-object), strong in-plane rotation. Each is off by default, and off it draws no random number, so
-the datasets of earlier recipes are reproduced exactly.
+:class:`Variety` (``--aspect``, ``--grey``, ``--dark``, ``--salient``, ``--spin``, ``--tilt``,
+``--lowres``) adds what the default mix lacks: very wide or tall targets (boards, signs, vehicles
+from the side), greyscale, low-light and low-detail clips, a small distinctive part on the target (a
+logo on a box: the box stays the whole object), strong in-plane rotation and perspective tilt. Each
+is off by default, and off it draws no random number, so the datasets of earlier recipes are
+reproduced exactly.
 
 Layout: LaSOT's (``OUT/<category>/<category>-<k>/{img/%08d.jpg, groundtruth.txt,
 full_occlusion.txt, out_of_view.txt}``), readable with ``--data lasot=OUT``. Cut-outs are sorted
@@ -69,6 +70,9 @@ class Variety:
             side, inside its silhouette) rides on the target.
         spin: in-plane rotation amplitude in degrees, drawn in [spin / 2, spin] (None: 0-35 on 60 %
             of the targets).
+        tilt: perspective tilt amplitude in degrees (the target's plane swings about a vertical and
+            a horizontal axis, seen from 3 half-sizes away; amplitudes drawn in [tilt / 2, tilt]).
+        lowres: odds of low-detail footage (recorded at 1/2.5-1/5 of the frame size, then scaled up).
     """
 
     aspect: tuple[float, float] | None = None
@@ -76,15 +80,19 @@ class Variety:
     dark: float = 0.0
     salient: float = 0.0
     spin: float | None = None
+    tilt: float | None = None
+    lowres: float = 0.0
 
     def __post_init__(self):
         if self.aspect is not None and not 0 < self.aspect[0] <= self.aspect[1]:
             raise LoratError(f"the aspect range must be 0 < MIN <= MAX, got {self.aspect}")
-        for name in ("grey", "dark", "salient"):
+        for name in ("grey", "dark", "salient", "lowres"):
             if not 0 <= getattr(self, name) <= 1:
                 raise LoratError(f"--{name} is a probability in [0, 1], got {getattr(self, name)}")
         if self.spin is not None and not 0 <= self.spin <= 180:
             raise LoratError(f"--spin must be in [0, 180] degrees, got {self.spin}")
+        if self.tilt is not None and not 0 <= self.tilt <= 75:
+            raise LoratError(f"--tilt must be in [0, 75] degrees, got {self.tilt}")
 
 
 def _with_part(rng: np.random.Generator, cutout: Cutout, others: Sequence[Cutout]) -> Cutout:
@@ -152,13 +160,14 @@ def held_out(name: str, share: float) -> bool:
 
 def _composite(frame: np.ndarray, rgba: np.ndarray, m: np.ndarray, blur: tuple[float, float] = (0.0, 0.0)
                ) -> np.ndarray:
-    """Alpha-composite ``rgba`` warped by the 2x3 affine ``m`` onto ``frame`` in place.
+    """Alpha-composite ``rgba`` warped by ``m`` (2x3 affine or 3x3 homography) onto ``frame`` in place.
 
     ``blur``: motion (dx, dy) in px during the exposure. Returns the warped alpha (H, W) float32 in [0, 1].
     """
     H, W = frame.shape[:2]
-    warped = cv2.warpAffine(rgba, m, (W, H), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                            borderValue=(0, 0, 0, 0)).astype(np.float32)
+    warp = cv2.warpPerspective if m.shape == (3, 3) else cv2.warpAffine
+    warped = warp(rgba, m, (W, H), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                  borderValue=(0, 0, 0, 0)).astype(np.float32)
     length = float(np.hypot(*blur))
     if length >= 2:
         k = int(min(length, 31)) | 1
@@ -187,6 +196,23 @@ def _affine(cx: float, cy: float, src_w: int, src_h: int, w: float, h: float, an
     scale = np.diag([-sx if mirror else sx, sy])
     lin = rot @ scale
     return np.hstack([lin, (np.array([cx, cy]) - lin @ np.array([src_w / 2, src_h / 2]))[:, None]])
+
+
+def _tilted(m: np.ndarray, src_w: int, src_h: int, yaw: float, pitch: float) -> np.ndarray:
+    """The 3x3 homography that first tilts a (src_h, src_w) image's plane by ``yaw`` (about its
+    vertical axis) and ``pitch`` (horizontal axis), in degrees, as a pinhole camera 3 half-sizes away
+    sees it, then applies the 2x3 affine ``m``; the plane's centre stays where ``m`` puts it."""
+    a, b = np.deg2rad(yaw), np.deg2rad(pitch)
+    corners = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], np.float64)
+    x = corners[:, 0] * np.cos(a)
+    z = corners[:, 0] * np.sin(a)
+    y = corners[:, 1] * np.cos(b) - z * np.sin(b)
+    z = corners[:, 1] * np.sin(b) + z * np.cos(b)
+    depth = 3.0 / (3.0 + z)
+    src = (corners + 1) / 2 * [src_w, src_h]
+    seen = np.stack([(x * depth + 1) / 2 * src_w, (y * depth + 1) / 2 * src_h], 1)
+    dst = seen @ m[:, :2].T + m[:, 2]
+    return cv2.getPerspectiveTransform(src.astype(np.float32), dst.astype(np.float32))
 
 
 def _wall(rng: np.random.Generator, W: int, H: int) -> np.ndarray:
@@ -258,6 +284,7 @@ class _Actor:
     turn: float  # out-of-plane turning rate (rad / frame); 0: none
     breathe: float  # scale amplitude
     phase: np.ndarray
+    tilt: tuple[float, float] = (0.0, 0.0)  # perspective tilt amplitudes (yaw, pitch; deg); 0: none
 
     def pose(self, t: int) -> tuple[np.ndarray, float, float, float, bool]:
         """(centre, w, h, angle, mirror) at frame ``t``."""
@@ -286,6 +313,9 @@ def _draw(frame: np.ndarray, actor: _Actor, t: int, previous: np.ndarray | None
     centre, w, h, angle, mirror = actor.pose(t)
     ch, cw = actor.cutout.rgba.shape[:2]
     m = _affine(centre[0], centre[1], cw, ch, w, h, angle, mirror)
+    if any(actor.tilt):
+        m = _tilted(m, cw, ch, actor.tilt[0] * np.sin(actor.phase[0] + 0.07 * t),
+                    actor.tilt[1] * np.sin(actor.phase[2] + 0.05 * t))
     blur = tuple(centre - previous) if previous is not None else (0.0, 0.0)
     return _composite(frame, actor.cutout.rgba, m, blur), centre
 
@@ -435,11 +465,14 @@ def make_clip(rng: np.random.Generator, frames: int, targets: Sequence[Cutout], 
         target.size = float(min(max(target.size, 12 * max(aspect, 1 / aspect)), 0.9 * (W if aspect >= 1 else H)))
     if variety.spin is not None:
         target.spin = float(rng.uniform(variety.spin / 2, variety.spin))
+    if variety.tilt:
+        target.tilt = (float(rng.uniform(variety.tilt / 2, variety.tilt)), float(rng.uniform(variety.tilt / 2, variety.tilt)))
     # the light comes from a stream of its own: a grey or dark clip has the motion (and boxes) of the bright one
     light = np.random.default_rng(int(hashlib.sha256(repr(rng.bit_generator.state).encode()).hexdigest()[:16], 16)) \
-        if variety.grey or variety.dark else None
+        if variety.grey or variety.dark or variety.lowres else None
     grey = bool(variety.grey and light.random() < variety.grey)
     dark = (light.uniform(0.12, 0.4), light.uniform(2, 4)) if variety.dark and light.random() < variety.dark else None
+    shrink = light.uniform(2.5, 5) if variety.lowres and light.random() < variety.lowres else None
     distractors = _distractors(rng, target, others, W, H, long_side)
     arm = _Arm.maybe(rng, arm_odds, long_side, W, H, frames)
     look = _Look(rng)
@@ -458,6 +491,10 @@ def make_clip(rng: np.random.Generator, frames: int, targets: Sequence[Cutout], 
                             ).astype(np.uint8)
         if grey:
             frame = cv2.cvtColor(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+        if shrink is not None:  # a low-resolution sensor, its picture scaled up to the frame size
+            small = (max(int(W / shrink), 8), max(int(H / shrink), 8))
+            frame = cv2.resize(cv2.resize(frame, small, interpolation=cv2.INTER_AREA), (W, H),
+                               interpolation=cv2.INTER_LINEAR)
         yield (frame, *_visible_box(alpha > 0.5, hidden))
 
 
@@ -509,8 +546,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--salient", type=float, default=0.0, metavar="P",
                         help="odds that a small distinctive part (a logo) rides on the target")
     parser.add_argument("--spin", type=float, metavar="DEG", help="in-plane rotation amplitude, degrees")
+    parser.add_argument("--tilt", type=float, metavar="DEG",
+                        help="perspective tilt amplitude, degrees (the target's plane swings towards the camera)")
+    parser.add_argument("--lowres", type=float, default=0.0, metavar="P",
+                        help="odds of low-detail footage (a 2.5-5x smaller picture scaled up)")
     args = parser.parse_args(argv)
-    variety = Variety(args.aspect, args.grey, args.dark, args.salient, args.spin)
+    variety = Variety(args.aspect, args.grey, args.dark, args.salient, args.spin, args.tilt, args.lowres)
     if args.sequences < 1 or args.frames < 1:
         raise LoratError("--sequences and --frames must be at least 1")
     if not 0 <= args.arm_odds <= 1:
