@@ -466,7 +466,8 @@ def make_clip(rng: np.random.Generator, frames: int, targets: Sequence[Cutout], 
     if variety.spin is not None:
         target.spin = float(rng.uniform(variety.spin / 2, variety.spin))
     if variety.tilt:
-        target.tilt = (float(rng.uniform(variety.tilt / 2, variety.tilt)), float(rng.uniform(variety.tilt / 2, variety.tilt)))
+        yaw, pitch = rng.uniform(variety.tilt / 2, variety.tilt, 2)  # one draw of two, as two draws of one
+        target.tilt = (float(yaw), float(pitch))
     # the light comes from a stream of its own: a grey or dark clip has the motion (and boxes) of the bright one
     light = np.random.default_rng(int(hashlib.sha256(repr(rng.bit_generator.state).encode()).hexdigest()[:16], 16)) \
         if variety.grey or variety.dark or variety.lowres else None

@@ -1,0 +1,288 @@
+"""The LoRATv2 network: one-stream tracking with chunk-wise causal attention and a KV cache.
+
+LoRATv2 (Lin et al., NeurIPS 2025; the official ``trackit/models/methods/LoRATv2``) cuts the token
+sequence into chunks, one per *stream*: stream 0 holds the register tokens and the template, each
+later stream one search region (phase 1: the current frame; phase 2: a dynamic reference frame,
+then the current frame). Attention is causal between chunks: a chunk attends to itself and to
+every chunk before it, never to a later one. So the template (and the reference) can be encoded
+once, their keys and values kept (:class:`KVCache`), and each new frame computes only its own
+search tokens.
+
+Every linear layer of every block (qkv, proj, fc1, fc2) has one copy per stream, chosen by the
+chunk's position (static routing); LoRA adapters sit on the copies of the streams that train.
+Streams that train share the frozen backbone weight tensors (their copies are tied, as the
+official layers share one ``nn.Linear``); a frozen stream owns its (merged) weights. Each search
+stream has its own final norm and MLP head; the last stream's head gives the output. State-dict
+keys are those of the official merged inference model.
+
+The shared spatial grid is the pretrained one (37x37 for DINOv2 at 518 px) without resampling:
+the template and each search region add its top-left sub-grid. Template tokens add a token-type
+row by the foreground mask (background 0, foreground 1); each search stream adds its own row.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp, PatchEmbed
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from lorat.config import BackboneConfig
+from lorat.model.head import MlpHead
+
+__all__ = ["KVCache", "LoRATv2", "StreamBlock"]
+
+Size = tuple[int, int]  # (W, H) in px, the config's order
+
+
+def _tied_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters are the original tensors (the streams' shared weights)."""
+    twin = copy.copy(module)
+    twin._parameters = dict(module._parameters)
+    twin._modules = {name: _tied_copy(child) for name, child in module._modules.items()}
+    return twin
+
+
+class _StreamAttention(nn.Module):
+    """Attention whose qkv and proj have one copy per stream (keys ``qkv.{i}``, ``proj.{i}``)."""
+
+    def __init__(self, attn: nn.Module, copies):
+        super().__init__()
+        self.num_heads = attn.num_heads
+        self.qkv = copies(attn.qkv)
+        self.proj = copies(attn.proj)
+
+    def qkv_heads(self, stream: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, N, C) -> q, k, v, each (B, heads, N, head_dim)."""
+        b, n, c = x.shape
+        qkv = self.qkv[stream](x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
+
+    def attend(self, stream: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Softmax attention of q over (k, v), then the stream's output projection: (B, N, C)."""
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj[stream](out.transpose(1, 2).flatten(2))
+
+
+class _StreamMlp(nn.Module):
+    """timm's MLP with one fc1 / fc2 per stream (keys ``fc1.{i}``, ``fc2.{i}``)."""
+
+    def __init__(self, mlp: Mlp, copies):
+        super().__init__()
+        self.fc1 = copies(mlp.fc1)
+        self.act = mlp.act
+        self.fc2 = copies(mlp.fc2)
+
+    def forward(self, x: torch.Tensor, stream: int) -> torch.Tensor:
+        return self.fc2[stream](self.act(self.fc1[stream](x)))
+
+
+class StreamBlock(nn.Module):
+    """A DINOv2 ViT block (timm's) whose linear layers have one copy per stream.
+
+    State-dict keys are the official ones (``norm1``, ``attn.qkv.{i}``, ``attn.proj.{i}``,
+    ``ls1.gamma``, ``norm2``, ``mlp.fc1.{i}``, ``mlp.fc2.{i}``, ``ls2.gamma``).
+
+    Args:
+        cfg: backbone shape.
+        owned: per stream, whether it owns its weights (a frozen, merged stream) or shares the
+            backbone's tensors with the other sharing streams (a stream that trains through LoRA).
+    """
+
+    def __init__(self, cfg: BackboneConfig, owned: Sequence[bool], device=None, dtype=None):
+        super().__init__()
+        block = Block(cfg.embed_dim, cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True,
+                      init_values=cfg.layer_scale_init, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                      act_layer=nn.GELU, mlp_layer=Mlp, device=device, dtype=dtype)
+
+        def copies(module: nn.Module) -> nn.ModuleList:
+            return nn.ModuleList(copy.deepcopy(module) if own else _tied_copy(module) for own in owned)
+
+        self.norm1, self.ls1, self.norm2, self.ls2 = block.norm1, block.ls1, block.norm2, block.ls2
+        self.attn = _StreamAttention(block.attn, copies)
+        self.mlp = _StreamMlp(block.mlp, copies)
+
+    def forward(self, x: torch.Tensor, chunks: Sequence[int]) -> torch.Tensor:
+        """Full chunk-causal pass over (B, sum(chunks), C) tokens; chunk i runs through stream i."""
+        normed = self.norm1(x).split(list(chunks), dim=1)
+        keys, values, out = [], [], []
+        for stream, part in enumerate(normed):
+            q, k, v = self.attn.qkv_heads(stream, part)
+            keys.append(k)
+            values.append(v)
+            out.append(self.attn.attend(stream, q, torch.cat(keys, 2), torch.cat(values, 2)))
+        x = x + self.ls1(torch.cat(out, dim=1))
+        normed = self.norm2(x).split(list(chunks), dim=1)
+        return x + self.ls2(torch.cat([self.mlp(part, s) for s, part in enumerate(normed)], dim=1))
+
+    def step(self, x: torch.Tensor, stream: int, keys: torch.Tensor, values: torch.Tensor, start: int,
+             rows: torch.Tensor | None = None, kv_only: bool = False) -> torch.Tensor | None:
+        """One chunk with the cached earlier chunks: writes its keys and values into ``keys`` /
+        ``values`` (B_cache, heads, L, head_dim) at ``start`` (rows ``rows`` of the cache, default all)
+        and attends over ``[:start + N]``. ``kv_only``: stop after writing (the last block of a
+        prefill). Returns the (B, N, C) output tokens, or None with ``kv_only``."""
+        q, k, v = self.attn.qkv_heads(stream, self.norm1(x))
+        end = start + x.shape[1]
+        index = slice(None) if rows is None else rows
+        keys[index, :, start:end] = k.to(keys.dtype)
+        values[index, :, start:end] = v.to(values.dtype)
+        if kv_only:
+            return None
+        k_all = keys[index, :, :end].to(q.dtype)
+        v_all = values[index, :, :end].to(q.dtype)
+        x = x + self.ls1(self.attn.attend(stream, q, k_all, v_all))
+        return x + self.ls2(self.mlp(self.norm2(x), stream))
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every block for the chunks encoded so far.
+
+    ``keys[i]`` / ``values[i]``: (B, heads, L, head_dim) for block i, L = the whole sequence
+    (all chunks); ``offsets[s]``: where chunk s starts. Chunks past the last written one hold
+    stale values that no step reads.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    offsets: list[int]
+
+
+class LoRATv2(nn.Module):
+    """Chunk-causal one-stream ViT tracker network (LoRATv2).
+
+    Args:
+        cfg: backbone shape (DINOv2 with registers).
+        template_size: (W, H) of the template crop in px.
+        search_sizes: (W, H) of each search region, in stream order (phase 1: one; phase 2: the
+            reference frame, then the current frame).
+        register_tokens: register tokens before the template (4 for ``*_reg4_dinov2``).
+        pos_grid: the pretrained position grid (H, W); 37x37 for DINOv2 at 518 px.
+        owned: per stream, whether it owns its block weights (frozen, merged) or trains through
+            LoRA on the shared backbone tensors; default: all shared.
+
+    ``model(z, z_feat_mask, xs)`` is the full (training) pass: z (B, 3, Ht, Wt) and each xs[i]
+    (B, 3, Hi, Wi) ImageNet-normalised crops, z_feat_mask (B, Hz, Wz) int64 in {0, 1}; returns the
+    last head's ``{"score_map": (B, H, W) float32 logits, "boxes": (B, H, W, 4) float32 normalised
+    x1y1x2y2}`` on the last search region. :meth:`prefill_template`, :meth:`prefill` and
+    :meth:`track` compute the same outputs chunk by chunk through a :class:`KVCache`.
+    """
+
+    def __init__(self, cfg: BackboneConfig, template_size: Size, search_sizes: Sequence[Size],
+                 register_tokens: int = 4, pos_grid: Size = (37, 37), owned: Sequence[bool] | None = None,
+                 device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.cfg = cfg
+        self.template_size = tuple(template_size)
+        self.search_sizes = [tuple(s) for s in search_sizes]
+        self.streams = 1 + len(self.search_sizes)
+        owned = list(owned) if owned is not None else [False] * self.streams
+        if len(owned) != self.streams:
+            raise ValueError(f"owned has {len(owned)} entries for {self.streams} streams")
+        c, p = cfg.embed_dim, cfg.patch_size
+        for w, h in (self.template_size, *self.search_sizes):
+            if w % p or h % p or h // p > pos_grid[0] or w // p > pos_grid[1]:
+                raise ValueError(f"crop {w}x{h} must be a multiple of {p} px within the {pos_grid} position grid")
+        self.pos_grid = tuple(pos_grid)
+        self.patch_embed = PatchEmbed(img_size=None, patch_size=p, in_chans=3, embed_dim=c,
+                                      strict_img_size=False, **dd)
+        self.pos_embed = nn.Parameter(torch.zeros(1, pos_grid[0] * pos_grid[1], c, **dd), requires_grad=False)
+        self.reg_token = nn.Parameter(torch.zeros(1, register_tokens, c, **dd), requires_grad=False)
+        self.template_token_type_embed = nn.Parameter(torch.empty(2, c, **dd))
+        self.search_region_token_type_embed = nn.ParameterList(
+            nn.Parameter(torch.empty(1, c, **dd)) for _ in self.search_sizes)
+        for embed in (self.template_token_type_embed, *self.search_region_token_type_embed):
+            nn.init.normal_(embed, std=1e-6)
+        self.blocks = nn.ModuleList(StreamBlock(cfg, owned, **dd) for _ in range(cfg.depth))
+        self.norms = nn.ModuleList(nn.LayerNorm(c, eps=1e-6, **dd) for _ in self.search_sizes)
+        self.heads = nn.ModuleList(MlpHead(c, (h // p, w // p), **dd) for w, h in self.search_sizes)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pos_embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pos_embed.dtype
+
+    def chunk_sizes(self) -> list[int]:
+        """Tokens per chunk: registers + template, then each search region."""
+        p = self.cfg.patch_size
+        w, h = self.template_size
+        return [self.reg_token.shape[1] + (w // p) * (h // p)] + [(w // p) * (h // p) for w, h in self.search_sizes]
+
+    def _grid(self, size: Size) -> torch.Tensor:
+        """(1, H*W, C): the top-left sub-grid of the position grid for a crop of ``size`` (W, H) px."""
+        p = self.cfg.patch_size
+        gh, gw = self.pos_grid
+        return self.pos_embed.view(1, gh, gw, -1)[:, :size[1] // p, :size[0] // p].reshape(1, -1, self.cfg.embed_dim)
+
+    def _template_tokens(self, z: torch.Tensor, z_feat_mask: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch_embed(z) + self._grid(self.template_size)
+        tokens = tokens + self.template_token_type_embed[z_feat_mask.flatten(1)]
+        return torch.cat([self.reg_token.expand(z.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
+
+    def _search_tokens(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        size = self.search_sizes[index]
+        if x.shape[-2:] != (size[1], size[0]):
+            raise ValueError(f"search region {index} expects {size[1]}x{size[0]} crops (HxW), "
+                             f"got {tuple(x.shape[-2:])}")
+        return self.patch_embed(x) + self._grid(size) + self.search_region_token_type_embed[index]
+
+    def _head(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.heads[-1](self.norms[-1](tokens))
+
+    def forward(self, z: torch.Tensor, z_feat_mask: torch.Tensor, xs: Sequence[torch.Tensor]
+                ) -> dict[str, torch.Tensor]:
+        if len(xs) != len(self.search_sizes):
+            raise ValueError(f"expected {len(self.search_sizes)} search crops, got {len(xs)}")
+        chunks = self.chunk_sizes()
+        parts = [self._template_tokens(z, z_feat_mask)] + [self._search_tokens(x, i) for i, x in enumerate(xs)]
+        tokens = torch.cat(parts, dim=1)
+        for block in self.blocks:
+            tokens = block(tokens, chunks)
+        return self._head(tokens[:, -chunks[-1]:])
+
+    def new_cache(self, batch: int, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty cache for ``batch`` sequences (``dtype``: the compute dtype; default the model's)."""
+        chunks = self.chunk_sizes()
+        heads = self.cfg.num_heads
+        shape = (batch, heads, sum(chunks), self.cfg.embed_dim // heads)
+        kw = {"device": self.device, "dtype": dtype or self.dtype}
+        offsets = [sum(chunks[:i]) for i in range(len(chunks))]
+        return KVCache([torch.zeros(shape, **kw) for _ in self.blocks], [torch.zeros(shape, **kw) for _ in self.blocks],
+                       offsets)
+
+    def _run(self, tokens: torch.Tensor, stream: int, cache: KVCache, rows: torch.Tensor | None,
+             kv_only: bool) -> torch.Tensor | None:
+        start = cache.offsets[stream]
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            tokens = block.step(tokens, stream, cache.keys[i], cache.values[i], start, rows,
+                                kv_only=kv_only and i == last)
+        return tokens
+
+    def prefill_template(self, z: torch.Tensor, z_feat_mask: torch.Tensor, cache: KVCache,
+                         rows: torch.Tensor | None = None) -> None:
+        """Encode the register tokens and the template into ``cache`` (rows ``rows``, default all)."""
+        self._run(self._template_tokens(z, z_feat_mask), 0, cache, rows, kv_only=True)
+
+    def prefill(self, x: torch.Tensor, index: int, cache: KVCache, rows: torch.Tensor | None = None) -> None:
+        """Encode search region ``index`` (not the last: phase 2's reference frame) into ``cache``."""
+        if index >= len(self.search_sizes) - 1:
+            raise ValueError(f"prefill is for the earlier search regions (0..{len(self.search_sizes) - 2}), "
+                             f"got {index}")
+        self._run(self._search_tokens(x, index), index + 1, cache, rows, kv_only=True)
+
+    def track(self, x: torch.Tensor, cache: KVCache, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The last search region's outputs (as :meth:`forward`) from the cached earlier chunks."""
+        index = len(self.search_sizes) - 1
+        tokens = self._run(self._search_tokens(x, index), index + 1, cache, rows, kv_only=False)
+        return self._head(tokens)
