@@ -13,7 +13,8 @@ register tokens, perturbs every tensor, and writes into ``OUT/<case>/``:
   ``train_score_map`` / ``train_boxes`` (the training forward), ``cached_score_map`` /
   ``cached_boxes`` (the official inference build, merged on load, through its KV-cached
   ``init`` / ``update`` / ``track`` steps);
-* ``case.json``: the shapes (embed_dim, depth, heads, crop sizes, LoRA rank and alpha).
+* ``case.json``: the shapes (embed_dim, depth, heads, crop sizes, LoRA rank and alpha) and the
+  training build's parameter counts (trainable and total).
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ def write_case(name: str, case: dict, out: Path, official: Path, seed: int = 0) 
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state, str(folder / "official.safetensors"))
     save_file({k: v.contiguous() for k, v in io.items()}, str(folder / "io.safetensors"))
-    (folder / "case.json").write_text(json.dumps({**SHAPE, **case, "seed": seed}, indent=1) + "\n")
+    counts = {"trainable_params": sum(p.numel() for p in train.parameters() if p.requires_grad),
+              "total_params": sum(p.numel() for p in train.parameters())}
+    (folder / "case.json").write_text(json.dumps({**SHAPE, **case, **counts, "seed": seed}, indent=1) + "\n")
     print(f"{name}: {len(state)} tensors, outputs {tuple(cached['score_map'].shape)} -> {folder}")
 
 

@@ -77,6 +77,12 @@ class ModelConfig:
     template_size: Size = (112, 112)  # template crop (W, H) in px, multiple of patch_size
     search_size: Size = (224, 224)  # search crop (W, H) in px, multiple of patch_size
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # "loratv2" (Lin et al., NeurIPS 2025): chunk-causal streams (template, [reference], search) with
+    # a key-value cache; the fields below are LoRATv2's and must keep their defaults for "lorat".
+    family: Literal["lorat", "loratv2"] = "lorat"
+    register_tokens: int = 0  # DINOv2 register tokens before the template (4 for *_reg4_dinov2)
+    reference_size: Size | None = None  # phase 2: the dynamic reference frame's crop (W, H) in px
+    pos_grid: Size | None = None  # the pretrained position grid (W, H) in tokens, read top-left (37x37)
 
     @property
     def template_grid(self) -> Size:
@@ -90,6 +96,11 @@ class ModelConfig:
         p = self.backbone.patch_size
         return self.search_size[1] // p, self.search_size[0] // p
 
+    @property
+    def search_sizes(self) -> list[Size]:
+        """LoRATv2's search regions (W, H) in stream order: the reference frame (phase 2), then the search."""
+        return ([self.reference_size] if self.reference_size is not None else []) + [self.search_size]
+
 
 @dataclass(frozen=True)
 class TrackingConfig:
@@ -99,6 +110,8 @@ class TrackingConfig:
     search_area_factor: float = 4.0  # search crop context factor (5.0 for the 378 variants)
     min_object_size: float = 10.0  # the box is enlarged to at least this (px) before cropping
     window_penalty: float = 0.45  # weight of the symmetric Hann window on the score map
+    reference_area_factor: float = 4.0  # LoRATv2 phase 2: context factor of the reference-frame crop
+    reference_threshold: float = 0.9  # LoRATv2 phase 2: a frame scoring above this becomes the reference
 
 
 @dataclass(frozen=True)
@@ -281,9 +294,28 @@ def _crop_size_problems(cfg: Config) -> Iterator[str]:
     for name, size in (("template_size", m.template_size), ("search_size", m.search_size)):
         if min(size) <= 0 or size[0] % patch or size[1] % patch:
             yield f"model.{name} {list(size)} must be positive multiples of patch_size {patch}"
-    if m.template_grid[0] > m.search_grid[0] or m.template_grid[1] > m.search_grid[1]:
+    if m.family == "loratv2":
+        yield from _v2_problems(m)
+    elif m.register_tokens or m.reference_size is not None or m.pos_grid is not None:
+        yield "model.register_tokens, reference_size and pos_grid are LoRATv2's (model.family: loratv2)"
+    elif m.template_grid[0] > m.search_grid[0] or m.template_grid[1] > m.search_grid[1]:
         yield ("model.template_size must not exceed search_size: the template takes the top-left "
                "sub-grid of the search position embedding")
+
+
+def _v2_problems(m: ModelConfig) -> Iterator[str]:
+    b, patch = m.backbone, m.backbone.patch_size
+    if b.stem != "patch" or b.ffn != "mlp":
+        yield "model.family loratv2 needs a DINOv2 patch stem and the plain MLP (stem: patch, ffn: mlp)"
+    if m.register_tokens < 0 or m.pos_grid is None or min(m.pos_grid) <= 0:
+        yield "model.family loratv2 needs register_tokens >= 0 and pos_grid [W, H] (37 for DINOv2)"
+        return
+    if m.reference_size is not None and (min(m.reference_size) <= 0 or m.reference_size[0] % patch
+                                         or m.reference_size[1] % patch):
+        yield f"model.reference_size {list(m.reference_size)} must be positive multiples of patch_size {patch}"
+    for name, size in (("template_size", m.template_size), *(("search_size", s) for s in m.search_sizes)):
+        if size[0] // patch > m.pos_grid[0] or size[1] // patch > m.pos_grid[1]:
+            yield f"model.{name} {list(size)} exceeds the {list(m.pos_grid)} position grid of {patch} px tokens"
 
 
 def _lora_problems(cfg: Config) -> Iterator[str]:
@@ -312,6 +344,8 @@ def _tracking_problems(cfg: Config) -> Iterator[str]:
         yield "tracking area factors must be positive"
     if t.min_object_size < 0 or not 0 <= t.window_penalty <= 1:
         yield "tracking.min_object_size must be >= 0 and window_penalty in [0, 1]"
+    if t.reference_area_factor <= 0 or not 0 <= t.reference_threshold <= 1:
+        yield "tracking.reference_area_factor must be positive and reference_threshold in [0, 1]"
 
 
 # Value checks by section, in the order they are reported. Each yields the problems it finds; a

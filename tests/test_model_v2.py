@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from lorat.checkpoint.keys import merge_official_v2
-from lorat.config import BackboneConfig
+from lorat.config import BackboneConfig, LoraConfig, ModelConfig
 from lorat.model.v2 import LoRATv2
 
 from .conftest import ROOT
@@ -15,12 +15,19 @@ from .conftest import ROOT
 FIXTURES = ROOT / "tests" / "fixtures" / "official-v2-tiny"
 
 
+def _config(case) -> ModelConfig:
+    """The tiny reference case as our config (phase 2: the first search region is the reference frame)."""
+    backbone = BackboneConfig(embed_dim=case["embed_dim"], depth=case["depth"], num_heads=case["num_heads"],
+                              mlp_ratio=case["mlp_ratio"])
+    *reference, search = [tuple(s) for s in case["search"]]
+    return ModelConfig(family="loratv2", backbone=backbone, template_size=tuple(case["template"]), search_size=search,
+                       reference_size=reference[0] if reference else None, register_tokens=case["register_tokens"],
+                       pos_grid=(37, 37), lora=LoraConfig(r=case["lora_r"], alpha=case["lora_alpha"]))
+
+
 def _case(name: str):
     case = json.loads((FIXTURES / name / "case.json").read_text())
-    cfg = BackboneConfig(embed_dim=case["embed_dim"], depth=case["depth"], num_heads=case["num_heads"],
-                         mlp_ratio=case["mlp_ratio"])
-    model = LoRATv2(cfg, case["template"], case["search"], case["register_tokens"],
-                    owned=[True] * (1 + len(case["search"]))).eval()
+    model = LoRATv2(_config(case), owned=[True] * (1 + len(case["search"]))).eval()
     state = merge_official_v2(load_file(str(FIXTURES / name / "official.safetensors")), case["lora_alpha"])
     model.load_state_dict(state, strict=True)
     io = load_file(str(FIXTURES / name / "io.safetensors"))
@@ -66,11 +73,71 @@ def test_cache_rows_serve_each_sequence_separately():
 
 
 def test_streams_that_train_share_the_backbone_tensors():
-    cfg = BackboneConfig(embed_dim=32, depth=1, num_heads=2)
-    model = LoRATv2(cfg, (56, 56), [(56, 56), (84, 84)], owned=[True, False, False])
+    cfg = ModelConfig(family="loratv2", backbone=BackboneConfig(embed_dim=32, depth=1, num_heads=2),
+                      template_size=(56, 56), reference_size=(56, 56), search_size=(84, 84), register_tokens=4,
+                      pos_grid=(37, 37))
+    model = LoRATv2(cfg, owned=[True, False, False])
     attn = model.blocks[0].attn
     assert attn.qkv[1].weight is attn.qkv[2].weight and attn.qkv[0].weight is not attn.qkv[1].weight
     assert model.chunk_sizes() == [4 + 16, 16, 36]
     with pytest.raises(ValueError, match="search region 1 expects 84x84"):
         model(torch.zeros(1, 3, 56, 56), torch.zeros(1, 4, 4, dtype=torch.long),
               [torch.zeros(1, 3, 56, 56), torch.zeros(1, 3, 56, 56)])
+
+
+@pytest.mark.parametrize("name", ["phase1", "phase2"])
+def test_lora_training_build_loads_the_official_training_layout(name):
+    from lorat.checkpoint.keys import official_to_peft_keys
+    from lorat.model.lora import add_stream_lora, merge_lora
+
+    case = json.loads((FIXTURES / name / "case.json").read_text())
+    trainable = case["trainable"]
+    model = LoRATv2(_config(case), owned=[not on for on in trainable])
+    add_stream_lora(model, _config(case).lora, trainable)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == case["trainable_params"]
+    assert sum(p.numel() for p in model.parameters()) == case["total_params"]
+    official = load_file(str(FIXTURES / name / "official.safetensors"))
+    model.load_state_dict(official_to_peft_keys(official), strict=True)
+    io = load_file(str(FIXTURES / name / "io.safetensors"))
+    xs = [io[f"x{i}"] for i in range(len(case["search"]))]
+    with torch.no_grad():
+        trained = model.eval()(io["z"], io["z_feat_mask"], xs)
+        merged = merge_lora(model)(io["z"], io["z_feat_mask"], xs)
+    torch.testing.assert_close(trained["score_map"], io["train_score_map"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(merged["score_map"], io["cached_score_map"], atol=1e-5, rtol=0)
+    assert set(model.state_dict()) == set(merge_official_v2(official, case["lora_alpha"]))
+
+
+# (trainable, total) parameters of the official training build (trackit LoRATv2 on timm's
+# vit_{base,large}_patch14_reg4_dinov2; phase 2 trains stream 2 only), counted on the meta device.
+OFFICIAL_COUNTS = {"v2-p1-b224": (23_602_181, 131_444_741), "v2-p1-l224": (60_829_701, 440_770_565),
+                   "v2-p2-b378": (12_983_813, 271_970_314), "v2-p2-l378": (32_516_101, 945_516_554)}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_COUNTS))
+def test_bundled_v2_configs_count_the_official_parameters(name):
+    from lorat.config import load_config
+    from lorat.model.lora import add_stream_lora
+
+    cfg = load_config(name).model
+    trainable = [False, False, True] if cfg.reference_size is not None else [True, True]
+    with torch.device("meta"):
+        model = add_stream_lora(LoRATv2(cfg, owned=[not on for on in trainable]), cfg.lora, trainable)
+    counts = (sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters()))
+    assert counts == OFFICIAL_COUNTS[name]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.register_tokens=4"], "are LoRATv2's"),
+    (["model.family=loratv2"], "pos_grid"),
+    (["model.family=loratv2", "model.pos_grid=8"], "exceeds the [8, 8] position grid"),
+    (["model.family=loratv2", "model.pos_grid=37", "model.backbone.ffn=swiglu"], "plain MLP"),
+    (["model.family=loratv2", "model.pos_grid=37", "model.reference_size=100"], "multiples of patch_size"),
+    (["tracking.reference_threshold=1.5"], "reference_threshold"),
+])
+def test_v2_config_values_are_checked(overrides, message):
+    from lorat.config import load_config
+    from lorat.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_config("b224", overrides)

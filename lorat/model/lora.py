@@ -23,6 +23,7 @@ This is the one module that imports peft, and only when adapters are created or 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -32,6 +33,7 @@ from lorat.config import LoraConfig
 __all__ = [
     "SplitQKV",
     "add_lora",
+    "add_stream_lora",
     "merge_lora",
     "has_lora",
     "mark_trainable",
@@ -98,6 +100,23 @@ def mark_trainable(model: nn.Module) -> None:
         )
 
 
+def _inject(model: nn.Module, cfg: LoraConfig, targets: str) -> None:
+    """peft LoRA layers on the modules whose names fully match ``targets``, initialised officially."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.rslora,
+        target_modules=targets, bias="none",
+    )
+    inject_adapter_in_model(peft_cfg, model)
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for layer in (*module.lora_A.values(), *module.lora_B.values()):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+
+
 def add_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     """Split every block's qkv, inject peft LoRA layers, re-initialise them officially, freeze.
 
@@ -105,43 +124,64 @@ def add_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     Adapter parameters are named ``blocks.N.<target>.lora_{A,B}.default.weight``; the base
     linear becomes ``blocks.N.<target>.base_layer``.
     """
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import inject_adapter_in_model
-    from peft.tuners.lora import LoraLayer
-
     if has_lora(model):
         raise ValueError("model already has LoRA adapters")
     for block in model.blocks:
         block.attn.qkv = SplitQKV(block.attn.qkv)
-    peft_cfg = PeftLoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.rslora,
-        target_modules=LORA_TARGETS, bias="none",
-    )
-    inject_adapter_in_model(peft_cfg, model)
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            for layer in (*module.lora_A.values(), *module.lora_B.values()):
-                nn.init.trunc_normal_(layer.weight, std=0.02)
+    _inject(model, cfg, LORA_TARGETS)
     mark_trainable(model)
+    return model
+
+
+def add_stream_lora(model: nn.Module, cfg: LoraConfig, trainable: Sequence[bool]) -> nn.Module:
+    """LoRATv2: LoRA on the linear copies of the streams that train, everything else frozen.
+
+    One adapter per stream and layer (q, k, v, proj, fc1, fc2 of every block), as the official
+    static-routed experts; peft serves them because each stream has its own module copy, so no
+    routing by token position is needed. The streams that train keep sharing their frozen proj,
+    fc1 and fc2 tensors; each splits its own copy of qkv, as the official layers do. Besides the
+    adapters, the template token-type embedding trains with stream 0, and a search stream's
+    token-type row and head with that stream; the final norms, registers and position grid stay
+    frozen (the official split). In place on a :class:`lorat.model.v2.LoRATv2`; returns it.
+    """
+
+    if has_lora(model):
+        raise ValueError("model already has LoRA adapters")
+    streams = [i for i, on in enumerate(trainable) if on]
+    if len(trainable) != model.streams or not streams:
+        raise ValueError(f"trainable needs {model.streams} flags with at least one set, got {list(trainable)}")
+    for block in model.blocks:
+        for s in streams:
+            block.attn.qkv[s] = SplitQKV(block.attn.qkv[s])
+    s = "|".join(map(str, streams))
+    _inject(model, cfg, rf"blocks\.\d+\.(attn\.qkv\.({s})\.[qkv]|(attn\.proj|mlp\.fc1|mlp\.fc2)\.({s}))")
+    heads = {f"heads.{s - 1}." for s in streams if s}
+    rows = {f"search_region_token_type_embed.{s - 1}" for s in streams if s}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        param.requires_grad_(
+            ".lora_A." in name or ".lora_B." in name or name in rows or any(name.startswith(h) for h in heads)
+            or (name == "template_token_type_embed" and trainable[0]))
     return model
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight (peft merge), drop the adapters, fuse qkv.
 
-    Afterwards the model is a plain LoRAT whose ``state_dict()`` has the official merged
-    inference layout. In place; returns the model.
+    Afterwards the model is a plain LoRAT (or LoRATv2, every stream owning its weights) whose
+    ``state_dict()`` has the official merged inference layout. In place; returns the model.
     """
     lora_layer = _lora_layer_type()
     for parent in list(model.modules()) if lora_layer is not None else []:
         for name, child in list(parent.named_children()):
             if isinstance(child, lora_layer):
+                base = child.get_base_layer()
+                base.weight = nn.Parameter(base.weight.detach().clone())  # tied streams part here
                 child.merge()
-                setattr(parent, name, child.get_base_layer())
-    for block in model.blocks:
-        if isinstance(block.attn.qkv, SplitQKV):
-            block.attn.qkv = block.attn.qkv.fused()
+                setattr(parent, name, base)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, SplitQKV):
+                setattr(parent, name, child.fused())
     for param in model.parameters():
         param.requires_grad_(False)
     return model
-

@@ -33,13 +33,11 @@ from timm.layers import Mlp, PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from lorat.config import BackboneConfig
+from lorat.config import BackboneConfig, ModelConfig, Size
 from lorat.model.head import MlpHead
+from lorat.model.vit import drop_add_residual_subset
 
 __all__ = ["KVCache", "LoRATv2", "StreamBlock"]
-
-Size = tuple[int, int]  # (W, H) in px, the config's order
-
 
 def _tied_copy(module: nn.Module) -> nn.Module:
     """A copy of ``module`` whose parameters are the original tensors (the streams' shared weights)."""
@@ -98,8 +96,11 @@ class StreamBlock(nn.Module):
     def __init__(self, cfg: BackboneConfig, owned: Sequence[bool], device=None, dtype=None):
         super().__init__()
         block = Block(cfg.embed_dim, cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True,
-                      init_values=cfg.layer_scale_init, norm_layer=partial(nn.LayerNorm, eps=1e-6),
-                      act_layer=nn.GELU, mlp_layer=Mlp, device=device, dtype=dtype)
+                      init_values=cfg.layer_scale_init, drop_path=cfg.drop_path,
+                      norm_layer=partial(nn.LayerNorm, eps=1e-6), act_layer=nn.GELU, mlp_layer=Mlp,
+                      device=device, dtype=dtype)
+        self.drop_path = cfg.drop_path
+        self.drop_path1, self.drop_path2 = block.drop_path1, block.drop_path2
 
         def copies(module: nn.Module) -> nn.ModuleList:
             return nn.ModuleList(copy.deepcopy(module) if own else _tied_copy(module) for own in owned)
@@ -108,8 +109,7 @@ class StreamBlock(nn.Module):
         self.attn = _StreamAttention(block.attn, copies)
         self.mlp = _StreamMlp(block.mlp, copies)
 
-    def forward(self, x: torch.Tensor, chunks: Sequence[int]) -> torch.Tensor:
-        """Full chunk-causal pass over (B, sum(chunks), C) tokens; chunk i runs through stream i."""
+    def _attention(self, x: torch.Tensor, chunks: Sequence[int]) -> torch.Tensor:
         normed = self.norm1(x).split(list(chunks), dim=1)
         keys, values, out = [], [], []
         for stream, part in enumerate(normed):
@@ -117,9 +117,22 @@ class StreamBlock(nn.Module):
             keys.append(k)
             values.append(v)
             out.append(self.attn.attend(stream, q, torch.cat(keys, 2), torch.cat(values, 2)))
-        x = x + self.ls1(torch.cat(out, dim=1))
+        return self.ls1(torch.cat(out, dim=1))
+
+    def _mlp(self, x: torch.Tensor, chunks: Sequence[int]) -> torch.Tensor:
         normed = self.norm2(x).split(list(chunks), dim=1)
-        return x + self.ls2(torch.cat([self.mlp(part, s) for s, part in enumerate(normed)], dim=1))
+        return self.ls2(torch.cat([self.mlp(part, s) for s, part in enumerate(normed)], dim=1))
+
+    def forward(self, x: torch.Tensor, chunks: Sequence[int]) -> torch.Tensor:
+        """Full chunk-causal pass over (B, sum(chunks), C) tokens; chunk i runs through stream i.
+
+        Training with drop_path: per-sample stochastic depth, or above a rate of 0.1 DINOv2's
+        batch-subset form (as the official block)."""
+        if self.training and self.drop_path > 0.1:
+            x = drop_add_residual_subset(x, lambda t: self._attention(t, chunks), self.drop_path)
+            return drop_add_residual_subset(x, lambda t: self._mlp(t, chunks), self.drop_path)
+        x = x + self.drop_path1(self._attention(x, chunks))
+        return x + self.drop_path2(self._mlp(x, chunks))
 
     def step(self, x: torch.Tensor, stream: int, keys: torch.Tensor, values: torch.Tensor, start: int,
              rows: torch.Tensor | None = None, kv_only: bool = False) -> torch.Tensor | None:
@@ -158,14 +171,11 @@ class LoRATv2(nn.Module):
     """Chunk-causal one-stream ViT tracker network (LoRATv2).
 
     Args:
-        cfg: backbone shape (DINOv2 with registers).
-        template_size: (W, H) of the template crop in px.
-        search_sizes: (W, H) of each search region, in stream order (phase 1: one; phase 2: the
-            reference frame, then the current frame).
-        register_tokens: register tokens before the template (4 for ``*_reg4_dinov2``).
-        pos_grid: the pretrained position grid (H, W); 37x37 for DINOv2 at 518 px.
+        cfg: model config with ``family: loratv2`` (template, reference and search sizes, register
+            tokens, the pretrained position grid).
         owned: per stream, whether it owns its block weights (frozen, merged) or trains through
             LoRA on the shared backbone tensors; default: all shared.
+        device, dtype: where to allocate parameters (``torch.device("meta")`` to only count).
 
     ``model(z, z_feat_mask, xs)`` is the full (training) pass: z (B, 3, Ht, Wt) and each xs[i]
     (B, 3, Hi, Wi) ImageNet-normalised crops, z_feat_mask (B, Hz, Wz) int64 in {0, 1}; returns the
@@ -174,33 +184,32 @@ class LoRATv2(nn.Module):
     :meth:`track` compute the same outputs chunk by chunk through a :class:`KVCache`.
     """
 
-    def __init__(self, cfg: BackboneConfig, template_size: Size, search_sizes: Sequence[Size],
-                 register_tokens: int = 4, pos_grid: Size = (37, 37), owned: Sequence[bool] | None = None,
-                 device=None, dtype=None):
+    def __init__(self, cfg: ModelConfig, owned: Sequence[bool] | None = None, device=None, dtype=None):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
+        if cfg.family != "loratv2" or cfg.pos_grid is None:
+            raise ValueError(f"model {cfg.variant} is not a LoRATv2 config (family {cfg.family})")
         self.cfg = cfg
-        self.template_size = tuple(template_size)
-        self.search_sizes = [tuple(s) for s in search_sizes]
+        b = cfg.backbone
+        self.template_size = tuple(cfg.template_size)
+        self.search_sizes = [tuple(s) for s in cfg.search_sizes]
         self.streams = 1 + len(self.search_sizes)
         owned = list(owned) if owned is not None else [False] * self.streams
         if len(owned) != self.streams:
             raise ValueError(f"owned has {len(owned)} entries for {self.streams} streams")
-        c, p = cfg.embed_dim, cfg.patch_size
-        for w, h in (self.template_size, *self.search_sizes):
-            if w % p or h % p or h // p > pos_grid[0] or w // p > pos_grid[1]:
-                raise ValueError(f"crop {w}x{h} must be a multiple of {p} px within the {pos_grid} position grid")
-        self.pos_grid = tuple(pos_grid)
+        c, p = b.embed_dim, b.patch_size
+        self.pos_grid = (cfg.pos_grid[1], cfg.pos_grid[0])  # (H, W)
         self.patch_embed = PatchEmbed(img_size=None, patch_size=p, in_chans=3, embed_dim=c,
                                       strict_img_size=False, **dd)
-        self.pos_embed = nn.Parameter(torch.zeros(1, pos_grid[0] * pos_grid[1], c, **dd), requires_grad=False)
-        self.reg_token = nn.Parameter(torch.zeros(1, register_tokens, c, **dd), requires_grad=False)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.pos_grid[0] * self.pos_grid[1], c, **dd),
+                                      requires_grad=False)
+        self.reg_token = nn.Parameter(torch.zeros(1, cfg.register_tokens, c, **dd), requires_grad=False)
         self.template_token_type_embed = nn.Parameter(torch.empty(2, c, **dd))
         self.search_region_token_type_embed = nn.ParameterList(
             nn.Parameter(torch.empty(1, c, **dd)) for _ in self.search_sizes)
         for embed in (self.template_token_type_embed, *self.search_region_token_type_embed):
             nn.init.normal_(embed, std=1e-6)
-        self.blocks = nn.ModuleList(StreamBlock(cfg, owned, **dd) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(StreamBlock(b, owned, **dd) for _ in range(b.depth))
         self.norms = nn.ModuleList(nn.LayerNorm(c, eps=1e-6, **dd) for _ in self.search_sizes)
         self.heads = nn.ModuleList(MlpHead(c, (h // p, w // p), **dd) for w, h in self.search_sizes)
 
@@ -214,15 +223,16 @@ class LoRATv2(nn.Module):
 
     def chunk_sizes(self) -> list[int]:
         """Tokens per chunk: registers + template, then each search region."""
-        p = self.cfg.patch_size
+        p = self.cfg.backbone.patch_size
         w, h = self.template_size
         return [self.reg_token.shape[1] + (w // p) * (h // p)] + [(w // p) * (h // p) for w, h in self.search_sizes]
 
     def _grid(self, size: Size) -> torch.Tensor:
         """(1, H*W, C): the top-left sub-grid of the position grid for a crop of ``size`` (W, H) px."""
-        p = self.cfg.patch_size
+        p = self.cfg.backbone.patch_size
         gh, gw = self.pos_grid
-        return self.pos_embed.view(1, gh, gw, -1)[:, :size[1] // p, :size[0] // p].reshape(1, -1, self.cfg.embed_dim)
+        grid = self.pos_embed.view(1, gh, gw, -1)[:, :size[1] // p, :size[0] // p]
+        return grid.reshape(1, -1, self.cfg.backbone.embed_dim)
 
     def _template_tokens(self, z: torch.Tensor, z_feat_mask: torch.Tensor) -> torch.Tensor:
         tokens = self.patch_embed(z) + self._grid(self.template_size)
@@ -253,8 +263,8 @@ class LoRATv2(nn.Module):
     def new_cache(self, batch: int, dtype: torch.dtype | None = None) -> KVCache:
         """An empty cache for ``batch`` sequences (``dtype``: the compute dtype; default the model's)."""
         chunks = self.chunk_sizes()
-        heads = self.cfg.num_heads
-        shape = (batch, heads, sum(chunks), self.cfg.embed_dim // heads)
+        heads = self.cfg.backbone.num_heads
+        shape = (batch, heads, sum(chunks), self.cfg.backbone.embed_dim // heads)
         kw = {"device": self.device, "dtype": dtype or self.dtype}
         offsets = [sum(chunks[:i]) for i in range(len(chunks))]
         return KVCache([torch.zeros(shape, **kw) for _ in self.blocks], [torch.zeros(shape, **kw) for _ in self.blocks],

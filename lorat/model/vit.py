@@ -29,7 +29,7 @@ from lorat.config import BackboneConfig, ModelConfig, swiglu_hidden_size
 from lorat.model.head import MlpHead
 from lorat.model.stem import MobileNetV2Stem
 
-__all__ = ["LoRAT", "resample_pos_embed", "sincos_pos_embed"]
+__all__ = ["LoRAT", "drop_add_residual_subset", "resample_pos_embed", "sincos_pos_embed"]
 
 
 def _swiglu_factory(cfg: BackboneConfig):
@@ -45,7 +45,7 @@ def _swiglu_factory(cfg: BackboneConfig):
     return build
 
 
-def _drop_add_residual_subset(x: torch.Tensor, branch, rate: float) -> torch.Tensor:
+def drop_add_residual_subset(x: torch.Tensor, branch, rate: float) -> torch.Tensor:
     """DINOv2's batch-subset stochastic depth: the branch runs on a random subset of samples.
 
     ``max(int(B * (1 - rate)), 1)`` samples get ``branch(x) * B / subset``; the others none.
@@ -67,9 +67,9 @@ class SubsetDropPathBlock(Block):
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         if not self.training or self.sample_drop_ratio <= 0:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        x = _drop_add_residual_subset(x, lambda t: self.ls1(self.attn(self.norm1(t))),
+        x = drop_add_residual_subset(x, lambda t: self.ls1(self.attn(self.norm1(t))),
                                       self.sample_drop_ratio)
-        return _drop_add_residual_subset(x, lambda t: self.ls2(self.mlp(self.norm2(t))),
+        return drop_add_residual_subset(x, lambda t: self.ls2(self.mlp(self.norm2(t))),
                                          self.sample_drop_ratio)
 
 
