@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from lorat.checkpoint.keys import merge_official_v2
 from lorat.config import BackboneConfig, LoraConfig, ModelConfig
-from lorat.model.v2 import LoRATv2
+from lorat.model.v2 import KVCache, LoRATv2
 
 from .conftest import ROOT
 
@@ -49,10 +49,9 @@ def test_kv_cached_steps_equal_the_official_and_the_full_forward(name):
     model, io, xs = _case(name)
     with torch.no_grad():
         full = model(io["z"], io["z_feat_mask"], xs)
-        cache = model.new_cache(len(io["z"]))
-        model.prefill_template(io["z"], io["z_feat_mask"], cache)
+        cache = model.encode_template(io["z"], io["z_feat_mask"])
         for index, x in enumerate(xs[:-1]):
-            model.prefill(x, index, cache)
+            model.encode_reference(x, cache, index)
         cached = model.track(xs[-1], cache)
         again = model.track(xs[-1], cache)  # a track step leaves the cached chunks as they were
     for key in ("score_map", "boxes"):
@@ -61,15 +60,18 @@ def test_kv_cached_steps_equal_the_official_and_the_full_forward(name):
         assert torch.equal(cached[key], again[key])
 
 
-def test_cache_rows_serve_each_sequence_separately():
+def test_cached_sequences_batch_and_split():
     model, io, xs = _case("phase2")
     with torch.no_grad():
-        cache = model.new_cache(3)
-        rows = torch.tensor([2, 0])  # sequence 0 -> row 2, sequence 1 -> row 0; row 1 unused
-        model.prefill_template(io["z"], io["z_feat_mask"], cache, rows)
-        model.prefill(xs[0], 0, cache, rows)
-        one = model.track(xs[1][1:], cache, rows[1:])
+        caches = [model.encode_template(io["z"][i:i + 1], io["z_feat_mask"][i:i + 1]) for i in (1, 0)]
+        for cache, i in zip(caches, (1, 0), strict=True):
+            model.encode_reference(xs[0][i:i + 1], cache)
+        both = KVCache.cat(caches)  # sequence 1 first
+        out = model.track(xs[1].flip(0), both)
+        one = model.track(xs[1][1:], both.select(torch.tensor([0])))
+    torch.testing.assert_close(out["score_map"], io["cached_score_map"].flip(0), atol=1e-5, rtol=0)
     torch.testing.assert_close(one["score_map"], io["cached_score_map"][1:], atol=1e-5, rtol=0)
+    assert both.offsets == [0, 4 + 64, 4 + 64 + 64] and len(both) == 2 and both.keys[0].shape[2] == 132
 
 
 def test_streams_that_train_share_the_backbone_tensors():

@@ -134,37 +134,46 @@ class StreamBlock(nn.Module):
         x = x + self.drop_path1(self._attention(x, chunks))
         return x + self.drop_path2(self._mlp(x, chunks))
 
-    def step(self, x: torch.Tensor, stream: int, keys: torch.Tensor, values: torch.Tensor, start: int,
-             rows: torch.Tensor | None = None, kv_only: bool = False) -> torch.Tensor | None:
-        """One chunk with the cached earlier chunks: writes its keys and values into ``keys`` /
-        ``values`` (B_cache, heads, L, head_dim) at ``start`` (rows ``rows`` of the cache, default all)
-        and attends over ``[:start + N]``. ``kv_only``: stop after writing (the last block of a
-        prefill). Returns the (B, N, C) output tokens, or None with ``kv_only``."""
+    def step(self, x: torch.Tensor, stream: int, past_k: torch.Tensor | None, past_v: torch.Tensor | None,
+             kv_only: bool = False) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """One chunk (B, N, C) after the cached earlier chunks' keys and values (B, heads, L, head_dim;
+        None: no earlier chunk). Returns (output tokens, this chunk's keys, values); with ``kv_only``
+        (the last block of an encoding pass) the output is skipped and None."""
         q, k, v = self.attn.qkv_heads(stream, self.norm1(x))
-        end = start + x.shape[1]
-        index = slice(None) if rows is None else rows
-        keys[index, :, start:end] = k.to(keys.dtype)
-        values[index, :, start:end] = v.to(values.dtype)
         if kv_only:
-            return None
-        k_all = keys[index, :, :end].to(q.dtype)
-        v_all = values[index, :, :end].to(q.dtype)
+            return None, k, v
+        k_all = k if past_k is None else torch.cat([past_k.to(k.dtype), k], dim=2)
+        v_all = v if past_v is None else torch.cat([past_v.to(v.dtype), v], dim=2)
         x = x + self.ls1(self.attn.attend(stream, q, k_all, v_all))
-        return x + self.ls2(self.mlp(self.norm2(x), stream))
+        return x + self.ls2(self.mlp(self.norm2(x), stream)), k, v
 
 
 @dataclass
 class KVCache:
-    """Keys and values of every block for the chunks encoded so far.
+    """Keys and values of every block for the chunks before the search region: the registers and
+    the template (stream 0) and, in phase 2, the reference frame (stream 1).
 
-    ``keys[i]`` / ``values[i]``: (B, heads, L, head_dim) for block i, L = the whole sequence
-    (all chunks); ``offsets[s]``: where chunk s starts. Chunks past the last written one hold
-    stale values that no step reads.
+    ``keys[i]`` / ``values[i]``: (N, heads, L, head_dim) for block i; ``offsets[s]``: where chunk s
+    starts (the last offset is L). Sequences run along N: :meth:`select` and :meth:`cat` batch them.
     """
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     offsets: list[int]
+
+    def __len__(self) -> int:
+        return self.keys[0].shape[0]
+
+    def select(self, index: torch.Tensor) -> KVCache:
+        """The sub-batch of the given sequences (a copy)."""
+        return KVCache([k[index] for k in self.keys], [v[index] for v in self.values], self.offsets)
+
+    @staticmethod
+    def cat(caches: Sequence[KVCache]) -> KVCache:
+        """Several caches as one batch."""
+        return KVCache([torch.cat(parts) for parts in zip(*(c.keys for c in caches), strict=True)],
+                       [torch.cat(parts) for parts in zip(*(c.values for c in caches), strict=True)],
+                       caches[0].offsets)
 
 
 class LoRATv2(nn.Module):
@@ -260,39 +269,43 @@ class LoRATv2(nn.Module):
             tokens = block(tokens, chunks)
         return self._head(tokens[:, -chunks[-1]:])
 
-    def new_cache(self, batch: int, dtype: torch.dtype | None = None) -> KVCache:
-        """An empty cache for ``batch`` sequences (``dtype``: the compute dtype; default the model's)."""
+    def _run(self, tokens: torch.Tensor, stream: int, cache: KVCache | None) -> torch.Tensor | KVCache:
+        """Run one chunk through every block after the cached chunks. An earlier chunk (template,
+        reference) writes its keys and values into the cache (made here for the template) and
+        returns it; the search chunk returns its output tokens."""
+        n, last = tokens.shape[0], len(self.blocks) - 1
         chunks = self.chunk_sizes()
-        heads = self.cfg.backbone.num_heads
-        shape = (batch, heads, sum(chunks), self.cfg.backbone.embed_dim // heads)
-        kw = {"device": self.device, "dtype": dtype or self.dtype}
-        offsets = [sum(chunks[:i]) for i in range(len(chunks))]
-        return KVCache([torch.zeros(shape, **kw) for _ in self.blocks], [torch.zeros(shape, **kw) for _ in self.blocks],
-                       offsets)
-
-    def _run(self, tokens: torch.Tensor, stream: int, cache: KVCache, rows: torch.Tensor | None,
-             kv_only: bool) -> torch.Tensor | None:
-        start = cache.offsets[stream]
-        last = len(self.blocks) - 1
+        start = sum(chunks[:stream])
+        encode = stream < self.streams - 1
         for i, block in enumerate(self.blocks):
-            tokens = block.step(tokens, stream, cache.keys[i], cache.values[i], start, rows,
-                                kv_only=kv_only and i == last)
-        return tokens
+            past_k = cache.keys[i][:, :, :start] if start else None
+            past_v = cache.values[i][:, :, :start] if start else None
+            tokens, k, v = block.step(tokens, stream, past_k, past_v, kv_only=encode and i == last)
+            if not encode:
+                continue
+            if cache is None:
+                prefix = sum(chunks[:-1])
+                shape = (n, k.shape[1], prefix, k.shape[3])
+                cache = KVCache([k.new_zeros(shape) for _ in self.blocks], [v.new_zeros(shape) for _ in self.blocks],
+                                [sum(chunks[:j]) for j in range(self.streams)])
+            cache.keys[i][:, :, start:start + k.shape[2]] = k
+            cache.values[i][:, :, start:start + v.shape[2]] = v
+        return cache if encode else tokens
 
-    def prefill_template(self, z: torch.Tensor, z_feat_mask: torch.Tensor, cache: KVCache,
-                         rows: torch.Tensor | None = None) -> None:
-        """Encode the register tokens and the template into ``cache`` (rows ``rows``, default all)."""
-        self._run(self._template_tokens(z, z_feat_mask), 0, cache, rows, kv_only=True)
+    def encode_template(self, z: torch.Tensor, z_feat_mask: torch.Tensor) -> KVCache:
+        """A new cache holding the registers' and the template's keys and values (dtype: the compute
+        dtype, so autocast decides)."""
+        return self._run(self._template_tokens(z, z_feat_mask), 0, None)
 
-    def prefill(self, x: torch.Tensor, index: int, cache: KVCache, rows: torch.Tensor | None = None) -> None:
-        """Encode search region ``index`` (not the last: phase 2's reference frame) into ``cache``."""
+    def encode_reference(self, x: torch.Tensor, cache: KVCache, index: int = 0) -> None:
+        """Write search region ``index`` (an earlier one: phase 2's reference frame) into ``cache``,
+        replacing what it held there."""
         if index >= len(self.search_sizes) - 1:
-            raise ValueError(f"prefill is for the earlier search regions (0..{len(self.search_sizes) - 2}), "
+            raise ValueError(f"only the earlier search regions (0..{len(self.search_sizes) - 2}) are cached, "
                              f"got {index}")
-        self._run(self._search_tokens(x, index), index + 1, cache, rows, kv_only=True)
+        self._run(self._search_tokens(x, index), index + 1, cache)
 
-    def track(self, x: torch.Tensor, cache: KVCache, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """The last search region's outputs (as :meth:`forward`) from the cached earlier chunks."""
+    def track(self, x: torch.Tensor, cache: KVCache) -> dict[str, torch.Tensor]:
+        """The last search region's outputs (as :meth:`forward`) after the cached chunks."""
         index = len(self.search_sizes) - 1
-        tokens = self._run(self._search_tokens(x, index), index + 1, cache, rows, kv_only=False)
-        return self._head(tokens)
+        return self._head(self._run(self._search_tokens(x, index), index + 1, cache))
