@@ -14,7 +14,23 @@ register tokens, perturbs every tensor, and writes into ``OUT/<case>/``:
   ``cached_boxes`` (the official inference build, merged on load, through its KV-cached
   ``init`` / ``update`` / ``track`` steps);
 * ``case.json``: the shapes (embed_dim, depth, heads, crop sizes, LoRA rank and alpha) and the
-  training build's parameter counts (trainable and total).
+  training build's parameter counts (trainable and total);
+* ``trajectory.txt``: one ``x,y,w,h,score`` line per frame of a generated 24-frame clip
+  (``tests/helpers.py``'s textured square, saved as ``frames.npz``), tracked from the first box with
+  the official evaluation's pieces in its order: ``get_siamfc_cropping_params`` /
+  ``apply_siamfc_cropping`` (the eval transform's template crop and the pipeline's search crop,
+  padded with the template frame's mean), ``SiamFCCroppingParameterProvider`` (min size 10),
+  ``get_foreground_bounding_box``, the model's ``init`` / ``update`` / ``track``,
+  ``PostProcessing_BoxWithScoreMap`` and ``siamfc_post_process``. Phase 2 replaces the reference
+  frame when the score exceeds ``REFERENCE_THRESHOLD`` (0.9 in the official configs; lower here so
+  that random weights exercise it).
+
+Two places of the official LoRATv2 evaluation (``pipelines/LoRATv2/builder.py``, ``phase_2.py``)
+cannot run as written, and the loop here does what they evidently mean: the template feature map is
+``template_size // 14`` (the builder multiplies), and phase 2 tracks with the last stream (index 1,
+the search region) and writes the reference frame into stream 1's slot (index 0), as training
+orders them (the pipeline swaps the two indices and passes the reference cache tensor, not its size,
+to the crop-parameter provider).
 """
 
 from __future__ import annotations
@@ -28,6 +44,9 @@ CASES = {
     "phase1": {"template": [112, 112], "search": [[112, 112]], "trainable": [True, True]},
     "phase2": {"template": [112, 112], "search": [[112, 112], [182, 154]], "trainable": [False, False, True]},
 }
+REFERENCE_THRESHOLD = 0.49
+TRACKING = {"template_factor": 2.0, "search_factor": 4.0, "reference_factor": 4.0, "min_object_size": 10,
+            "window_penalty": 0.45}
 SHAPE = {"embed_dim": 64, "depth": 2, "num_heads": 2, "mlp_ratio": 4.0, "register_tokens": 4, "lora_r": 8,
          "lora_alpha": 8.0, "timm_model": "vit_small_patch14_reg4_dinov2"}
 
@@ -55,6 +74,8 @@ def write_case(name: str, case: dict, out: Path, official: Path, seed: int = 0) 
     with torch.no_grad():
         for param in train.parameters():  # every tensor away from its initial value, LoRA B included
             param.add_(torch.randn(param.shape, generator=g) * 0.05)
+        for head in train.heads:  # boxes about as large as the target (a random head's drift), not 4x per frame
+            head.reg_mlp.layers[-1].bias.add_(-1.95)
     # streams that train share one base layer: its tensors appear under each stream's keys, as in
     # the trainer's state dict; cloned, since safetensors stores no shared tensors
     state = {k: v.detach().clone().contiguous() for k, v in train.state_dict().items()}
@@ -73,6 +94,15 @@ def write_case(name: str, case: dict, out: Path, official: Path, seed: int = 0) 
         for index in range(len(xs) - 1):
             inference("update", index, xs[index], caches, rows)
         cached = inference("track", len(xs) - 1, xs[-1], caches, rows)
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.helpers import textured_clip
+
+    frames, boxes = textured_clip(24, seed=seed + 3)
+    x0, y0, w0, h0 = boxes[0]
+    first = np.array([x0, y0, x0 + w0, y0 + h0], dtype=np.float64)
+    trajectory = _track(official, inference, case, np.stack(frames), first)
     io = {"z": z, "z_feat_mask": mask, **{f"x{i}": x for i, x in enumerate(xs)},
           "train_score_map": trained["score_map"], "train_boxes": trained["boxes"],
           "cached_score_map": cached["score_map"], "cached_boxes": cached["boxes"]}
@@ -80,10 +110,88 @@ def write_case(name: str, case: dict, out: Path, official: Path, seed: int = 0) 
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state, str(folder / "official.safetensors"))
     save_file({k: v.contiguous() for k, v in io.items()}, str(folder / "io.safetensors"))
+    np.savez_compressed(folder / "frames.npz", frames=np.stack(frames))
+    np.savetxt(folder / "trajectory.txt", np.array(trajectory), fmt="%.6f", delimiter=",")
     counts = {"trainable_params": sum(p.numel() for p in train.parameters() if p.requires_grad),
               "total_params": sum(p.numel() for p in train.parameters())}
-    (folder / "case.json").write_text(json.dumps({**SHAPE, **case, **counts, "seed": seed}, indent=1) + "\n")
+    settings = {**SHAPE, **case, **counts, "seed": seed, "tracking": TRACKING,
+                "reference_threshold": REFERENCE_THRESHOLD}
+    (folder / "case.json").write_text(json.dumps(settings, indent=1) + "\n")
     print(f"{name}: {len(state)} tensors, outputs {tuple(cached['score_map'].shape)} -> {folder}")
+
+
+def _track(official: Path, model, case: dict, frames, box) -> list[list[float]]:
+    """The official evaluation loop (see the module docstring) on ``frames`` (T, H, W, 3) uint8 RGB."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(official))
+    from trackit.core.operator.numpy.bbox.utility.image import bbox_clip_to_image_boundary
+    from trackit.core.transforms.dataset_norm_stats import get_dataset_norm_stats_transform
+    from trackit.core.utils.siamfc_cropping import apply_siamfc_cropping, get_siamfc_cropping_params
+    from trackit.runners.evaluation.distributed.tracker_evaluator.components.post_process.box_with_score_map import (
+        PostProcessing_BoxWithScoreMap,
+    )
+    from trackit.runners.evaluation.distributed.tracker_evaluator.default.pipelines.LoRATv2 import (
+        search_region_cropping,
+        template_foreground_indicating_mask_generation,
+    )
+    from trackit.runners.evaluation.distributed.tracker_evaluator.default.pipelines.utils.siamfc_post_process import (
+        siamfc_post_process,
+    )
+
+    normalize = get_dataset_norm_stats_transform("imagenet", inplace=True)
+    template_size = np.array(case["template"])
+    sizes = [np.array(s) for s in case["search"]]
+    feat = template_size // 14
+
+    def crop(image, params, size, mean=None):
+        out, image_mean, params = apply_siamfc_cropping(image.to(torch.float32), size, params, "bilinear", False,
+                                                        mean)
+        out.div_(255.)
+        normalize(out)
+        return out[None], image_mean, params
+
+    image = torch.from_numpy(frames[0]).permute(2, 0, 1)
+    z_params = get_siamfc_cropping_params(box, TRACKING["template_factor"], template_size)
+    z, mean, z_params = crop(image, z_params, template_size)
+    fg = template_foreground_indicating_mask_generation.get_foreground_bounding_box(
+        box.copy(), z_params, template_size, (template_size[0] / feat[0], template_size[1] / feat[1]))
+    mask = torch.zeros(1, feat[1], feat[0], dtype=torch.long)
+    mask[0, fg[1]:fg[3], fg[0]:fg[2]] = 1
+    provider = search_region_cropping.SiamFCCroppingParameterProvider(TRACKING["search_factor"],
+                                                                      TRACKING["min_object_size"])
+    provider.initialize(box)
+    post = PostProcessing_BoxWithScoreMap(torch.device("cpu"), tuple(sizes[-1] // 14), tuple(sizes[-1]),
+                                          TRACKING["window_penalty"])
+    post.start()
+    caches = tuple((torch.zeros(s), torch.zeros(s)) for s in model.get_kv_cache_shapes(1))
+    rows = torch.zeros(1, dtype=torch.int32)
+
+    def update(image):  # phase 2: the frame around the cached box becomes the reference
+        params = provider.get(sizes[0], TRACKING["reference_factor"])
+        x, _, _ = crop(image, params, sizes[0], mean)
+        model("update", 0, x, caches, rows)
+
+    lines = [[*box[:2], *(box[2:] - box[:2]), 1.0]]
+    with torch.no_grad():
+        model("init", z, mask, caches, rows)
+        if len(sizes) == 2:
+            update(image)
+        for frame in frames[1:]:
+            image = torch.from_numpy(frame).permute(2, 0, 1)
+            params = provider.get(sizes[-1])
+            x, _, params = crop(image, params, sizes[-1], mean)
+            output = model("track", len(sizes) - 1, x, caches, rows)
+            scores, boxes = siamfc_post_process(post(output), params[None])
+            score, xyxy = float(scores[0]), boxes[0]
+            frame_size = np.array((frame.shape[1], frame.shape[0]))
+            provider.update(score, xyxy, frame_size)
+            xyxy = bbox_clip_to_image_boundary(xyxy, frame_size)  # the reported box: inside the frame
+            lines.append([*xyxy[:2], *(xyxy[2:] - xyxy[:2]), score])
+            if len(sizes) == 2 and score > REFERENCE_THRESHOLD:
+                update(image)
+    return lines
 
 
 def main(argv=None) -> int:

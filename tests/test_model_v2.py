@@ -143,3 +143,30 @@ def test_v2_config_values_are_checked(overrides, message):
 
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         load_config("b224", overrides)
+
+
+def _tracker(name: str, **kwargs):
+    from lorat.config import Config, TrackingConfig
+    from lorat.tracking.tracker import Tracker
+
+    case = json.loads((FIXTURES / name / "case.json").read_text())
+    model, _, _ = _case(name)
+    t = case["tracking"]
+    tracking = TrackingConfig(template_area_factor=t["template_factor"], search_area_factor=t["search_factor"],
+                              min_object_size=t["min_object_size"], window_penalty=t["window_penalty"],
+                              reference_area_factor=t["reference_factor"],
+                              reference_threshold=case["reference_threshold"])
+    return Tracker(model, Config(model=model.cfg, tracking=tracking), **kwargs)
+
+
+@pytest.mark.parametrize("name", ["phase1", "phase2"])
+@pytest.mark.parametrize("kv_cache", [True, False])
+def test_tracking_trajectory_equals_the_official_loop(name, kv_cache):
+    import numpy as np
+
+    frames = np.load(FIXTURES / name / "frames.npz")["frames"]
+    expected = np.loadtxt(FIXTURES / name / "trajectory.txt", delimiter=",")
+    tracker = _tracker(name, kv_cache=kv_cache)
+    results = [r.targets[0] for r in tracker.stream(list(frames), expected[0, :4])]
+    np.testing.assert_allclose(np.array([r.box for r in results]), expected[:, :4], atol=0.05, rtol=0)
+    np.testing.assert_allclose(np.array([r.score for r in results]), expected[:, 4], atol=1e-4, rtol=0)

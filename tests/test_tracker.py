@@ -61,8 +61,8 @@ def test_batched_sequences_equal_single(tmp_path):
     clips = [textured_clip(4, seed=s) for s in (1, 2)]
     frames = [[to_frame_tensor(f, model.device) for f in clip[0]] for clip in clips]
     first_boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (c[1][0] for c in clips)], dtype=torch.float64)
-    both = init_state([f[0] for f in frames], first_boxes, cfg.model, cfg.tracking)
-    singles = [init_state([frames[i][0]], first_boxes[i:i + 1], cfg.model, cfg.tracking) for i in range(2)]
+    both = init_state([f[0] for f in frames], first_boxes, model, cfg.tracking)
+    singles = [init_state([frames[i][0]], first_boxes[i:i + 1], model, cfg.tracking) for i in range(2)]
     for t in range(1, 4):
         step = track_step(model, both, [frames[0][t], frames[1][t]], cfg.tracking)
         both = step.state

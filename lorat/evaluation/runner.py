@@ -98,13 +98,13 @@ class _Running:
         return np.zeros((self.size[1], self.size[0], 3), np.uint8)
 
 
-def _start(joining: list[_Running], images: list[np.ndarray | None], model, config, bar) -> list[TrackState]:
+def _start(joining: list[_Running], images: list[np.ndarray | None], model, config, dtype, bar) -> list[TrackState]:
     """Initialise the sequences joining now on their init frame; their output there is the clipped init box."""
     states = []
     for r, image in zip(joining, images, strict=True):
         box = _init_box(r.seq, r.index, image)
         r.size = (image.shape[1], image.shape[0])
-        states.append(init_state([to_frame_tensor(image, model.device)], box, model.cfg, config.tracking))
+        states.append(init_state([to_frame_tensor(image, model.device)], box, model, config.tracking, dtype))
         r.boxes.append(xyxy_to_xywh(box)[0].numpy())
         bar.update(r.start)
     return states
@@ -159,7 +159,7 @@ def track_sequences(model, config, sequences: list[TrackingSequence], folder: Pa
             del pending[:count]
             images = list(pool.map(lambda r: read_rgb(r.seq.frames[r.index]), active + joining))
             start = time.perf_counter()
-            new_states = _start(joining, images[len(active):], model, config, bar)
+            new_states = _start(joining, images[len(active):], model, config, dtype, bar)
             if active:
                 state = _step(active, images[:len(active)], state, model, config, dtype)
             elapsed = time.perf_counter() - start  # each sequence's frame took the whole step (its latency)

@@ -41,6 +41,7 @@ from lorat.tracking.crop import (
 from lorat.tracking.transfer import to_frame_tensor
 
 if TYPE_CHECKING:
+    from lorat.model.v2 import KVCache, LoRATv2
     from lorat.model.vit import LoRAT
 
 __all__ = ["Frame", "StageTimer", "TrackState", "StepResult", "init_state", "track_step", "search_crops", "run_model",
@@ -145,29 +146,47 @@ class TrackState:
         mask: (N, Hz, Wz) int64 template foreground masks.
         background: (N, 3) float32 frame-0 channel means in [0, 255] (search-crop padding).
         box: (N, 4) xyxy cached boxes in frame px (float64; float32 on MPS).
+        reference: LoRATv2 phase 2: (N, 3, Hr, Wr) float32 normalised crops of the dynamic reference
+            frame; else None.
+        cache: LoRATv2 with its key-value cache: the keys and values of the template (and
+            reference) chunks (:class:`lorat.model.v2.KVCache`); None for LoRAT, or with the cache off
+            (every step then encodes the template and reference again).
     """
 
     template: torch.Tensor
     mask: torch.Tensor
     background: torch.Tensor
     box: torch.Tensor
+    reference: torch.Tensor | None = None
+    cache: KVCache | None = None
 
     def __len__(self) -> int:
         return self.box.shape[0]
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(template, mask, background, box), the constructor's order."""
+        """(template, mask, background, box), the constructor's first four (what LoRAT keeps)."""
         return self.template, self.mask, self.background, self.box
 
     def select(self, index: Sequence[int] | torch.Tensor) -> TrackState:
         """The sub-batch of the given sequences."""
         idx = torch.as_tensor(index, dtype=torch.int64, device=self.box.device)
-        return TrackState(*(t[idx] for t in self.tensors()))
+        return TrackState(*(t[idx] for t in self.tensors()),
+                          reference=None if self.reference is None else self.reference[idx],
+                          cache=None if self.cache is None else self.cache.select(idx))
 
     @staticmethod
     def cat(states: Sequence[TrackState]) -> TrackState:
-        """Concatenate states of several sequences into one batch."""
-        return TrackState(*(torch.cat(parts) for parts in zip(*(s.tensors() for s in states), strict=True)))
+        """Concatenate states of several sequences into one batch (all with or all without a
+        reference and a cache)."""
+        references = [s.reference for s in states]
+        caches = [s.cache for s in states]
+        if len({r is None for r in references}) > 1 or len({c is None for c in caches}) > 1:
+            raise ValueError("cannot batch sequences with and without a reference crop or key-value cache")
+        from lorat.model.v2 import KVCache
+
+        return TrackState(*(torch.cat(parts) for parts in zip(*(s.tensors() for s in states), strict=True)),
+                          reference=None if references[0] is None else torch.cat(references),
+                          cache=None if caches[0] is None else KVCache.cat(caches))
 
 
 @dataclass
@@ -185,31 +204,56 @@ class StepResult:
     score: torch.Tensor
 
 
-def init_state(frames: Sequence[torch.Tensor], boxes: torch.Tensor, model_cfg: ModelConfig,
-               track_cfg: TrackingConfig) -> TrackState:
+def _crops(frames: Sequence[torch.Tensor], boxes: torch.Tensor, area_factor: float, size: tuple[int, int],
+           background: torch.Tensor, min_size: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalised SiamFC crops of ``size`` around ``boxes`` with the realised crop parameters."""
+    scale, translation = nominal_crop_params(boxes, area_factor, size, min_size)
+    crops, scale, translation = crop_frames(frames, scale, translation, size, background)
+    return normalize_crops(crops), scale, translation
+
+
+def init_state(frames: Sequence[torch.Tensor], boxes: torch.Tensor, model: LoRAT | LoRATv2,
+               track_cfg: TrackingConfig, autocast_dtype: torch.dtype | None = None,
+               kv_cache: bool = True) -> TrackState:
     """Start N sequences: template crops, masks and cached boxes.
+
+    For LoRATv2, phase 2 also crops the first frame around the box as the first reference frame
+    (factor ``tracking.reference_area_factor``); with ``kv_cache`` the model encodes the template
+    (and the reference) once, here.
 
     Args:
         frames: N (3, H, W) [0, 255] first frames on the model's device (see
             :func:`to_frame_tensor`); the same frame may appear several times (several targets).
         boxes: (N, 4) xyxy first-frame boxes, valid and inside their frames.
+        model: the network (its config decides the crops).
+        autocast_dtype, kv_cache: LoRATv2's encoding pass (compute dtype; whether to cache at all).
     """
+    cfg = model.cfg
     device = frames[0].device
     boxes = boxes.to(device=device, dtype=geometry_dtype(device))
     background = torch.stack([f.float().mean(dim=(1, 2)) for f in frames])
-    scale, translation = nominal_crop_params(boxes, track_cfg.template_area_factor, model_cfg.template_size)
-    crops, scale, translation = crop_frames(frames, scale, translation, model_cfg.template_size, background)
-    mask = template_mask(box_to_crop(boxes, scale, translation), model_cfg.template_size, model_cfg.template_grid)
-    return TrackState(normalize_crops(crops), mask, background, boxes)
+    template, scale, translation = _crops(frames, boxes, track_cfg.template_area_factor, cfg.template_size,
+                                          background)
+    mask = template_mask(box_to_crop(boxes, scale, translation), cfg.template_size, cfg.template_grid)
+    state = TrackState(template, mask, background, boxes)
+    if cfg.family != "loratv2":
+        return state
+    if cfg.reference_size is not None:
+        state.reference = _crops(frames, boxes, track_cfg.reference_area_factor, cfg.reference_size, background,
+                                 track_cfg.min_object_size)[0]
+    if kv_cache:
+        with torch.inference_mode(), _autocast(device, autocast_dtype):
+            state.cache = model.encode_template(template, mask)
+            if state.reference is not None:
+                model.encode_reference(state.reference, state.cache)
+    return state
 
 
 def search_crops(state: TrackState, frames: Sequence[torch.Tensor], model_cfg: ModelConfig,
                  track_cfg: TrackingConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Normalised search crops around the cached boxes, with the realised crop parameters."""
-    scale, translation = nominal_crop_params(state.box, track_cfg.search_area_factor, model_cfg.search_size,
-                                             track_cfg.min_object_size)
-    crops, scale, translation = crop_frames(frames, scale, translation, model_cfg.search_size, state.background)
-    return normalize_crops(crops), scale, translation
+    return _crops(frames, state.box, track_cfg.search_area_factor, model_cfg.search_size, state.background,
+                  track_cfg.min_object_size)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -218,11 +262,42 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def run_model(model: LoRAT, state: TrackState, x: torch.Tensor,
+def run_model(model: LoRAT | LoRATv2, state: TrackState, x: torch.Tensor,
               autocast_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """One forward pass on cached templates and new search crops (inference mode, optional autocast)."""
+    """One forward pass on cached templates and new search crops (inference mode, optional autocast).
+
+    LoRATv2 with a cache computes only the search tokens; without one it encodes the template (and
+    the reference) again in the same pass (the same outputs)."""
     with torch.inference_mode(), _autocast(x.device, autocast_dtype):
-        return model(state.template, x.to(state.template.dtype), state.mask)
+        x = x.to(state.template.dtype)
+        if model.cfg.family != "loratv2":
+            return model(state.template, x, state.mask)
+        if state.cache is not None:
+            return model.track(x, state.cache)
+        return model(state.template, state.mask, ([state.reference] if state.reference is not None else []) + [x])
+
+
+def _update_reference(model: LoRATv2, state: TrackState, frames: Sequence[torch.Tensor], score: torch.Tensor,
+                      track_cfg: TrackingConfig, autocast_dtype: torch.dtype | None) -> TrackState:
+    """LoRATv2 phase 2: each sequence whose score passes ``tracking.reference_threshold`` takes this
+    frame, cropped around its new cached box, as its reference (crop, and keys and values)."""
+    rows = torch.nonzero(score > track_cfg.reference_threshold).flatten()
+    if len(rows) == 0:
+        return state
+    picked = [frames[i] for i in rows.tolist()]
+    crops = _crops(picked, state.box[rows], track_cfg.reference_area_factor, model.cfg.reference_size,
+                   state.background[rows], track_cfg.min_object_size)[0]
+    reference = state.reference.clone()
+    reference[rows] = crops
+    cache = state.cache
+    if cache is not None:
+        with torch.inference_mode(), _autocast(crops.device, autocast_dtype):
+            part = cache.select(rows)
+            model.encode_reference(crops, part)
+        cache = cache.select(torch.arange(len(state), device=rows.device))  # a copy: states stay immutable
+        for mine, theirs in zip(cache.keys + cache.values, part.keys + part.values, strict=True):
+            mine[rows] = theirs
+    return replace(state, reference=reference, cache=cache)
 
 
 def decode_step(out: dict[str, torch.Tensor], state: TrackState, frame_sizes: torch.Tensor, scale: torch.Tensor,
@@ -288,8 +363,10 @@ def track_step(model: LoRAT, state: TrackState, frames: Sequence[torch.Tensor], 
     sizes = const([[f.shape[-1], f.shape[-2]] for f in frames], torch.int64, state.box.device)
     step = decode_step(out, state, sizes, scale, translation, track_cfg, model.cfg.search_size, assign, top_k,
                        overlap_iou)
-    if readable is None:
-        return step
-    keep = readable.to(state.box.device)
-    return StepResult(replace(step.state, box=torch.where(keep[:, None], step.state.box, state.box)),
-                      torch.where(keep[:, None], step.box, state.box), torch.where(keep, step.score, 0.0))
+    if readable is not None:
+        keep = readable.to(state.box.device)
+        step = StepResult(replace(step.state, box=torch.where(keep[:, None], step.state.box, state.box)),
+                          torch.where(keep[:, None], step.box, state.box), torch.where(keep, step.score, 0.0))
+    if step.state.reference is not None:
+        step.state = _update_reference(model, step.state, frames, step.score, track_cfg, autocast_dtype)
+    return step

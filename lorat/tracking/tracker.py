@@ -78,7 +78,7 @@ def ensure_finite(outputs: np.ndarray) -> np.ndarray:
 
 
 class Tracker:
-    """Track one or several targets through a video with a LoRAT model.
+    """Track one or several targets through a video with a LoRAT or LoRATv2 model.
 
     Frames are HWC uint8 **RGB** numpy arrays (or HWC/CHW uint8 tensors on any device). Boxes at
     this API are **xywh** in pixels; inside, boxes are continuous xyxy. Typical use::
@@ -89,7 +89,7 @@ class Tracker:
             result = tracker.track(frame)   # TrackResult(box=(x, y, w, h), score=...)
 
     Args:
-        model: merged LoRAT (see :func:`lorat.load_model`); the tracker runs on its device.
+        model: merged LoRAT or LoRATv2 (see :func:`lorat.load_model`); the tracker runs on its device.
         config: the model's config (its ``tracking`` section sets the loop constants).
         dtype: autocast dtype (``None``/float32, float16, bfloat16).
         assignment: keep several targets on different objects (default: on when there are
@@ -99,17 +99,22 @@ class Tracker:
             size: 4x the eager speed for B-224 on an H100, the same boxes. Not with several targets
             under ``assignment`` (the assignment runs on the host), nor with a stage ``timer``:
             those steps run eagerly, as every step does where the capture fails (with a warning).
+            LoRATv2 steps run eagerly (phase 2 replaces its reference frame by score).
+        kv_cache: LoRATv2 (default on): encode the template (and reference) once and keep their keys
+            and values; off, every step encodes them again (the same boxes, slower).
     """
 
     def __init__(self, model: LoRAT, config: Config, dtype: torch.dtype | None = None,
-                 assignment: bool = True, top_k: int = 5, overlap_iou: float = 0.5, cuda_graph: bool = True):
+                 assignment: bool = True, top_k: int = 5, overlap_iou: float = 0.5, cuda_graph: bool = True,
+                 kv_cache: bool = True):
         self.model = model.eval()
         self.config = config
         self.dtype = dtype
         self.assignment = assignment
         self.top_k = top_k
         self.overlap_iou = overlap_iou
-        self.cuda_graph = cuda_graph
+        self.cuda_graph = cuda_graph and config.model.family != "loratv2"
+        self.kv_cache = kv_cache
         self.state: TrackState | None = None
         self._graph = None
         self._upload: FrameUploader | None = None  # pinned staging on CUDA, made for the model's device
@@ -165,7 +170,8 @@ class Tracker:
         """
         image = self._uploaded(frame)
         xyxy = init_boxes(box, image.shape[-1], image.shape[-2], distinct=distinct)
-        self.state = init_state([image] * len(xyxy), xyxy, self.model.cfg, self.config.tracking)
+        self.state = init_state([image] * len(xyxy), xyxy, self.model, self.config.tracking, self.dtype,
+                                self.kv_cache)
         return _first_results(xyxy)
 
     def add(self, frame: Frame, box: Sequence[float] | Sequence[Sequence[float]] | np.ndarray,
@@ -186,7 +192,7 @@ class Tracker:
             return self.init(frame, box, distinct)
         image = self._uploaded(frame)
         xyxy = init_boxes(box, image.shape[-1], image.shape[-2], tracked=self.state.box, distinct=distinct)
-        new = init_state([image] * len(xyxy), xyxy, self.model.cfg, self.config.tracking)
+        new = init_state([image] * len(xyxy), xyxy, self.model, self.config.tracking, self.dtype, self.kv_cache)
         self.state = TrackState.cat([self.state, new])
         return _first_results(xyxy)
 
