@@ -44,6 +44,7 @@ from lorat.checkpoint.build import build_lorat
 from lorat.checkpoint.loader import load
 from lorat.config import load_config
 from lorat.errors import run_cli
+from lorat.model import build_network
 from lorat.options import ModelOptions, add_model_arguments
 from lorat.runtime import (
     cast_for_autocast,
@@ -185,22 +186,35 @@ def max_difference(out: dict[str, torch.Tensor], reference: dict[str, torch.Tens
     return max(float((out[k].float().cpu() - reference[k].float().cpu()).abs().max()) for k in ("score_map", "boxes"))
 
 
+def _probe(tracker: Tracker) -> dict[str, torch.Tensor]:
+    """The tracker's network on :func:`probe_inputs` (LoRATv2: its full pass, with a seeded reference
+    crop in phase 2)."""
+    z, x, mask = (t.to(tracker.device) for t in probe_inputs(tracker.config))
+    m = tracker.config.model
+    if m.family != "loratv2":
+        return tracker.model(z, x, mask)
+    xs = [x]
+    if m.reference_size is not None:
+        generator = torch.Generator().manual_seed(2)
+        shape = (len(z), 3, m.reference_size[1], m.reference_size[0])
+        xs.insert(0, torch.randn(shape, generator=generator).to(tracker.device))
+    return tracker.model(z, mask, xs)
+
+
 def reference_outputs(tracker: Tracker) -> dict[str, torch.Tensor]:
     """The tracker's network on :func:`probe_inputs`, as it is now, without autocast (float32)."""
-    inputs = tuple(t.to(tracker.device) for t in probe_inputs(tracker.config))
     with torch.inference_mode():
-        return tracker.model(*inputs)
+        return _probe(tracker)
 
 
 def output_delta(tracker: Tracker, reference: dict[str, torch.Tensor]) -> float:
     """Max |difference| of score map and boxes between the tracker's network as it runs (dtype,
     compiled, graph) and ``reference`` (:func:`reference_outputs` of the float32 network)."""
-    inputs = tuple(t.to(tracker.device) for t in probe_inputs(tracker.config))
 
     def run() -> dict[str, torch.Tensor]:
         cast = torch.autocast(tracker.device.type, dtype=tracker.dtype) if tracker.dtype else contextlib.nullcontext()
         with torch.inference_mode(), cast:
-            return tracker.model(*inputs)
+            return _probe(tracker)
 
     if _graphed(tracker):
         constants: dict = {}
@@ -246,6 +260,8 @@ def _random_model(config, device: torch.device) -> torch.nn.Module:
     """The seeded random model (built on ``device``: fast for large variants on a GPU)."""
     torch.manual_seed(0)
     with device:
+        if config.model.family == "loratv2":
+            return build_network(config.model).eval()
         return build_lorat(config.model, lora=False).eval()
 
 
@@ -364,6 +380,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-cuda-graph", action="store_true",
                         help="on CUDA: launch every kernel (default: each tracking step and the model-only pass "
                              "replayed as a CUDA graph; off with --compile)")
+    parser.add_argument("--no-kv-cache", action="store_true",
+                        help="LoRATv2: encode the template (and reference) again in every step, as a model without "
+                             "the key-value cache must (the same outputs)")
     parser.add_argument("--table", action="store_true",
                         help="every backend and dtype this machine runs, each in its own process: a Markdown table "
                              "(with --train: every training precision, compile and checkpointing setting)")
@@ -389,11 +408,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     graph = not (args.no_cuda_graph or args.compile)
     if options.weights:  # either backend, as the loader chooses it; torch: cast to the dtype below
-        tracker = Tracker.from_loaded(load(options, say=None, cast=False), cuda_graph=graph)
+        tracker = Tracker.from_loaded(load(options, say=None, cast=False), cuda_graph=graph,
+                                      kv_cache=not args.no_kv_cache)
     else:
         device = resolve_device(options.device)
         config = load_config(options.config)
-        tracker = Tracker(_random_model(config, device), config, cuda_graph=graph)
+        tracker = Tracker(_random_model(config, device), config, cuda_graph=graph, kv_cache=not args.no_kv_cache)
     backend = getattr(tracker.model, "backend", "torch")
     reference = None
     if backend == "torch":  # float32 outputs first; then the weights go to the dtype, as the loader does
@@ -405,6 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = {"config": str(options.config or options.weights), "variant": tracker.config.model.variant,
               "device": _device_name(tracker.device), "dtype": dtype_name(tracker.dtype), "backend": backend,
               "compiled": args.compile and backend == "torch", "cuda_graph": _graphed(tracker),
+              "kv_cache": tracker.config.model.family == "loratv2" and tracker.kv_cache,
               "torch": torch.__version__}
     result |= benchmark(tracker, args.frames, args.iters)
     if reference is not None:

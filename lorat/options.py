@@ -133,12 +133,16 @@ def add_model_arguments(parser: argparse.ArgumentParser, names: Iterable[str] = 
 
 
 def add_tracker_arguments(parser: argparse.ArgumentParser) -> None:
-    """Every model option, ``--no-cuda-graph`` and ``--no-assignment`` (``lorat.track``, ``lorat.vot``)."""
+    """Every model option, ``--no-cuda-graph``, ``--no-assignment`` and ``--no-kv-cache`` (``lorat.track``,
+    ``lorat.vot``)."""
     add_model_arguments(parser)
     parser.add_argument("--no-cuda-graph", action="store_true",
                         help="on CUDA: launch every kernel of each step instead of replaying the step as a CUDA graph")
     parser.add_argument("--no-assignment", action="store_true",
                         help="track several targets fully independently (no lap identity assignment)")
+    parser.add_argument("--no-kv-cache", action="store_true",
+                        help="LoRATv2: encode the template (and reference) again every frame instead of keeping "
+                             "their keys and values (the same boxes, slower)")
 
 
 def parse_xywh(text: str) -> tuple[float, float, float, float] | None:

@@ -170,3 +170,60 @@ def test_tracking_trajectory_equals_the_official_loop(name, kv_cache):
     results = [r.targets[0] for r in tracker.stream(list(frames), expected[0, :4])]
     np.testing.assert_allclose(np.array([r.box for r in results]), expected[:, :4], atol=0.05, rtol=0)
     np.testing.assert_allclose(np.array([r.score for r in results]), expected[:, 4], atol=1e-4, rtol=0)
+
+
+def test_our_single_file_round_trip_through_the_one_loader(tmp_path):
+    import numpy as np
+
+    from lorat.checkpoint.loader import load_model, save_model
+    from lorat.tracking.tracker import Tracker
+
+    tracker = _tracker("phase2")
+    path = save_model(tracker.model, tracker.config, tmp_path / "v2.safetensors")
+    model, config = load_model(path)
+    assert isinstance(model, LoRATv2) and config == tracker.config
+    frames = np.load(FIXTURES / "phase2" / "frames.npz")["frames"]
+    expected = np.loadtxt(FIXTURES / "phase2" / "trajectory.txt", delimiter=",")
+    again = Tracker.from_pretrained(path, device="cpu")
+    boxes = np.array([r.targets[0].box for r in again.stream(list(frames), expected[0, :4])])
+    np.testing.assert_allclose(boxes, expected[:, :4], atol=0.05, rtol=0)
+    shared = LoRATv2(model.cfg)  # streams sharing tensors (a training build) save too
+    save_model(shared, config, tmp_path / "shared.safetensors")
+    assert isinstance(load_model(tmp_path / "shared.safetensors")[0], LoRATv2)
+
+
+def test_bench_times_the_cached_and_the_uncached_step(tmp_path, capsys):
+    from lorat.bench import main as bench
+    from lorat.checkpoint.loader import save_model
+
+    tracker = _tracker("phase2")
+    path = save_model(tracker.model, tracker.config, tmp_path / "v2.safetensors")
+    results = []
+    for extra in ([], ["--no-kv-cache"]):
+        assert bench(["--weights", str(path), "--device", "cpu", "--frames", "6", "--iters", "2", *extra]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert [r["kv_cache"] for r in results] == [True, False]
+    assert all(r["model_fps"] > 0 and r["variant"] == "custom" for r in results)
+
+
+@pytest.mark.parametrize("extra", [[], ["--no-kv-cache"]])
+def test_track_cli_gives_the_official_trajectory(tmp_path, extra):
+    import cv2
+    import numpy as np
+
+    from lorat.checkpoint.loader import save_model
+    from lorat.errors import run_cli
+    from lorat.track import main
+
+    tracker = _tracker("phase2")
+    weights = save_model(tracker.model, tracker.config, tmp_path / "v2.safetensors")
+    frames = np.load(FIXTURES / "phase2" / "frames.npz")["frames"]
+    (tmp_path / "seq").mkdir()
+    for i, frame in enumerate(frames):
+        cv2.imwrite(str(tmp_path / "seq" / f"{i:04d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    expected = np.loadtxt(FIXTURES / "phase2" / "trajectory.txt", delimiter=",")
+    init = ",".join(f"{v:g}" for v in expected[0, :4])
+    out = tmp_path / "boxes.txt"
+    assert run_cli(main, [str(tmp_path / "seq"), "--weights", str(weights), "--device", "cpu", "--init", init,
+                          "--save-txt", str(out), *extra]) == 0
+    np.testing.assert_allclose(np.loadtxt(out, delimiter="\t"), expected[:, :4], atol=0.05, rtol=0)

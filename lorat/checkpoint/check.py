@@ -16,8 +16,7 @@ import torch
 
 from lorat.config import LoraConfig, ModelConfig
 from lorat.errors import WeightsError, listed
-from lorat.model.lora import add_lora
-from lorat.model.vit import LoRAT
+from lorat.model import build_network
 
 __all__ = ["describe", "check_fit", "check_size", "expected_shapes"]
 
@@ -106,7 +105,5 @@ def check_size(cfg: ModelConfig, sd: Mapping[str, torch.Tensor], path: Path, ful
 def expected_shapes(cfg: ModelConfig, lora: LoraConfig | None = None) -> dict[str, torch.Size]:
     """Tensor names and shapes of a model, from a shape-only build on the meta device (no memory)."""
     with torch.device("meta"):
-        model = LoRAT(cfg)
-        if lora is not None:
-            add_lora(model, lora)
+        model = build_network(cfg, lora)
     return {k: v.shape for k, v in model.state_dict().items()}

@@ -36,7 +36,8 @@ from lorat.checkpoint.files import detect_format, read_weights
 from lorat.checkpoint.keys import DINOV2_FILES, official_to_peft_keys
 from lorat.config import LoraConfig, ModelConfig
 from lorat.errors import WeightsError, listed
-from lorat.model.lora import add_lora, merge_lora
+from lorat.model import build_network
+from lorat.model.lora import merge_lora
 from lorat.model.vit import LoRAT
 
 __all__ = ["WeightFormat", "FORMATS", "load_state_dict", "check_official_checkpoint"]
@@ -71,9 +72,7 @@ def _check_whole(cfg: ModelConfig, sd: StateDict, path: Path, what: str, lora: L
 
 def _load_whole(cfg: ModelConfig, sd: StateDict, path: Path, what: str, lora: LoraConfig | None = None,
                 given: StateDict | None = None) -> LoRAT:
-    model = LoRAT(cfg)
-    if lora is not None:
-        add_lora(model, lora)
+    model = build_network(cfg, lora)
     load_checked(model, sd if given is None else given, None, path, what, sd)
     return merge_lora(model) if lora is not None else model
 

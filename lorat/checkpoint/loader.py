@@ -239,8 +239,13 @@ def save_model(model: LoRAT, config: Config, path: str | Path, dtype: torch.dtyp
 
     if has_lora(model):
         model = merge_lora(copy.deepcopy(model))
-    sd = {k: v.detach().to("cpu", dtype=dtype if v.is_floating_point() and dtype else v.dtype)
-          .contiguous() for k, v in model.state_dict().items()}
+    sd, seen = {}, set()
+    for k, v in model.state_dict().items():
+        v = v.detach().to("cpu", dtype=dtype if v.is_floating_point() and dtype else v.dtype).contiguous()
+        if v.data_ptr() in seen:  # a tensor shared by LoRATv2 streams: safetensors stores each key's own
+            v = v.clone()
+        seen.add(v.data_ptr())
+        sd[k] = v
     meta = {CONFIG_KEY: json.dumps(config_to_dict(config)), FORMAT_KEY: FORMAT_VERSION}
     path = Path(path)
     if path.is_dir():

@@ -291,4 +291,4 @@ def tracker_from_arguments(args: argparse.Namespace, say: Callable[[str], object
     """The tracker the options of :func:`lorat.options.add_tracker_arguments` describe; ``say`` reports
     which weights were chosen when none were given."""
     return Tracker.from_loaded(load(ModelOptions.from_args(args), say=say), assignment=not args.no_assignment,
-                               cuda_graph=not args.no_cuda_graph)
+                               cuda_graph=not args.no_cuda_graph, kv_cache=not getattr(args, "no_kv_cache", False))
