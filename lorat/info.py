@@ -31,7 +31,7 @@ def model_summary(config: Config) -> dict[str, Any]:
     trainable = sum(p.numel() for p in train.parameters() if p.requires_grad)
     hz, wz = cfg.template_grid
     hx, wx = cfg.search_grid
-    return {
+    summary = {
         "variant": cfg.variant,
         "backbone": {"embed_dim": cfg.backbone.embed_dim, "depth": cfg.backbone.depth,
                      "num_heads": cfg.backbone.num_heads, "ffn": cfg.backbone.ffn, "stem": cfg.backbone.stem},
@@ -45,6 +45,17 @@ def model_summary(config: Config) -> dict[str, Any]:
         "tracking": {"template_area_factor": config.tracking.template_area_factor,
                      "search_area_factor": config.tracking.search_area_factor},
     }
+    if cfg.family == "loratv2":  # chunks: registers + template, [reference], search; only the last runs per frame
+        p = cfg.backbone.patch_size
+        reference = (cfg.reference_size[0] // p) * (cfg.reference_size[1] // p) if cfg.reference_size else 0
+        summary["family"] = "loratv2"
+        summary["tokens"] |= {"registers": cfg.register_tokens, "reference": reference,
+                              "total": cfg.register_tokens + hz * wz + reference + hx * wx, "per_frame": hx * wx}
+        if cfg.reference_size:
+            summary["crops_px"]["reference"] = list(cfg.reference_size)
+            summary["tracking"] |= {"reference_area_factor": config.tracking.reference_area_factor,
+                                    "reference_threshold": config.tracking.reference_threshold}
+    return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """LoRATv2 network against the official code's outputs (bench/loratv2_reference.py, tiny random weights)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -111,22 +112,21 @@ def test_lora_training_build_loads_the_official_training_layout(name):
 
 
 # (trainable, total) parameters of the official training build (trackit LoRATv2 on timm's
-# vit_{base,large}_patch14_reg4_dinov2; phase 2 trains stream 2 only), counted on the meta device.
-OFFICIAL_COUNTS = {"v2-p1-b224": (23_602_181, 131_444_741), "v2-p1-l224": (60_829_701, 440_770_565),
-                   "v2-p2-b378": (12_983_813, 271_970_314), "v2-p2-l378": (32_516_101, 945_516_554)}
+# vit_{base,large}_patch14_reg4_dinov2; phase 2 trains stream 2 only) and the parameters of its
+# inference build (every stream merged), counted on the meta device.
+OFFICIAL_COUNTS = {"v2-p1-b224": (23_602_181, 131_444_741, 173_967_365),
+                   "v2-p1-l224": (60_829_701, 440_770_565, 610_787_333),
+                   "v2-p2-b378": (12_983_813, 271_970_314, 261_353_482),
+                   "v2-p2-l378": (32_516_101, 945_516_554, 917_205_002)}
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL_COUNTS))
 def test_bundled_v2_configs_count_the_official_parameters(name):
     from lorat.config import load_config
-    from lorat.model.lora import add_stream_lora
+    from lorat.info import model_summary
 
-    cfg = load_config(name).model
-    trainable = [False, False, True] if cfg.reference_size is not None else [True, True]
-    with torch.device("meta"):
-        model = add_stream_lora(LoRATv2(cfg, owned=[not on for on in trainable]), cfg.lora, trainable)
-    counts = (sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters()))
-    assert counts == OFFICIAL_COUNTS[name]
+    counts = model_summary(load_config(name))["parameters"]
+    assert (counts["trainable"], counts["total"], counts["inference"]) == OFFICIAL_COUNTS[name]
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -227,3 +227,38 @@ def test_track_cli_gives_the_official_trajectory(tmp_path, extra):
     assert run_cli(main, [str(tmp_path / "seq"), "--weights", str(weights), "--device", "cpu", "--init", init,
                           "--save-txt", str(out), *extra]) == 0
     np.testing.assert_allclose(np.loadtxt(out, delimiter="\t"), expected[:, :4], atol=0.05, rtol=0)
+
+
+def _tiny_v2_config(reference: bool):
+    return ModelConfig(family="loratv2", backbone=BackboneConfig(embed_dim=64, depth=2, num_heads=2),
+                       template_size=(56, 56), reference_size=(56, 56) if reference else None, search_size=(84, 84),
+                       register_tokens=4, pos_grid=(37, 37), lora=LoraConfig(r=4, alpha=4))
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_training_build_starts_every_stream_from_the_backbone(tmp_path, reference):
+    import timm
+    from safetensors.torch import save_file
+
+    from lorat.checkpoint.build import build_lorat
+    from lorat.errors import WeightsError
+
+    vit = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, embed_dim=64, depth=2, num_heads=2)
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp_path / "reg4.safetensors"))
+    cfg = _tiny_v2_config(reference)
+    model = build_lorat(cfg, tmp_path / "reg4.safetensors")
+    state = model.state_dict()
+    for s in range(model.streams):
+        for name in ("attn.proj", "mlp.fc1"):
+            key = f"blocks.1.{name}.{s}.base_layer.weight"  # a stream that trains (peft) or a frozen one
+            key = key if key in state else key.replace(".base_layer", "")
+            assert torch.equal(state[key], vit.state_dict()[f"blocks.1.{name}.weight"])
+    assert torch.equal(model.reg_token, vit.reg_token) and torch.equal(model.pos_embed, vit.pos_embed)
+    assert torch.equal(model.norms[-1].weight, vit.norm.weight)
+    trainable = {n.split(".lora")[0] for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n}
+    assert trainable and all(re.search(r"\.2(\.|$)", n) or not reference for n in trainable)  # phase 2: stream 2
+    vit.reg_token = None
+    plain = {k: v.contiguous() for k, v in vit.state_dict().items() if k != "reg_token"}
+    save_file(plain, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(WeightsError, match="without register tokens"):
+        build_lorat(cfg, tmp_path / "plain.safetensors")

@@ -15,11 +15,13 @@ from torch import nn
 
 from lorat.checkpoint.check import check_fit, check_size
 from lorat.checkpoint.files import detect_format, read_weights
-from lorat.checkpoint.keys import DINOV2_FILES, dinov2_to_lorat, official_to_peft_keys
+from lorat.checkpoint.keys import DINOV2_FILES, dinov2_to_lorat, dinov2_to_v2, official_to_peft_keys
 from lorat.config import Config, ModelConfig
 from lorat.errors import WeightsError
-from lorat.model.lora import add_lora
+from lorat.model import training_streams
+from lorat.model.lora import add_lora, add_stream_lora
 from lorat.model.stem import imagenet_stem_weights
+from lorat.model.v2 import LoRATv2
 from lorat.model.vit import LoRAT, sincos_pos_embed
 
 __all__ = ["build_lorat", "build_training_model", "load_checked", "load_backbone", "load_official_trainable",
@@ -66,8 +68,16 @@ def _load_backbone_weights(model: LoRAT, sd: Mapping[str, torch.Tensor], fmt: st
                                f"among its features.* tensors)") from None
         load_checked(model, stem, keys, path, "MobileNetV2 stem", sd)
         return
+    if model.cfg.family == "loratv2":
+        keys = [k for k in model.state_dict() if not k.startswith(_V2_NOT_IN_BACKBONE)]
+        load_checked(model, dinov2_to_v2(sd, model, path), keys, path, "DINOv2 backbone with registers", sd)
+        return
     keys = [k for k in model.state_dict() if k != "token_type_embed" and not k.startswith("head.")]
     load_checked(model, dinov2_to_lorat(sd, model, path), keys, path, "DINOv2 backbone", sd)
+
+
+# LoRATv2 tensors that start random rather than from the backbone
+_V2_NOT_IN_BACKBONE = ("template_token_type_embed", "search_region_token_type_embed.", "heads.")
 
 
 def load_backbone(model: LoRAT, path: str | Path) -> None:
@@ -102,7 +112,7 @@ def load_official_trainable(model: LoRAT, sd: Mapping[str, torch.Tensor], path: 
 
 def build_lorat(cfg: ModelConfig, backbone_weights: str | Path | None = None, lora: bool = True,
                 device: torch.device | str | None = None) -> LoRAT:
-    """Build the training model: LoRAT, DINOv2 weights loaded (if given), LoRA added.
+    """Build the training model: LoRAT (or LoRATv2), DINOv2 weights loaded (if given), LoRA added.
 
     Args:
         cfg: model config.
@@ -115,16 +125,25 @@ def build_lorat(cfg: ModelConfig, backbone_weights: str | Path | None = None, lo
     backbone = None
     if backbone_weights is not None:  # read and checked before the model takes any memory
         backbone = (*_read_backbone(cfg, Path(backbone_weights)), Path(backbone_weights))
+    v2 = cfg.family == "loratv2"
     with torch.device(device) if device is not None else nullcontext():
-        model = LoRAT(cfg)
+        if v2:  # training: the streams that train share the backbone's tensors; merged: each owns its own
+            owned = [not on for on in training_streams(cfg)] if lora else [True] * (1 + len(cfg.search_sizes))
+            model = LoRATv2(cfg, owned=owned)
+        else:
+            model = LoRAT(cfg)
     if backbone is not None:
         _load_backbone_weights(model, *backbone)
     if backbone_weights is None or cfg.backbone.stem != "patch":
+        grid = model.pos_grid if v2 else model.search_grid
         with torch.no_grad():
-            model.pos_embed.copy_(sincos_pos_embed(model.search_grid, cfg.backbone.embed_dim))
+            model.pos_embed.copy_(sincos_pos_embed(grid, cfg.backbone.embed_dim))
     if lora:
         with torch.device(device) if device is not None else nullcontext():
-            add_lora(model, cfg.lora)
+            if v2:
+                add_stream_lora(model, cfg.lora, training_streams(cfg))
+            else:
+                add_lora(model, cfg.lora)
     return model
 
 

@@ -157,7 +157,7 @@ def detect_format(sd: Mapping[str, torch.Tensor], meta: Mapping[str, str] | None
     keys = list(sd)
     has_lora = any(k.endswith((".lora.A", ".lora.B")) for k in keys)
     has_base = any(k.startswith("patch_embed.") for k in keys)
-    has_head = any(k.startswith("head.cls_mlp.") for k in keys)
+    has_head = any(k.startswith(("head.cls_mlp.", "heads.")) for k in keys)  # LoRAT, LoRATv2
     if has_lora:
         return "official-full" if has_base else "official-trainable"
     if has_base and has_head:
