@@ -191,14 +191,11 @@ def _probe(tracker: Tracker) -> dict[str, torch.Tensor]:
     crop in phase 2)."""
     z, x, mask = (t.to(tracker.device) for t in probe_inputs(tracker.config))
     m = tracker.config.model
-    if m.family != "loratv2":
-        return tracker.model(z, x, mask)
-    xs = [x]
     if m.reference_size is not None:
         generator = torch.Generator().manual_seed(2)
         shape = (len(z), 3, m.reference_size[1], m.reference_size[0])
-        xs.insert(0, torch.randn(shape, generator=generator).to(tracker.device))
-    return tracker.model(z, mask, xs)
+        x = [torch.randn(shape, generator=generator).to(tracker.device), x]
+    return tracker.model(z, x, mask)
 
 
 def reference_outputs(tracker: Tracker) -> dict[str, torch.Tensor]:

@@ -40,7 +40,7 @@ def _case(name: str):
 def test_training_forward_equals_the_official(name):
     model, io, xs = _case(name)
     with torch.no_grad():
-        out = model(io["z"], io["z_feat_mask"], xs)
+        out = model(io["z"], xs, io["z_feat_mask"])
     torch.testing.assert_close(out["score_map"], io["train_score_map"], atol=1e-5, rtol=0)
     torch.testing.assert_close(out["boxes"], io["train_boxes"], atol=1e-5, rtol=0)
 
@@ -49,7 +49,7 @@ def test_training_forward_equals_the_official(name):
 def test_kv_cached_steps_equal_the_official_and_the_full_forward(name):
     model, io, xs = _case(name)
     with torch.no_grad():
-        full = model(io["z"], io["z_feat_mask"], xs)
+        full = model(io["z"], xs, io["z_feat_mask"])
         cache = model.encode_template(io["z"], io["z_feat_mask"])
         for index, x in enumerate(xs[:-1]):
             model.encode_reference(x, cache, index)
@@ -84,8 +84,8 @@ def test_streams_that_train_share_the_backbone_tensors():
     assert attn.qkv[1].weight is attn.qkv[2].weight and attn.qkv[0].weight is not attn.qkv[1].weight
     assert model.chunk_sizes() == [4 + 16, 16, 36]
     with pytest.raises(ValueError, match="search region 1 expects 84x84"):
-        model(torch.zeros(1, 3, 56, 56), torch.zeros(1, 4, 4, dtype=torch.long),
-              [torch.zeros(1, 3, 56, 56), torch.zeros(1, 3, 56, 56)])
+        model(torch.zeros(1, 3, 56, 56), [torch.zeros(1, 3, 56, 56), torch.zeros(1, 3, 56, 56)],
+              torch.zeros(1, 4, 4, dtype=torch.long))
 
 
 @pytest.mark.parametrize("name", ["phase1", "phase2"])
@@ -104,8 +104,8 @@ def test_lora_training_build_loads_the_official_training_layout(name):
     io = load_file(str(FIXTURES / name / "io.safetensors"))
     xs = [io[f"x{i}"] for i in range(len(case["search"]))]
     with torch.no_grad():
-        trained = model.eval()(io["z"], io["z_feat_mask"], xs)
-        merged = merge_lora(model)(io["z"], io["z_feat_mask"], xs)
+        trained = model.eval()(io["z"], xs, io["z_feat_mask"])
+        merged = merge_lora(model)(io["z"], xs, io["z_feat_mask"])
     torch.testing.assert_close(trained["score_map"], io["train_score_map"], atol=1e-5, rtol=0)
     torch.testing.assert_close(merged["score_map"], io["cached_score_map"], atol=1e-5, rtol=0)
     assert set(model.state_dict()) == set(merge_official_v2(official, case["lora_alpha"]))
@@ -262,3 +262,30 @@ def test_training_build_starts_every_stream_from_the_backbone(tmp_path, referenc
     save_file(plain, str(tmp_path / "plain.safetensors"))
     with pytest.raises(WeightsError, match="without register tokens"):
         build_lorat(cfg, tmp_path / "plain.safetensors")
+
+
+def test_phase_one_trains_with_the_lorat_trainer(synthetic, tmp_path):
+    import yaml
+    from safetensors.torch import load_file
+
+    from lorat.checkpoint.keys import peft_to_official_keys
+    from lorat.config import load_config
+    from lorat.errors import run_cli
+    from lorat.model import build_network
+    from lorat.tracking.tracker import Tracker
+    from lorat.train import main as train
+
+    config = {"model": {"family": "loratv2", "variant": "v2-debug", "register_tokens": 4, "pos_grid": 37,
+                        "backbone": {"embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2},
+                        "template_size": 56, "search_size": 84, "lora": {"r": 4, "alpha": 4}},
+              "train": {"batch_size": 4, "samples_per_epoch": 8, "epochs": 1, "num_workers": 0, "val_samples": 0}}
+    (tmp_path / "v2.yaml").write_text(yaml.safe_dump(config))
+    assert run_cli(train, [str(tmp_path / "v2.yaml"), "--data", f"lasot={synthetic}", "--output",
+                           str(tmp_path / "run")]) == 0
+    folder = tmp_path / "run" / "checkpoint" / "epoch_001"
+    cfg = load_config(tmp_path / "v2.yaml").model
+    with torch.device("meta"):
+        trainable = [n for n, p in build_network(cfg, cfg.lora).named_parameters() if p.requires_grad]
+    official = set(peft_to_official_keys(dict.fromkeys(trainable), swiglu=False))
+    assert set(load_file(str(folder / "model.safetensors"))) == official
+    assert isinstance(Tracker.from_pretrained(folder / "lorat.safetensors", device="cpu").model, LoRATv2)

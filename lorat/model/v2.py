@@ -186,10 +186,11 @@ class LoRATv2(nn.Module):
             LoRA on the shared backbone tensors; default: all shared.
         device, dtype: where to allocate parameters (``torch.device("meta")`` to only count).
 
-    ``model(z, z_feat_mask, xs)`` is the full (training) pass: z (B, 3, Ht, Wt) and each xs[i]
-    (B, 3, Hi, Wi) ImageNet-normalised crops, z_feat_mask (B, Hz, Wz) int64 in {0, 1}; returns the
-    last head's ``{"score_map": (B, H, W) float32 logits, "boxes": (B, H, W, 4) float32 normalised
-    x1y1x2y2}`` on the last search region. :meth:`prefill_template`, :meth:`prefill` and
+    ``model(z, x, z_feat_mask)`` is the full (training) pass, called as :class:`lorat.model.vit.LoRAT`
+    is: z (B, 3, Ht, Wt) and x (B, 3, Hs, Ws) ImageNet-normalised crops (phase 2: x is the list of the
+    reference and the search crop), z_feat_mask (B, Hz, Wz) int64 in {0, 1}. It returns the last
+    head's ``{"score_map": (B, H, W) float32 logits, "boxes": (B, H, W, 4) float32 normalised
+    x1y1x2y2}`` on the last search region. :meth:`encode_template`, :meth:`encode_reference` and
     :meth:`track` compute the same outputs chunk by chunk through a :class:`KVCache`.
     """
 
@@ -258,8 +259,11 @@ class LoRATv2(nn.Module):
     def _head(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.heads[-1](self.norms[-1](tokens))
 
-    def forward(self, z: torch.Tensor, z_feat_mask: torch.Tensor, xs: Sequence[torch.Tensor]
+    def forward(self, z: torch.Tensor, x: torch.Tensor | Sequence[torch.Tensor], z_feat_mask: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
+        """The full pass, called as LoRAT is: ``x`` is the search crop, or in phase 2 the list
+        (reference crop, search crop)."""
+        xs = [x] if isinstance(x, torch.Tensor) else list(x)
         if len(xs) != len(self.search_sizes):
             raise ValueError(f"expected {len(self.search_sizes)} search crops, got {len(xs)}")
         chunks = self.chunk_sizes()

@@ -270,11 +270,9 @@ def run_model(model: LoRAT | LoRATv2, state: TrackState, x: torch.Tensor,
     the reference) again in the same pass (the same outputs)."""
     with torch.inference_mode(), _autocast(x.device, autocast_dtype):
         x = x.to(state.template.dtype)
-        if model.cfg.family != "loratv2":
-            return model(state.template, x, state.mask)
         if state.cache is not None:
             return model.track(x, state.cache)
-        return model(state.template, state.mask, ([state.reference] if state.reference is not None else []) + [x])
+        return model(state.template, x if state.reference is None else [state.reference, x], state.mask)
 
 
 def _update_reference(model: LoRATv2, state: TrackState, frames: Sequence[torch.Tensor], score: torch.Tensor,
