@@ -289,3 +289,23 @@ def test_phase_one_trains_with_the_lorat_trainer(synthetic, tmp_path):
     official = set(peft_to_official_keys(dict.fromkeys(trainable), swiglu=False))
     assert set(load_file(str(folder / "model.safetensors"))) == official
     assert isinstance(Tracker.from_pretrained(folder / "lorat.safetensors", device="cpu").model, LoRATv2)
+
+
+@pytest.mark.parametrize("name", ["phase1", "phase2"])
+def test_official_full_state_dicts_load_through_the_one_loader(name, tmp_path):
+    import yaml
+
+    from lorat.checkpoint.loader import load_model
+    from lorat.config import Config, config_to_dict, load_config
+    from lorat.errors import WeightsError
+
+    case = json.loads((FIXTURES / name / "case.json").read_text())
+    (tmp_path / "v2.yaml").write_text(yaml.safe_dump(config_to_dict(Config(model=_config(case)))))
+    model, _ = load_model(FIXTURES / name / "official.safetensors", load_config(tmp_path / "v2.yaml"))
+    io = load_file(str(FIXTURES / name / "io.safetensors"))
+    xs = [io[f"x{i}"] for i in range(len(case["search"]))]
+    with torch.no_grad():
+        out = model(io["z"], xs if len(xs) > 1 else xs[0], io["z_feat_mask"])
+    torch.testing.assert_close(out["score_map"], io["cached_score_map"], atol=1e-5, rtol=0)
+    with pytest.raises(WeightsError, match="is a LoRATv2 checkpoint, but the config describes debug"):
+        load_model(FIXTURES / name / "official.safetensors", load_config("debug"))

@@ -63,9 +63,20 @@ class WeightFormat:
     refusal: str = ""
 
 
+def _check_family(cfg: ModelConfig, sd: StateDict, path: Path) -> None:
+    """A LoRATv2 file (per-stream heads) needs a LoRATv2 config, and a LoRAT file a LoRAT one."""
+    v2 = any(k.startswith(("heads.", "search_region_token_type_embed.")) for k in sd)
+    if v2 != (cfg.family == "loratv2"):
+        names = ("LoRATv2", "LoRAT") if v2 else ("LoRAT", "LoRATv2")
+        hint = "v2-p1-b224, v2-p2-b378, ..." if v2 else "b224, l378, ..."
+        raise WeightsError(f"{path}: is a {names[0]} checkpoint, but the config describes {cfg.variant}, a "
+                           f"{names[1]} model; give a {names[0]} config ({hint})")
+
+
 def _check_whole(cfg: ModelConfig, sd: StateDict, path: Path, what: str, lora: LoraConfig | None = None,
                  given: StateDict | None = None) -> None:
     """A file that holds the whole model (``given``: its tensors under our names, when they differ)."""
+    _check_family(cfg, sd, path)
     check_size(cfg, sd, path, full=True)
     check_fit(sd if given is None else given, expected_shapes(cfg, lora), path, cfg.variant, what, sd)
 
@@ -111,6 +122,7 @@ def _fit_official_trainable(cfg: ModelConfig, sd: StateDict, path: Path) -> None
 
 def _check_official_trainable(cfg: ModelConfig, sd: StateDict, path: Path) -> None:
     # the names and shapes are checked once the backbone file is (it bounds the model's size): see the load
+    _check_family(cfg, sd, path)
     check_size(cfg, sd, path, full=False)
 
 
@@ -121,6 +133,11 @@ def _load_official_trainable(cfg: ModelConfig, sd: StateDict, path: Path, backbo
             f"backbone file too (the backbone weights)"
             + (f" ({DINOV2_FILES[cfg.backbone.embed_dim]})" if cfg.backbone.embed_dim in DINOV2_FILES else ""),
             missing="backbone_weights")
+    if cfg.family == "loratv2" and cfg.reference_size is not None:
+        raise WeightsError(
+            f"{path}: is an official LoRATv2 phase-2 checkpoint holding only the trainable tensors (the new search "
+            f"stream); its template and reference streams are in the phase-1 checkpoint, which this loader does not "
+            f"combine yet: load the official full state dict, or our single file")
     model = build_lorat(cfg, backbone)  # the backbone file is read and checked before the model is allocated
     load_official_trainable(model, sd, path)
     return merge_lora(model)
