@@ -309,3 +309,28 @@ def test_official_full_state_dicts_load_through_the_one_loader(name, tmp_path):
     torch.testing.assert_close(out["score_map"], io["cached_score_map"], atol=1e-5, rtol=0)
     with pytest.raises(WeightsError, match="is a LoRATv2 checkpoint, but the config describes debug"):
         load_model(FIXTURES / name / "official.safetensors", load_config("debug"))
+
+
+def test_evaluator_batches_cached_sequences_and_gives_the_official_trajectory(tmp_path):
+    import cv2
+    import numpy as np
+
+    from lorat.checkpoint.loader import save_model
+    from lorat.errors import run_cli
+    from lorat.evaluate import main as evaluate
+
+    tracker = _tracker("phase2")
+    weights = save_model(tracker.model, tracker.config, tmp_path / "v2.safetensors")
+    frames = np.load(FIXTURES / "phase2" / "frames.npz")["frames"]
+    expected = np.loadtxt(FIXTURES / "phase2" / "trajectory.txt", delimiter=",")
+    # the whole clip, and two shorter ones that end (and retire from the batch) at other frames
+    for name, (start, stop) in {"a-full": (0, 24), "b-head": (0, 9), "c-tail": (5, 17)}.items():
+        folder = tmp_path / "data" / name
+        folder.mkdir(parents=True)
+        for i, frame in enumerate(frames[start:stop]):
+            cv2.imwrite(str(folder / f"{i:04d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        np.savetxt(folder / "groundtruth.txt", expected[start:stop, :4], fmt="%.6f", delimiter=",")
+    assert run_cli(evaluate, ["--weights", str(weights), "--dataset", f"custom={tmp_path / 'data'}", "--output",
+                              str(tmp_path / "out"), "--device", "cpu", "--batch", "2"]) == 0
+    result = next((tmp_path / "out" / "custom").glob("*/a-full.txt"))
+    np.testing.assert_allclose(np.loadtxt(result, delimiter="\t"), expected[:, :4], atol=0.05, rtol=0)
