@@ -39,6 +39,7 @@ from lorat.model.vit import drop_add_residual_subset
 
 __all__ = ["KVCache", "LoRATv2", "StreamBlock"]
 
+
 def _tied_copy(module: nn.Module) -> nn.Module:
     """A copy of ``module`` whose parameters are the original tensors (the streams' shared weights)."""
     twin = copy.copy(module)
