@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -44,19 +45,26 @@ CASES = {
     "phase1": {"template": [112, 112], "search": [[112, 112]], "trainable": [True, True]},
     "phase2": {"template": [112, 112], "search": [[112, 112], [182, 154]], "trainable": [False, False, True]},
 }
-REFERENCE_THRESHOLD = 0.49
+REFERENCE_THRESHOLD = 0.479
+FROZEN_REPLICA = re.compile(r"\.(qkv|proj|fc1|fc2)\.\d+\.(weight|bias)$")  # a frozen stream's own layer
 TRACKING = {"template_factor": 2.0, "search_factor": 4.0, "reference_factor": 4.0, "min_object_size": 10,
             "window_penalty": 0.45}
 SHAPE = {"embed_dim": 64, "depth": 2, "num_heads": 2, "mlp_ratio": 4.0, "register_tokens": 4, "lora_r": 8,
          "lora_alpha": 8.0, "timm_model": "vit_small_patch14_reg4_dinov2"}
 
 
-def _build(official_cls, timm, case: dict, trainable, seed: int):
+def _build(official_cls, timm, case: dict, trainable, seed: int, generator=None):
+    """The official model on a tiny random timm backbone (``generator``: perturb the backbone first, so
+    its LayerScale and every weight matter, and every stream's copy starts from the same values)."""
     import torch
 
     torch.manual_seed(seed)
     vit = timm.create_model(SHAPE["timm_model"], pretrained=False, embed_dim=SHAPE["embed_dim"],
                             depth=SHAPE["depth"], num_heads=SHAPE["num_heads"])
+    if generator is not None:
+        with torch.no_grad():
+            for param in vit.parameters():
+                param.add_(torch.randn(param.shape, generator=generator) * 0.05)
     return official_cls(vit, 14, tuple(case["template"]), tuple(tuple(s) for s in case["search"]), False, True,
                         tuple(trainable), SHAPE["lora_r"], SHAPE["lora_alpha"], 0.0, False).eval()
 
@@ -69,11 +77,14 @@ def write_case(name: str, case: dict, out: Path, official: Path, seed: int = 0) 
     sys.path.insert(0, str(official))
     from trackit.models.methods.LoRATv2.model import LoRATv2 as Official
 
-    train = _build(Official, timm, case, case["trainable"], seed)
     g = torch.Generator().manual_seed(seed + 1)
+    train = _build(Official, timm, case, case["trainable"], seed, g)
     with torch.no_grad():
-        for param in train.parameters():  # every tensor away from its initial value, LoRA B included
-            param.add_(torch.randn(param.shape, generator=g) * 0.05)
+        # what training changes: the trainable tensors (LoRA B included, away from its init) and, as
+        # phase 1 left them, the frozen streams' merged layers and heads; the backbone stays as built
+        for key, param in train.named_parameters():
+            if param.requires_grad or key.startswith("heads.") or FROZEN_REPLICA.search(key):
+                param.add_(torch.randn(param.shape, generator=g) * 0.05)
         for head in train.heads:  # boxes about as large as the target (a random head's drift), not 4x per frame
             head.reg_mlp.layers[-1].bias.add_(-1.95)
     # streams that train share one base layer: its tensors appear under each stream's keys, as in

@@ -334,3 +334,37 @@ def test_evaluator_batches_cached_sequences_and_gives_the_official_trajectory(tm
                               str(tmp_path / "out"), "--device", "cpu", "--batch", "2"]) == 0
     result = next((tmp_path / "out" / "custom").glob("*/a-full.txt"))
     np.testing.assert_allclose(np.loadtxt(result, delimiter="\t"), expected[:, :4], atol=0.05, rtol=0)
+
+
+def test_official_phase_one_trainable_checkpoint_with_its_backbone(tmp_path):
+    """The official trainer's file (trainable tensors only) + a timm DINOv2-with-registers file, both cut
+    from the phase-1 fixture, load into the fixture's model."""
+    import yaml
+    from safetensors.torch import save_file
+
+    from lorat.checkpoint.loader import load_model
+    from lorat.config import Config, config_to_dict, load_config
+
+    case = json.loads((FIXTURES / "phase1" / "case.json").read_text())
+    full = load_file(str(FIXTURES / "phase1" / "official.safetensors"))
+    backbone = {"pos_embed": full["pos_embed"], "reg_token": full["reg_token"], "cls_token": torch.zeros(1, 1, 64),
+                "norm.weight": full["norms.0.weight"], "norm.bias": full["norms.0.bias"]}
+    for key, value in full.items():
+        if key.startswith("patch_embed.") or re.match(r"blocks\.\d+\.(norm[12]|ls[12])\.", key):
+            backbone[key] = value
+        elif m := re.match(r"(blocks\.\d+\.(?:attn\.proj|mlp\.fc[12]))\.0\.linear\.(weight|bias)$", key):
+            backbone[f"{m.group(1)}.{m.group(2)}"] = value
+        elif m := re.match(r"(blocks\.\d+)\.attn\.qkv\.0\.q\.linear\.(weight|bias)$", key):
+            parts = [full[f"{m.group(1)}.attn.qkv.0.{t}.linear.{m.group(2)}"] for t in "qkv"]
+            backbone[f"{m.group(1)}.attn.qkv.{m.group(2)}"] = torch.cat(parts)
+    trainable = {k: v for k, v in full.items() if ".lora." in k or k.startswith(("heads.", "template_token_type",
+                                                                                   "search_region_token_type"))}
+    save_file(backbone, str(tmp_path / "reg4.safetensors"))
+    save_file(trainable, str(tmp_path / "model.safetensors"))
+    (tmp_path / "v2.yaml").write_text(yaml.safe_dump(config_to_dict(Config(model=_config(case)))))
+    config = load_config(tmp_path / "v2.yaml")
+    model, _ = load_model(tmp_path / "model.safetensors", config, tmp_path / "reg4.safetensors")
+    io = load_file(str(FIXTURES / "phase1" / "io.safetensors"))
+    with torch.no_grad():
+        out = model(io["z"], io["x0"], io["z_feat_mask"])
+    torch.testing.assert_close(out["score_map"], io["cached_score_map"], atol=1e-5, rtol=0)
