@@ -368,3 +368,16 @@ def test_official_phase_one_trainable_checkpoint_with_its_backbone(tmp_path):
     with torch.no_grad():
         out = model(io["z"], io["x0"], io["z_feat_mask"])
     torch.testing.assert_close(out["score_map"], io["cached_score_map"], atol=1e-5, rtol=0)
+
+
+def test_onnx_export_refuses_v2_by_name(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    from lorat.checkpoint.loader import save_model
+    from lorat.errors import run_cli
+    from lorat.export import main as export
+
+    tracker = _tracker("phase1")
+    weights = save_model(tracker.model, tracker.config, tmp_path / "v2.safetensors")
+    assert run_cli(export, ["--weights", str(weights), "--onnx", str(tmp_path / "v2.onnx")]) != 0
+    assert "LoRATv2 model, which runs with torch" in capsys.readouterr().err
+    assert not (tmp_path / "v2.onnx").exists()

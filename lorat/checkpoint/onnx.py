@@ -92,6 +92,9 @@ def export_onnx(model: LoRAT, config: Config, path: str | Path) -> float:
         LoratError: the optional packages are missing, the file cannot be written, ``<path>.data`` would
             replace a file this export did not write, or the check fails.
     """
+    if config.model.family == "loratv2":  # its step is stateful (a key-value cache): torch only, for now
+        raise LoratError(f"ONNX export covers LoRAT; {config.model.variant} is a LoRATv2 model, which runs with "
+                         f"torch (--backend torch)")
     onnx = _require("onnx")
     _require("onnxscript")
     path = Path(path)
@@ -241,9 +244,12 @@ def _embedded_config(meta: dict[str, str], path: Path) -> Config:
         raise WeightsError(f"{path}: an ONNX model without lorat's config; export it with "
                            f"python -m lorat.export --onnx")
     try:
-        return config_from_dict(json.loads(meta[CONFIG_KEY]), where=f"{path} metadata")
+        config = config_from_dict(json.loads(meta[CONFIG_KEY]), where=f"{path} metadata")
     except (json.JSONDecodeError, ConfigError, RecursionError) as err:
         raise WeightsError(f"{path}: the embedded config is invalid: {first_line(err)}") from None
+    if config.model.family == "loratv2":
+        raise WeightsError(f"{path}: names a LoRATv2 model; ONNX Runtime runs LoRAT networks only")
+    return config
 
 
 def _declared(values, kind: str, path: Path) -> dict[str, tuple[int, list[int | str]]]:
