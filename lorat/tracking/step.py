@@ -12,6 +12,10 @@ argmax, the unpenalised score reported, the box mapped back with the *realised* 
 and clipped to the frame; the cached box is replaced only by a valid clipped box. The template is
 never updated. Crops and post-processing run in torch on the model's device, with no host
 synchronisation.
+
+LoRATv2 (``model.family: loratv2``) runs the same loop; its state also carries the key-value cache
+of the template (encoded once in :func:`init_state`) and, in phase 2, the dynamic reference frame,
+which a frame scoring above ``tracking.reference_threshold`` replaces (cropped around the new box).
 """
 
 from __future__ import annotations
