@@ -52,7 +52,7 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
 DEMO_WEIGHTS = "lorat_demo.safetensors"
 DEMO_ONNX = "lorat_demo.onnx"
 """The same network exported for ONNX Runtime (end of ``weights/train_demo.sh``): the default backend on a CPU."""
-DEMO_ONNX_SHA256 = "6eb1a3d96cccca3f55ee17c53db3cce2fafb706912241311e7a1b824fb1ab7f5"
+DEMO_ONNX_SHA256 = "69c91d78ac52c8dec19893b6b98cca690e8117506c8055f957d211f3e7decdcc"
 """The bundled ONNX file's SHA-256: only a file that matches is opened without the ``onnx`` package's graph check."""
 
 

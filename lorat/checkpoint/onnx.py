@@ -126,6 +126,10 @@ def _write_checked_onnx(onnx, wrapped: torch.nn.Module, config: Config, exported
                           output_names=list(OUTPUTS), dynamic_shapes={"z": {0: batch}, "x": {0: batch},
                                                                       "mask": {0: batch}}, dynamo=True)
     proto = onnx.load(str(exported))  # with its external data, if the exporter wrote any
+    # the exporter's per-node debug notes name source files, line numbers and the install folder:
+    # dropped, so the bytes depend on the network alone (a re-export anywhere gives the same file)
+    for node in [*proto.graph.node, *(n for f in proto.functions for n in f.node)]:
+        del node.metadata_props[:]
     entry = proto.metadata_props.add()
     entry.key, entry.value = CONFIG_KEY, json.dumps(config_to_dict(config))
     if proto.ByteSize() <= _SINGLE_FILE_LIMIT:
