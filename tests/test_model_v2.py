@@ -381,3 +381,17 @@ def test_onnx_export_refuses_v2_by_name(tmp_path, capsys):
     assert run_cli(export, ["--weights", str(weights), "--onnx", str(tmp_path / "v2.onnx")]) != 0
     assert "LoRATv2 model, which runs with torch" in capsys.readouterr().err
     assert not (tmp_path / "v2.onnx").exists()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = LoRATv2(_tiny_v2_config(True)).train()
+    z, x, ref = torch.randn(2, 3, 56, 56), torch.randn(2, 3, 84, 84), torch.randn(2, 3, 56, 56)
+    mask = torch.ones(2, 4, 4, dtype=torch.long)
+    grads = []
+    for recompute in (False, True):
+        model.zero_grad()
+        model.grad_checkpointing = recompute
+        out = model(z, [ref, x], mask)
+        (out["score_map"].sum() + out["boxes"].sum()).backward()
+        grads.append(model.template_token_type_embed.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])

@@ -32,10 +32,11 @@ import torch.nn.functional as F
 from timm.layers import Mlp, PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lorat.config import BackboneConfig, ModelConfig, Size
 from lorat.model.head import MlpHead
-from lorat.model.vit import drop_add_residual_subset
+from lorat.model.vit import PlacedByGrid, drop_add_residual_subset
 
 __all__ = ["KVCache", "LoRATv2", "StreamBlock"]
 
@@ -177,7 +178,7 @@ class KVCache:
                        caches[0].offsets)
 
 
-class LoRATv2(nn.Module):
+class LoRATv2(PlacedByGrid, nn.Module):
     """Chunk-causal one-stream ViT tracker network (LoRATv2).
 
     Args:
@@ -223,14 +224,7 @@ class LoRATv2(nn.Module):
         self.blocks = nn.ModuleList(StreamBlock(b, owned, **dd) for _ in range(b.depth))
         self.norms = nn.ModuleList(nn.LayerNorm(c, eps=1e-6, **dd) for _ in self.search_sizes)
         self.heads = nn.ModuleList(MlpHead(c, (h // p, w // p), **dd) for w, h in self.search_sizes)
-
-    @property
-    def device(self) -> torch.device:
-        return self.pos_embed.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pos_embed.dtype
+        self.grad_checkpointing = False  # as LoRAT's: recompute each block's activations in the backward pass
 
     def chunk_sizes(self) -> list[int]:
         """Tokens per chunk: registers + template, then each search region."""
@@ -270,8 +264,9 @@ class LoRATv2(nn.Module):
         chunks = self.chunk_sizes()
         parts = [self._template_tokens(z, z_feat_mask)] + [self._search_tokens(x, i) for i, x in enumerate(xs)]
         tokens = torch.cat(parts, dim=1)
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            tokens = block(tokens, chunks)
+            tokens = checkpoint(block, tokens, chunks, use_reentrant=False) if recompute else block(tokens, chunks)
         return self._head(tokens[:, -chunks[-1]:])
 
     def _run(self, tokens: torch.Tensor, stream: int, cache: KVCache | None) -> torch.Tensor | KVCache:

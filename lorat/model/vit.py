@@ -29,7 +29,7 @@ from lorat.config import BackboneConfig, ModelConfig, swiglu_hidden_size
 from lorat.model.head import MlpHead
 from lorat.model.stem import MobileNetV2Stem
 
-__all__ = ["LoRAT", "drop_add_residual_subset", "resample_pos_embed", "sincos_pos_embed"]
+__all__ = ["LoRAT", "PlacedByGrid", "drop_add_residual_subset", "resample_pos_embed", "sincos_pos_embed"]
 
 
 def _swiglu_factory(cfg: BackboneConfig):
@@ -123,7 +123,19 @@ def sincos_pos_embed(grid: tuple[int, int], dim: int) -> torch.Tensor:
     return torch.cat(parts, dim=1)[None].float()
 
 
-class LoRAT(nn.Module):
+class PlacedByGrid:
+    """``device`` and ``dtype`` of a network: those of its position grid (``pos_embed``)."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.pos_embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pos_embed.dtype
+
+
+class LoRAT(PlacedByGrid, nn.Module):
     """One-stream ViT tracker network.
 
     Args:
@@ -176,14 +188,6 @@ class LoRAT(nn.Module):
         self.norm = nn.LayerNorm(b.embed_dim, eps=1e-6, **dd)
         self.head = MlpHead(b.embed_dim, self.search_grid, **dd)
         self.grad_checkpointing = False
-
-    @property
-    def device(self) -> torch.device:
-        return self.pos_embed.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pos_embed.dtype
 
     def template_pos_embed(self) -> torch.Tensor:
         """(1, Hz*Wz, C): the top-left Hz x Wz sub-grid of the shared position grid."""
