@@ -395,3 +395,19 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         (out["score_map"].sum() + out["boxes"].sum()).backward()
         grads.append(model.template_token_type_embed.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_vot_session_answers_the_official_trajectory():
+    import numpy as np
+
+    from lorat.evaluation.results import rasterize_xywh
+    from lorat.vot.masks import filled_boxes
+    from lorat.vot.session import Start, VotSession
+
+    frames = np.load(FIXTURES / "phase2" / "frames.npz")["frames"]
+    expected = np.loadtxt(FIXTURES / "phase2" / "trajectory.txt", delimiter=",")
+    session = VotSession(_tracker("phase2"), filled_boxes, "auto")
+    session.initialize(frames[0], [Start(tuple(map(float, expected[0, :4])))])
+    answers = [session.frame(f)[0] for f in frames[1:]]
+    np.testing.assert_array_equal([a.box for a in answers], rasterize_xywh(expected[1:, :4]))
+    np.testing.assert_allclose([a.score for a in answers], expected[1:, 4], atol=1e-4)
