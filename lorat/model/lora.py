@@ -144,7 +144,6 @@ def add_stream_lora(model: nn.Module, cfg: LoraConfig, trainable: Sequence[bool]
     token-type row and head with that stream; the final norms, registers and position grid stay
     frozen (the official split). In place on a :class:`lorat.model.v2.LoRATv2`; returns it.
     """
-
     if has_lora(model):
         raise ValueError("model already has LoRA adapters")
     streams = [i for i, on in enumerate(trainable) if on]
@@ -153,8 +152,8 @@ def add_stream_lora(model: nn.Module, cfg: LoraConfig, trainable: Sequence[bool]
     for block in model.blocks:
         for s in streams:
             block.attn.qkv[s] = SplitQKV(block.attn.qkv[s])
-    s = "|".join(map(str, streams))
-    _inject(model, cfg, rf"blocks\.\d+\.(attn\.qkv\.({s})\.[qkv]|(attn\.proj|mlp\.fc1|mlp\.fc2)\.({s}))")
+    alt = "|".join(map(str, streams))
+    _inject(model, cfg, rf"blocks\.\d+\.(attn\.qkv\.({alt})\.[qkv]|(attn\.proj|mlp\.fc1|mlp\.fc2)\.({alt}))")
     heads = {f"heads.{s - 1}." for s in streams if s}
     rows = {f"search_region_token_type_embed.{s - 1}" for s in streams if s}
     for name, param in model.named_parameters(remove_duplicate=False):
