@@ -205,6 +205,63 @@ def _track(official: Path, model, case: dict, frames, box) -> list[list[float]]:
     return lines
 
 
+def write_two_phase_files(out: Path, official: Path, seed: int = 11) -> None:
+    """``OUT/phase2-files/``: what the official trainer leaves after both phases (trainable tensors
+    only, ``phase1.safetensors`` and ``phase2.safetensors``), the backbone as a timm file
+    (``backbone.safetensors``), and the outputs of the phase-2 model the official runner builds from
+    them (``--weight_path`` phase 1, then phase 2: the phase-1 LoRA folds into the frozen streams on
+    load) in ``io.safetensors``."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(official))
+    from trackit.models.methods.LoRATv2.model import LoRATv2 as Official
+
+    one, two = CASES["phase1"], CASES["phase2"]
+    g = torch.Generator().manual_seed(seed)
+    first = _build(Official, timm, one, one["trainable"], seed, g)
+    torch.manual_seed(seed)  # the same backbone again for phase 2
+    vit = timm.create_model(SHAPE["timm_model"], pretrained=False, embed_dim=SHAPE["embed_dim"],
+                            depth=SHAPE["depth"], num_heads=SHAPE["num_heads"])
+    g2 = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in vit.parameters():
+            param.add_(torch.randn(param.shape, generator=g2) * 0.05)
+    backbone = {k: v.detach().clone().contiguous() for k, v in vit.state_dict().items()}
+    second = Official(vit, 14, tuple(two["template"]), tuple(tuple(x) for x in two["search"]), False, True,
+                      tuple(two["trainable"]), SHAPE["lora_r"], SHAPE["lora_alpha"], 0.0, False).eval()
+
+    def trainable(model) -> dict:
+        return {k: v.detach().clone().contiguous() for k, v in model.named_parameters() if v.requires_grad}
+
+    with torch.no_grad():
+        for param in first.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=g) * 0.05)
+        phase1 = trainable(first)
+        second.load_state_dict(phase1, strict=False)  # the official runner's first --weight_path
+        for param in second.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=g) * 0.05)
+        for head in second.heads:
+            head.reg_mlp.layers[-1].bias.add_(-1.95)
+        phase2 = trainable(second)
+        tw, th = two["template"]
+        z = torch.randn(2, 3, th, tw, generator=g)
+        mask = (torch.rand(2, th // 14, tw // 14, generator=g) > 0.5).long()
+        xs = [torch.randn(2, 3, h, w, generator=g) for w, h in two["search"]]
+        result = second("train", [z], xs, mask)
+    folder = out / "phase2-files"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(phase1, str(folder / "phase1.safetensors"))
+    save_file(phase2, str(folder / "phase2.safetensors"))
+    save_file(backbone, str(folder / "backbone.safetensors"))
+    save_file({"z": z, "z_feat_mask": mask, "x0": xs[0], "x1": xs[1], "score_map": result["score_map"],
+               "boxes": result["boxes"]}, str(folder / "io.safetensors"))
+    print(f"phase2-files: {len(phase1)} + {len(phase2)} trainable tensors -> {folder}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--official", type=Path, required=True, help="checkout of LitingLin/LoRAT")
@@ -215,6 +272,7 @@ def main(argv=None) -> int:
         return 2
     for name, case in CASES.items():
         write_case(name, case, args.out, args.official)
+    write_two_phase_files(args.out, args.official)
     return 0
 
 

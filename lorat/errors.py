@@ -26,7 +26,8 @@ class LoratError(Exception):
 
 
 # How every command takes the values a LoratError may ask for.
-OPTIONS = {"backbone_weights": "--backbone-weights FILE", "weights": "--weights FILE"}
+OPTIONS = {"backbone_weights": "--backbone-weights FILE", "weights": "--weights FILE",
+           "phase1_weights": "--phase1-weights FILE"}
 
 
 class ConfigError(LoratError, ValueError):

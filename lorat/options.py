@@ -41,6 +41,8 @@ class ModelOptions:
         config: a config (YAML path, bundled name such as ``b224``, or a :class:`~lorat.config.Config`);
             None: the one embedded in the weights.
         backbone_weights: the DINOv2 file official trainable-only checkpoints need.
+        phase1_weights: LoRATv2 phase 2: the official phase-1 checkpoint (trainable tensors) that an
+            official phase-2 checkpoint builds on.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         dtype: compute (autocast) dtype: ``auto``, ``float32``, ``float16`` or ``bfloat16`` (see
             :func:`lorat.runtime.resolve_dtype`).
@@ -56,6 +58,7 @@ class ModelOptions:
     dtype: Any = "auto"
     threads: int | str | None = None
     backend: str = "auto"
+    phase1_weights: str | Path | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **changes: Any) -> ModelOptions:
@@ -94,6 +97,10 @@ _OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
         "metavar": "FILE",
         "help": "DINOv2 backbone file (torchvision's MobileNetV2 for a mobilenetv2 stem): what official "
                 "trainable-only checkpoints and training start from"}),
+    "phase1_weights": ("--phase1-weights", {
+        "metavar": "FILE",
+        "help": "LoRATv2 phase 2: the official phase-1 checkpoint whose template and reference streams an "
+                "official phase-2 checkpoint (trainable tensors only) builds on"}),
     "device": ("--device", {"default": "auto", "help": "auto, cpu, cuda, cuda:N or mps (default auto)"}),
     "dtype": ("--dtype", {
         "default": "auto",
@@ -109,7 +116,7 @@ _OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
                 "else torch), torch or onnxruntime"}),
 }
 MODEL_OPTIONS = tuple(_OPTIONS)
-FILE_OPTIONS = ("weights", "config", "backbone_weights")
+FILE_OPTIONS = ("weights", "config", "backbone_weights", "phase1_weights")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, names: Iterable[str] = MODEL_OPTIONS,

@@ -82,7 +82,7 @@ def test_model_options_are_defined_once():
     ``add_model_arguments`` only: no command, the app or a bench script defines one itself."""
     from lorat.options import _OPTIONS
 
-    flags = ("weights", "config", "backbone-weights", "device", "dtype", "threads", "backend")
+    flags = ("weights", "config", "backbone-weights", "phase1-weights", "device", "dtype", "threads", "backend")
     assert sorted(flag for flag, _ in _OPTIONS.values()) == sorted(f"--{f}" for f in flags)
     definition = re.compile(r"add_argument\(\s*[\"']--(" + "|".join(flags) + r")[\"']")
     places = sorted({str(p.relative_to(ROOT)) for folder in ("lorat", "apps", "bench")

@@ -411,3 +411,34 @@ def test_vot_session_answers_the_official_trajectory():
     answers = [session.frame(f)[0] for f in frames[1:]]
     np.testing.assert_array_equal([a.box for a in answers], rasterize_xywh(expected[1:, :4]))
     np.testing.assert_allclose([a.score for a in answers], expected[1:, 4], atol=1e-4)
+
+
+def test_official_phase_two_files_load_on_their_phase_one_file_and_backbone(tmp_path, capsys):
+    import yaml
+
+    from lorat.checkpoint.loader import load_model
+    from lorat.config import Config, config_to_dict, load_config
+    from lorat.errors import WeightsError, run_cli
+    from lorat.info import main as info
+
+    case = json.loads((FIXTURES / "phase2" / "case.json").read_text())
+    folder = FIXTURES / "phase2-files"
+    (tmp_path / "v2.yaml").write_text(yaml.safe_dump(config_to_dict(Config(model=_config(case)))))
+    config = load_config(tmp_path / "v2.yaml")
+    model, _ = load_model(folder / "phase2.safetensors", config, folder / "backbone.safetensors",
+                          phase1_weights=folder / "phase1.safetensors")
+    io = load_file(str(folder / "io.safetensors"))
+    with torch.no_grad():
+        out = model(io["z"], [io["x0"], io["x1"]], io["z_feat_mask"])
+    torch.testing.assert_close(out["score_map"], io["score_map"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out["boxes"], io["boxes"], atol=1e-5, rtol=0)
+    with pytest.raises(WeightsError, match="phase-1 checkpoint"):  # without it: refused, not guessed
+        load_model(folder / "phase2.safetensors", config, folder / "backbone.safetensors")
+    with pytest.raises(WeightsError, match="expected the official phase-1 checkpoint"):
+        load_model(folder / "phase2.safetensors", config, folder / "backbone.safetensors",
+                   phase1_weights=folder / "backbone.safetensors")
+    with pytest.raises(WeightsError, match="goes with an official LoRATv2 phase-2 checkpoint"):
+        load_model(FIXTURES / "phase2" / "official.safetensors", config, phase1_weights=folder / "phase1.safetensors")
+    assert run_cli(info, ["--config", str(tmp_path / "v2.yaml"), "--weights", str(folder / "phase2.safetensors"),
+                          "--backbone-weights", str(folder / "backbone.safetensors")]) == 2
+    assert "pass --phase1-weights FILE" in capsys.readouterr().err

@@ -133,12 +133,46 @@ def _load_official_trainable(cfg: ModelConfig, sd: StateDict, path: Path, backbo
             f"backbone file too (the backbone weights)"
             + (f" ({DINOV2_FILES[cfg.backbone.embed_dim]})" if cfg.backbone.embed_dim in DINOV2_FILES else ""),
             missing="backbone_weights")
-    if cfg.family == "loratv2" and cfg.reference_size is not None:
+    if _is_phase_two(cfg):
         raise WeightsError(
             f"{path}: is an official LoRATv2 phase-2 checkpoint holding only the trainable tensors (the new search "
-            f"stream); its template and reference streams are in the phase-1 checkpoint, which this loader does not "
-            f"combine yet: load the official full state dict, or our single file")
+            f"stream); its template and reference streams are in the phase-1 checkpoint: give that too",
+            missing="phase1_weights")
     model = build_lorat(cfg, backbone)  # the backbone file is read and checked before the model is allocated
+    load_official_trainable(model, sd, path)
+    return merge_lora(model)
+
+
+def _is_phase_two(cfg: ModelConfig) -> bool:
+    return cfg.family == "loratv2" and cfg.reference_size is not None
+
+
+def _load_official_phase_two(cfg: ModelConfig, sd: StateDict, path: Path, backbone: Path | None,
+                             phase1: Path) -> LoRAT:
+    """An official LoRATv2 phase-2 checkpoint (trainable tensors) on its phase-1 checkpoint and backbone,
+    as the official runner loads them (``--weight_path`` phase 1, then phase 2): phase 1's model, merged,
+    gives the template and reference streams (and its token-type rows, first head and norm); phase 2's
+    tensors the search stream."""
+    if backbone is None:
+        raise WeightsError(f"{path}: official trainable-only checkpoints need the DINOv2-with-registers backbone "
+                           f"file too (the backbone weights)", missing="backbone_weights")
+    first_sd, meta = read_weights(phase1)
+    fmt = detect_format(first_sd, meta)
+    if fmt != "official-trainable":
+        raise WeightsError(f"{phase1}: expected the official phase-1 checkpoint (trainable tensors), "
+                           f"found a {fmt} file")
+    first_cfg = dataclasses.replace(cfg, variant=f"{cfg.variant} phase 1", search_size=cfg.reference_size,
+                                    reference_size=None)
+    _check_official_trainable(first_cfg, first_sd, phase1)
+    first = build_lorat(first_cfg, backbone)
+    load_official_trainable(first, first_sd, phase1)
+    merged = merge_lora(first).state_dict()
+    model = build_lorat(cfg, backbone)
+    state = model.state_dict()
+    with torch.no_grad():  # streams 0 and 1 own their weights in the phase-2 build: phase 1's, merged
+        for key, value in merged.items():
+            if key in state and state[key].shape == value.shape:
+                state[key].copy_(value)
     load_official_trainable(model, sd, path)
     return merge_lora(model)
 
@@ -157,7 +191,7 @@ FORMATS: dict[str, WeightFormat] = {f.name: f for f in (
 
 
 def load_state_dict(fmt: str, cfg: ModelConfig, sd: dict[str, torch.Tensor], path: Path,
-                    backbone_weights: Path | None = None) -> LoRAT:
+                    backbone_weights: Path | None = None, phase1: Path | None = None) -> LoRAT:
     """Check, then load, a state dict of format ``fmt`` into a merged LoRAT (float32, CPU, train mode).
 
     Raises:
@@ -169,8 +203,13 @@ def load_state_dict(fmt: str, cfg: ModelConfig, sd: dict[str, torch.Tensor], pat
         raise WeightsError(f"{path}: not a LoRAT or DINOv2 weight file (first keys: {listed(list(sd))})")
     if row.load is None:
         raise WeightsError(f"{path}: {row.refusal}")
+    if phase1 is not None and not (fmt == "official-trainable" and _is_phase_two(cfg)):
+        raise WeightsError(f"{phase1}: a phase-1 checkpoint goes with an official LoRATv2 phase-2 checkpoint of "
+                           f"trainable tensors; {path} is a {fmt} file of model {cfg.variant}")
     if row.check is not None:
         row.check(cfg, sd, path)
+    if phase1 is not None:
+        return _load_official_phase_two(cfg, sd, path, backbone_weights, phase1)
     return row.load(cfg, sd, path, backbone_weights)
 
 

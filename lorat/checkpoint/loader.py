@@ -83,6 +83,7 @@ def load_model(
     backbone_weights: str | Path | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    phase1_weights: str | Path | None = None,
 ) -> tuple[LoRAT, Config]:
     """Load any supported weight file into a merged inference model (eval mode, frozen).
 
@@ -92,6 +93,8 @@ def load_model(
         config: required except for our single file (whose embedded config is used; a given
             config must then describe the same model, and its ``tracking`` section wins).
         backbone_weights: DINOv2 file, required for official trainable-only checkpoints.
+        phase1_weights: LoRATv2 phase 2: the official phase-1 checkpoint an official phase-2
+            checkpoint (trainable tensors only) builds on.
         device, dtype: where the weights go and the dtype they are stored in (default: float32).
             To run the model in another dtype, use :func:`load` (autocast, weights cast to match).
 
@@ -99,11 +102,11 @@ def load_model(
         (model, config).
     """
     path, config, backbone = _resolve(weights, config, backbone_weights)
-    return _load_file(path, config, backbone, device, dtype)
+    return _load_file(path, config, backbone, device, dtype, Path(phase1_weights) if phase1_weights else None)
 
 
 def _load_file(path: Path, config: Config | None, backbone: Path | None, device: torch.device | str = "cpu",
-               dtype: torch.dtype | None = None) -> tuple[LoRAT, Config]:
+               dtype: torch.dtype | None = None, phase1: Path | None = None) -> tuple[LoRAT, Config]:
     """:func:`load_model` once a named model is resolved to its files."""
     from lorat.checkpoint.formats import load_state_dict  # the model code (and timm) only when a model is built
 
@@ -113,7 +116,7 @@ def _load_file(path: Path, config: Config | None, backbone: Path | None, device:
         config = _file_config(path, meta, config)
     elif config is None and fmt not in ("dinov2", "mobilenetv2", "unknown"):
         raise WeightsError(f"{path}: is a {fmt} file without an embedded config; pass the config too")
-    model = load_state_dict(fmt, config.model if config else ModelConfig(), sd, path, backbone)
+    model = load_state_dict(fmt, config.model if config else ModelConfig(), sd, path, backbone, phase1)
     for param in model.parameters():
         param.requires_grad_(False)
     model.eval()
@@ -222,7 +225,8 @@ def load(options: ModelOptions, say: Callable[[str], object] | None = print, cas
         raise LoratError(f"{weights} is an ONNX model: use the onnxruntime backend")
     device = resolve_device(options.device)
     path, config, backbone = _resolve(weights, config, options.backbone_weights)
-    model, config = _load_file(path, config, backbone, device=device)
+    phase1 = Path(options.phase1_weights) if options.phase1_weights else None
+    model, config = _load_file(path, config, backbone, device=device, phase1=phase1)
     dtype = resolve_dtype(options.dtype, device, config.model.backbone.embed_dim)
     if cast:
         cast_for_autocast(model, dtype)

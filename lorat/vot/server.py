@@ -58,7 +58,7 @@ __all__ = ["main", "serve", "trackers_ini", "check_tracker_name", "check_tracker
 
 _INSTALL = "pip install 'lorat[vot]' (vot-toolkit and vot-trax)"
 _IDENTIFIER = re.compile(r"[A-Za-z0-9_-]+")  # the toolkit's rule for tracker names
-_FILE_OPTIONS = ("--weights", "--config", "--backbone-weights", "--sam-weights")
+_FILE_OPTIONS = ("--weights", "--config", "--backbone-weights", "--phase1-weights", "--sam-weights")
 
 
 def _note(message: str) -> None:
