@@ -7,7 +7,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorat.checkpoint.keys import merge_official_v2
 from lorat.config import BackboneConfig, LoraConfig, ModelConfig
 from lorat.model.v2 import KVCache, LoRATv2
 
@@ -27,10 +26,12 @@ def _config(case) -> ModelConfig:
 
 
 def _case(name: str):
+    """The fixture's official training state dict, merged by the one loader, with its inputs."""
+    from lorat.checkpoint.loader import load_model
+    from lorat.config import Config
+
     case = json.loads((FIXTURES / name / "case.json").read_text())
-    model = LoRATv2(_config(case), owned=[True] * (1 + len(case["search"]))).eval()
-    state = merge_official_v2(load_file(str(FIXTURES / name / "official.safetensors")), case["lora_alpha"])
-    model.load_state_dict(state, strict=True)
+    model, _ = load_model(FIXTURES / name / "official.safetensors", Config(model=_config(case)))
     io = load_file(str(FIXTURES / name / "io.safetensors"))
     xs = [io[f"x{i}"] for i in range(len(case["search"]))]
     return model, io, xs
@@ -108,7 +109,7 @@ def test_lora_training_build_loads_the_official_training_layout(name):
         merged = merge_lora(model)(io["z"], xs, io["z_feat_mask"])
     torch.testing.assert_close(trained["score_map"], io["train_score_map"], atol=1e-5, rtol=0)
     torch.testing.assert_close(merged["score_map"], io["cached_score_map"], atol=1e-5, rtol=0)
-    assert set(model.state_dict()) == set(merge_official_v2(official, case["lora_alpha"]))
+    assert set(model.state_dict()) == set(LoRATv2(_config(case), owned=[True] * len(trainable)).state_dict())
 
 
 # (trainable, total) parameters of the official training build (trackit LoRATv2 on timm's

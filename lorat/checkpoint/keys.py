@@ -19,7 +19,7 @@ from lorat.errors import WeightsError
 from lorat.model.vit import LoRAT, resample_pos_embed
 
 __all__ = ["DINOV2_FILES", "DINOV2_REG4_FILES", "official_to_peft_keys", "peft_to_official_keys", "dinov2_to_lorat",
-           "dinov2_to_v2", "merge_official_v2"]
+           "dinov2_to_v2"]
 
 
 # Which DINOv2 release file belongs to which embedding width.
@@ -128,47 +128,4 @@ def dinov2_to_v2(sd: Mapping[str, torch.Tensor], model: torch.nn.Module, path: P
                                f"(a {list(model.pos_grid)} grid of width {model.pos_embed.shape[-1]}). "
                                f"The file looks like: {describe(sd)}.")
         out["pos_embed"] = pe[:, -cells:]
-    return out
-
-
-_V2_STREAM_LINEAR = re.compile(r"^(blocks\.\d+\.(?:attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.\d+)\.(.+)$")
-
-
-def merge_official_v2(sd: Mapping[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """An official LoRATv2 training state dict -> its merged inference layout (:class:`lorat.model.v2.LoRATv2`).
-
-    Per stream and layer, the official trainer writes either a plain (frozen, merged) layer
-    (``...qkv.{i}.weight``) or a shared base with a LoRA pair (``...proj.{i}.linear.weight``,
-    ``.lora.A``, ``.lora.B``; qkv split into ``q``, ``k``, ``v``). Each pair folds in as
-    W + (B @ A) * alpha / r in float32, the official inference build's rule; qkv is fused back
-    in q, k, v order. Other keys pass through.
-    """
-    out: dict[str, torch.Tensor] = {}
-    layers: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in sd.items():
-        if m := _V2_STREAM_LINEAR.match(key):
-            layers.setdefault(m.group(1), {})[m.group(2)] = value
-        else:
-            out[key] = value
-
-    def fold(parts: Mapping[str, torch.Tensor], prefix: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        weight, bias = parts[f"{prefix}linear.weight"], parts.get(f"{prefix}linear.bias")
-        a, b = parts.get(f"{prefix}lora.A"), parts.get(f"{prefix}lora.B")
-        if a is not None and b is not None:
-            delta = (b.float() @ a.float()) * (alpha / a.shape[0])
-            weight = (weight.float() + delta).to(weight.dtype)
-        return weight, bias
-
-    for name, parts in layers.items():
-        if "weight" in parts:
-            folded = [(parts["weight"], parts.get("bias"))]
-        elif "linear.weight" in parts:
-            folded = [fold(parts, "")]
-        elif all(f"{t}.linear.weight" in parts for t in "qkv"):
-            folded = [fold(parts, f"{t}.") for t in "qkv"]
-        else:
-            raise WeightsError(f"official LoRATv2 layer {name} has neither weight nor linear.weight: {sorted(parts)}")
-        out[f"{name}.weight"] = torch.cat([w for w, _ in folded])
-        if folded[0][1] is not None:
-            out[f"{name}.bias"] = torch.cat([b for _, b in folded])
     return out
