@@ -433,6 +433,8 @@ def test_official_phase_two_files_load_on_their_phase_one_file_and_backbone(tmp_
         out = model(io["z"], [io["x0"], io["x1"]], io["z_feat_mask"])
     torch.testing.assert_close(out["score_map"], io["score_map"], atol=1e-5, rtol=0)
     torch.testing.assert_close(out["boxes"], io["boxes"], atol=1e-5, rtol=0)
+    with pytest.raises(WeightsError, match="needs the DINOv2 with registers backbone file"):
+        load_model(folder / "phase2.safetensors", config, phase1_weights=folder / "phase1.safetensors")
     with pytest.raises(WeightsError, match="phase-1 checkpoint"):  # without it: refused, not guessed
         load_model(folder / "phase2.safetensors", config, folder / "backbone.safetensors")
     with pytest.raises(WeightsError, match="expected the official phase-1 checkpoint"):

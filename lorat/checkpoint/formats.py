@@ -33,7 +33,7 @@ import torch
 from lorat.checkpoint.build import build_lorat, load_checked, load_official_trainable
 from lorat.checkpoint.check import check_fit, check_size, expected_shapes
 from lorat.checkpoint.files import detect_format, read_weights
-from lorat.checkpoint.keys import DINOV2_FILES, official_to_peft_keys
+from lorat.checkpoint.keys import DINOV2_FILES, DINOV2_REG4_FILES, official_to_peft_keys
 from lorat.config import LoraConfig, ModelConfig
 from lorat.errors import WeightsError, listed
 from lorat.model import build_network
@@ -127,12 +127,7 @@ def _check_official_trainable(cfg: ModelConfig, sd: StateDict, path: Path) -> No
 
 
 def _load_official_trainable(cfg: ModelConfig, sd: StateDict, path: Path, backbone: Path | None) -> LoRAT:
-    if backbone is None:
-        raise WeightsError(
-            f"{path}: is an official LoRAT checkpoint holding only the trainable tensors; it needs the DINOv2 "
-            f"backbone file too (the backbone weights)"
-            + (f" ({DINOV2_FILES[cfg.backbone.embed_dim]})" if cfg.backbone.embed_dim in DINOV2_FILES else ""),
-            missing="backbone_weights")
+    _require_backbone(cfg, path, backbone)
     if _is_phase_two(cfg):
         raise WeightsError(
             f"{path}: is an official LoRATv2 phase-2 checkpoint holding only the trainable tensors (the new search "
@@ -141,6 +136,18 @@ def _load_official_trainable(cfg: ModelConfig, sd: StateDict, path: Path, backbo
     model = build_lorat(cfg, backbone)  # the backbone file is read and checked before the model is allocated
     load_official_trainable(model, sd, path)
     return merge_lora(model)
+
+
+def _require_backbone(cfg: ModelConfig, path: Path, backbone: Path | None) -> None:
+    """An official trainable-only checkpoint comes with its DINOv2 file (with registers for LoRATv2)."""
+    if backbone is not None:
+        return
+    v2 = cfg.family == "loratv2"
+    name = (DINOV2_REG4_FILES if v2 else DINOV2_FILES).get(cfg.backbone.embed_dim)
+    raise WeightsError(
+        f"{path}: is an official {'LoRATv2' if v2 else 'LoRAT'} checkpoint holding only the trainable tensors; it "
+        f"needs the DINOv2 {'with registers ' if v2 else ''}backbone file too (the backbone weights)"
+        + (f" ({name})" if name else ""), missing="backbone_weights")
 
 
 def _is_phase_two(cfg: ModelConfig) -> bool:
@@ -153,9 +160,7 @@ def _load_official_phase_two(cfg: ModelConfig, sd: StateDict, path: Path, backbo
     as the official runner loads them (``--weight_path`` phase 1, then phase 2): phase 1's model, merged,
     gives the template and reference streams (and its token-type rows, first head and norm); phase 2's
     tensors the search stream."""
-    if backbone is None:
-        raise WeightsError(f"{path}: official trainable-only checkpoints need the DINOv2-with-registers backbone "
-                           f"file too (the backbone weights)", missing="backbone_weights")
+    _require_backbone(cfg, path, backbone)
     first_sd, meta = read_weights(phase1)
     fmt = detect_format(first_sd, meta)
     if fmt != "official-trainable":
