@@ -8,28 +8,32 @@
 #   bash bench/heldout_variety.sh WEIGHTS OUT_DIR [DATA_DIR]
 # DATA_DIR holds stamps/ and photos-heldout/ as weights/train_demo.sh makes them (default: data).
 # SUBSETS="tilt lowres" bash bench/heldout_variety.sh ... scores only those subsets.
+# The selection set (for choosing between candidates before the report; never reported) is the same
+# recipe with other seeds and fewer clips: SEED_BASE=8000 CLIPS=6 SETS=data/selection-variety.
 set -euo pipefail
 weights=$1
 out=$2
 data=${3:-data}
 stamps="$data/stamps/usr/share/tuxpaint/stamps"
-sets="$data/heldout-variety"
+sets=${SETS:-$data/heldout-variety}
+seed_base=${SEED_BASE:-7000}
+clips=${CLIPS:-12}
 mkdir -p "$out"
-make() {  # NAME SEED OPTIONS...: 12 clips of 50 frames, written once
+make() {  # NAME SEED OPTIONS...: $clips clips of 50 frames (seed_base + SEED), written once
     local name=$1 seed=$2
     shift 2
     [ -d "$sets/$name" ] || python -m lorat.data.cutouts "$sets/$name" --stamps "$stamps" \
-        --photos "$data/photos-heldout" --use heldout --sequences 12 --frames 50 --seed "$seed" \
+        --photos "$data/photos-heldout" --use heldout --sequences "$clips" --frames 50 --seed $((seed_base + seed)) \
         --category "$name" "$@"
 }
-make wide 7001 --aspect 3,8
-make tall 7002 --aspect 0.12,0.33
-make grey 7003 --grey 1
-make dark 7004 --dark 1
-make salient 7005 --salient 1
-make spin 7006 --spin 90
-make tilt 7007 --tilt 60
-make lowres 7008 --lowres 1
+make wide 1 --aspect 3,8
+make tall 2 --aspect 0.12,0.33
+make grey 3 --grey 1
+make dark 4 --dark 1
+make salient 5 --salient 1
+make spin 6 --spin 90
+make tilt 7 --tilt 60
+make lowres 8 --lowres 1
 subsets=${SUBSETS:-wide tall grey dark salient spin tilt lowres}
 for name in $subsets; do
     python bench/compare.py --weights "$weights" --device cpu --mil --json --dataset "lasot=$sets/$name" \

@@ -116,7 +116,8 @@ def write_case(name: str, case: dict, out: Path, official: Path, seed: int = 0) 
     trajectory = _track(official, inference, case, np.stack(frames), first)
     io = {"z": z, "z_feat_mask": mask, **{f"x{i}": x for i, x in enumerate(xs)},
           "train_score_map": trained["score_map"], "train_boxes": trained["boxes"],
-          "cached_score_map": cached["score_map"], "cached_boxes": cached["boxes"]}
+          "cached_score_map": cached["score_map"], "cached_boxes": cached["boxes"],
+          **_labels_and_loss(case, trained)}
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state, str(folder / "official.safetensors"))
@@ -129,6 +130,52 @@ def write_case(name: str, case: dict, out: Path, official: Path, seed: int = 0) 
                 "reference_threshold": REFERENCE_THRESHOLD}
     (folder / "case.json").write_text(json.dumps(settings, indent=1) + "\n")
     print(f"{name}: {len(state)} tensors, outputs {tuple(cached['score_map'].shape)} -> {folder}")
+
+
+def _official_label_generation(trackit: Path):
+    """The official ``LoRATv1_label_gen`` plugin module, loaded from its file alone: importing it through
+    its package would pull in the whole data pipeline (JPEG and EXIF readers); its relative import
+    needs only two base-class names from the plugin package, given here as placeholders."""
+    import importlib.util
+    import types
+
+    parent = types.ModuleType("_official_plugin")
+    parent.__path__ = []
+    parent.ExtraTransform = parent.TemporalTrackerTrainingSample = object
+    sys.modules["_official_plugin"] = parent
+    path = trackit / "data/methods/LoRATv2_train/transform/default/plugin/LoRATv1_label_gen/__init__.py"
+    spec = importlib.util.spec_from_file_location("_official_plugin.labels", path, submodule_search_locations=[])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _labels_and_loss(case: dict, trained: dict) -> dict:
+    """The official training labels (``LoRATv1_label_gen``: positive cells and the normalised box) of
+    fixed target boxes in the last search crop, and the official criterion (``box_with_score_map``:
+    IoU-aware BCE + GIoU, weights 1, as every LoRATv2 config sets it) on the training forward."""
+    import numpy as np
+    import torch
+    from trackit.criteria.methods.box_with_score_map import SimpleCriteria
+    from trackit.criteria.modules.iou_loss import GIoULoss
+
+    labels_module = _official_label_generation(Path(sys.modules["trackit"].__file__).parent)
+    label_assignment, _box_with_score_map_label_collator = (labels_module.label_assignment,
+                                                            labels_module._box_with_score_map_label_collator)
+
+    w, h = case["search"][-1]
+    grid = (w // 14, h // 14)
+    boxes = np.array([[0.3 * w, 0.35 * h, 0.62 * w, 0.7 * h], [0.1 * w, 0.6 * h, 0.27 * w, 0.83 * h]])
+    labels = [label_assignment(box.copy(), (w, h), grid, True, True) for box in boxes]
+    targets = _box_with_score_map_label_collator(labels)
+    positive = torch.zeros(len(boxes), grid[0] * grid[1], dtype=torch.bool)
+    positive[targets["positive_sample_batch_dim_indices"], targets["positive_sample_map_dim_indices"]] = True
+    # what the official builder makes of that config (it is not called: it only adds a printout)
+    criterion = SimpleCriteria(torch.nn.BCEWithLogitsLoss(reduction="none"), GIoULoss(), True, 1.0, 1.0, "bce", "iou")
+    out = criterion({"score_map": trained["score_map"], "boxes": trained["boxes"]}, targets)
+    return {"label_boxes_px": torch.from_numpy(boxes).float(), "label_target_box": targets["boxes"],
+            "label_positive": positive.view(len(boxes), grid[1], grid[0]), "loss": out.loss.reshape(1),
+            "loss_cls": out.metrics["Loss/bce"].reshape(1), "loss_reg": out.metrics["Loss/iou"].reshape(1)}
 
 
 def _track(official: Path, model, case: dict, frames, box) -> list[list[float]]:

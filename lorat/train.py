@@ -65,8 +65,10 @@ def _build_parser() -> argparse.ArgumentParser:
                    help=f"training dataset, repeatable; NAME in {', '.join(DATASETS)} (NAME:SPLIT=PATH for a split)")
     p.add_argument("--val-data", action="append", default=[], metavar="NAME=PATH",
                    help="validation dataset (default: GOT-10k val if GOT-10k is given, else none)")
-    add_model_arguments(p, ("backbone_weights", "device"),
-                        device={"help": "auto, cpu, cuda or cuda:N (torchrun: the local GPU)"})
+    add_model_arguments(p, ("backbone_weights", "phase1_weights", "device"),
+                        device={"help": "auto, cpu, cuda or cuda:N (torchrun: the local GPU)"},
+                        phase1_weights={"help": "LoRATv2 phase 2: the phase-1 model it starts from (our file, or the "
+                                                "official phase-1 checkpoint with --backbone-weights)"})
     p.add_argument("--init-weights", type=Path, metavar="FILE",
                    help="start from this single-file model (same architecture; train.finetune full): fine-tuning")
     p.add_argument("--output", type=Path, help="output folder")
@@ -136,8 +138,26 @@ def _new_run(args: argparse.Namespace, out: Path) -> TrainingRun:
     if (out / "state.pt").is_file():
         raise LoratError(f"{out} already holds a run ({out / 'state.pt'}); use --resume {out} or another --output")
     config = load_config(args.config, args.set)
+    _check_phase(config, args)
     init = str(args.init_weights) if args.init_weights else None
-    return _training_run(args, out, config, {"init_weights": init}, state=None)
+    phase1 = str(args.phase1_weights) if args.phase1_weights else None
+    return _training_run(args, out, config, {"init_weights": init, "phase1_weights": phase1}, state=None)
+
+
+def _check_phase(config: Config, args: argparse.Namespace) -> None:
+    """LoRATv2 phase 2 starts from a phase-1 model (--phase1-weights), or continues one of its own
+    (--init-weights); --phase1-weights means nothing to any other config."""
+    model = config.model
+    phase_two = model.family == "loratv2" and model.reference_size is not None
+    if args.phase1_weights and not phase_two:
+        raise LoratError(f"--phase1-weights is for LoRATv2 phase 2 (a config with model.reference_size); "
+                         f"{model.variant} is not")
+    if args.phase1_weights and args.init_weights:
+        raise LoratError("give --phase1-weights (start phase 2 from phase 1) or --init-weights (continue a phase-2 "
+                         "model), not both")
+    if phase_two and not (args.phase1_weights or args.init_weights):
+        raise LoratError(f"{model.variant} is LoRATv2 phase 2: it starts from the phase-1 model; give "
+                         f"--phase1-weights FILE (train one with a phase-1 config, e.g. configs/v2-p1-b224.yaml)")
 
 
 def _resumed_run(args: argparse.Namespace, out: Path) -> TrainingRun:
@@ -191,7 +211,8 @@ def _training_run(args: argparse.Namespace, out: Path, config: Config, saved: di
     return TrainingRun(config=config, data=tuple(parse_data(data, "--data")), out=out,
                        val_data=tuple(parse_data(args.val_data or saved.get("val_data", []), "--val-data")),
                        backbone_weights=args.backbone_weights or saved.get("backbone_weights"),
-                       init_weights=saved.get("init_weights"), log_every=log_every, stop_after=args.stop_after,
+                       init_weights=saved.get("init_weights"), phase1_weights=saved.get("phase1_weights"),
+                       log_every=log_every, stop_after=args.stop_after,
                        state=state, allow_other_data=args.allow_other_data)
 
 

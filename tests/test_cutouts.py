@@ -86,7 +86,7 @@ def test_written_clips_and_stills_make_training_pairs(tmp_path):
     sequences = read_dataset("lasot", str(out), "train")
     assert sorted(len(s) for s in sequences) == [1, 1, 6, 6]
     cfg = tiny_config()
-    pairs = PairDataset([Source("lasot", sequences, 1.0)], cfg.model, (2.0, 4.0), cfg.train, 8, seed=0)
+    pairs = PairDataset([Source("lasot", sequences, 1.0)], cfg.model, cfg.tracking, cfg.train, 8, seed=0)
     pairs.set_epoch(0)
     for k in range(8):
         sample = pairs[k]

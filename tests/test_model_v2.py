@@ -445,3 +445,110 @@ def test_official_phase_two_files_load_on_their_phase_one_file_and_backbone(tmp_
     assert run_cli(info, ["--config", str(tmp_path / "v2.yaml"), "--weights", str(folder / "phase2.safetensors"),
                           "--backbone-weights", str(folder / "backbone.safetensors")]) == 2
     assert "pass --phase1-weights FILE" in capsys.readouterr().err
+
+
+def _reg4_file(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    vit = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, embed_dim=64, depth=2, num_heads=2)
+    path = tmp_path / "reg4.safetensors"
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
+    return path, vit
+
+
+def _v2_yaml(tmp_path, name: str, reference: bool) -> str:
+    import yaml
+
+    model = {"family": "loratv2", "variant": name, "register_tokens": 4, "pos_grid": 37,
+             "backbone": {"embed_dim": 64, "depth": 2, "num_heads": 2}, "template_size": 56, "search_size": 84,
+             "lora": {"r": 4, "alpha": 4}}
+    tracking = {}
+    if reference:
+        model |= {"reference_size": 56, "search_size": 70}
+        tracking = {"search_area_factor": 5.0, "reference_area_factor": 4.0}
+    config = {"model": model, "tracking": tracking,
+              "train": {"batch_size": 4, "samples_per_epoch": 8, "epochs": 1, "num_workers": 0, "val_samples": 0,
+                        "lr": 1e-2}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_phase_two_samples_hold_the_reference_and_the_search_region(synthetic, tmp_path):
+    import numpy as np
+
+    from lorat.config import load_config
+    from lorat.data.pairs import PairDataset, Source, _aux_frame
+    from lorat.data.sequences import read_dataset
+
+    cfg = load_config(_v2_yaml(tmp_path, "p2", reference=True))
+    pairs = PairDataset([Source("lasot", read_dataset("lasot", synthetic), 1.0)], cfg.model, cfg.tracking, cfg.train,
+                        4, seed=0)
+    sample = pairs[1]
+    assert sample["z"].shape == sample["x_ref"].shape == (3, 56, 56) and sample["x"].shape == (3, 70, 70)
+    assert sample["positive"].shape == (5, 5) and sample["positive"].any()  # labels of the search region only
+    assert sample["z_feat_mask"].shape == (4, 4)
+    assert all(torch.equal(sample[k], pairs[1][k]) for k in sample)  # a pure function of (seed, epoch, index)
+    rng = np.random.default_rng(0)
+    present = np.ones(10, dtype=bool)
+    assert {_aux_frame(present, 3, rng) for _ in range(200)} == set(range(10)) - {3}  # the whole track but z
+    only = np.zeros(10, dtype=bool)
+    only[3] = True
+    assert _aux_frame(only, 3, rng) == 3
+
+
+def test_phase_two_trains_on_the_phase_one_model(synthetic, tmp_path, capsys):
+    from lorat.checkpoint.loader import load_model
+    from lorat.errors import run_cli
+    from lorat.tracking.tracker import Tracker
+    from lorat.train import main as train
+
+    backbone, vit = _reg4_file(tmp_path)
+    p1, p2 = _v2_yaml(tmp_path, "p1", reference=False), _v2_yaml(tmp_path, "p2", reference=True)
+    data = ["--data", f"lasot={synthetic}", "--backbone-weights", str(backbone)]
+    assert run_cli(train, [p1, *data, "--output", str(tmp_path / "run1")]) == 0
+    first_file = tmp_path / "run1" / "checkpoint" / "epoch_001" / "lorat.safetensors"
+
+    assert run_cli(train, [p2, *data, "--output", str(tmp_path / "nothing")]) == 2
+    assert "--phase1-weights FILE" in capsys.readouterr().err
+    assert run_cli(train, [p1, *data, "--phase1-weights", str(first_file), "--output", str(tmp_path / "x")]) == 2
+    assert "is for LoRATv2 phase 2" in capsys.readouterr().err
+    demo = ROOT / "weights" / "lorat_demo.safetensors"
+    assert run_cli(train, [p2, *data, "--phase1-weights", str(demo), "--output", str(tmp_path / "demo")]) == 2
+    assert "not a LoRATv2 phase-1 model" in capsys.readouterr().err
+
+    assert run_cli(train, [p2, *data, "--phase1-weights", str(first_file), "--output", str(tmp_path / "run2")]) == 0
+    first, _ = load_model(first_file)
+    second, config = load_model(tmp_path / "run2" / "checkpoint" / "epoch_001" / "lorat.safetensors")
+    assert config.model.reference_size == (56, 56)
+    a, b = first.state_dict(), second.state_dict()
+    for key in ("blocks.1.attn.qkv.0.weight", "blocks.1.mlp.fc2.1.weight", "heads.0.cls_mlp.layers.0.weight",
+                "norms.0.weight"):
+        assert torch.equal(a[key], b[key]), key  # phase 1's streams, frozen through phase 2
+    new = b["blocks.1.mlp.fc2.2.weight"]
+    assert not torch.equal(new, vit.state_dict()["blocks.1.mlp.fc2.weight"])  # the search stream's LoRA trained
+    assert isinstance(Tracker.from_pretrained(tmp_path / "run2" / "checkpoint" / "epoch_001" / "lorat.safetensors",
+                                              device="cpu").model, LoRATv2)
+
+
+@pytest.mark.parametrize("name", ["phase1", "phase2"])
+def test_training_labels_and_loss_equal_the_official(name):
+    """The official label generation and criterion (bench/loratv2_reference.py) on the official training
+    forward: our labels (positive cells, normalised target box) and IoU-aware BCE + GIoU loss."""
+    import numpy as np
+
+    from lorat.data.pairs import search_labels
+    from lorat.training.loss import lorat_loss
+
+    case = json.loads((FIXTURES / name / "case.json").read_text())
+    io = load_file(str(FIXTURES / name / "io.safetensors"))
+    w, h = case["search"][-1]
+    boxes = io["label_boxes_px"].double().numpy()
+    positive = torch.stack([torch.from_numpy(search_labels(b, (w, h), (h // 14, w // 14))) for b in boxes])
+    assert torch.equal(positive, io["label_positive"])
+    target = torch.from_numpy((boxes / np.array([w, h, w, h])).astype(np.float32))
+    torch.testing.assert_close(target, io["label_target_box"], rtol=0, atol=1e-7)
+    loss = lorat_loss({"score_map": io["train_score_map"], "boxes": io["train_boxes"]}, target, positive)
+    for ours, official in (("loss", "loss"), ("cls", "loss_cls"), ("reg", "loss_reg")):
+        torch.testing.assert_close(loss[ours].reshape(1), io[official], rtol=1e-5, atol=1e-6)

@@ -79,16 +79,16 @@ def test_search_labels_and_jitter_geometry():
     cfg = config_from_dict({})
     box = np.array([100.3, 120.7, 180.2, 200.9])
     still = TrainConfig(scale_jitter=0.0, translation_jitter=0.0)
-    s, t = jittered_search_params(box, cfg.model, 4.0, still, np.random.default_rng(0))
+    s, t = jittered_search_params(box, cfg.model.search_size, 4.0, still, np.random.default_rng(0))
     np.testing.assert_allclose(s[0].numpy(), [0.699563] * 2, atol=1e-6)  # no jitter: the nominal crop
     np.testing.assert_allclose(t[0].numpy(), [13.886, -0.490], atol=1e-3)
     rng = np.random.default_rng(1)
-    draws = [jittered_search_params(box, cfg.model, 4.0, OFFICIAL, rng) for _ in range(400)]
+    draws = [jittered_search_params(box, cfg.model.search_size, 4.0, OFFICIAL, rng) for _ in range(400)]
     log_ratio = np.log(np.array([d[0][0].numpy() for d in draws]) / 0.699563)
     assert 0.2 < log_ratio.std() < 0.3  # scale jitter 0.25 per axis, independent axes
     assert abs(np.corrcoef(log_ratio.T)[0, 1]) < 0.2
     impossible = TrainConfig(min_object_size=500)
-    assert jittered_search_params(box, cfg.model, 4.0, impossible, rng) is None
+    assert jittered_search_params(box, cfg.model.search_size, 4.0, impossible, rng) is None
 
 
 def test_epoch_picker_quotas():
@@ -115,7 +115,7 @@ def test_synthetic_dataset_and_pairs(synthetic):
     seqs = read_dataset("lasot", synthetic)
     assert len(seqs) == 4 and len(seqs[0]) == 30
     cfg = load_config(ROOT / "configs" / "debug.yaml")
-    ds = PairDataset([Source("lasot", seqs, 1.0)], cfg.model, (2.0, 4.0), cfg.train, 8, seed=3)
+    ds = PairDataset([Source("lasot", seqs, 1.0)], cfg.model, cfg.tracking, cfg.train, 8, seed=3)
     ds.set_epoch(0)
     a, b = ds[5], ds[5]
     for key in a:

@@ -467,7 +467,7 @@ def test_bad_device_is_an_error(synthetic, tmp_path, capsys, device):
 def test_pairs_that_cannot_be_made_raise_a_one_line_dataset_error(synthetic):
     cfg = load_config(ROOT / "configs" / "debug.yaml")
     impossible = TrainConfig(min_object_size=1000)  # no jittered crop keeps the target that large
-    ds = PairDataset([Source("lasot", read_dataset("lasot", synthetic), 1.0)], cfg.model, (2.0, 4.0), impossible, 2,
+    ds = PairDataset([Source("lasot", read_dataset("lasot", synthetic), 1.0)], cfg.model, cfg.tracking, impossible, 2,
                      seed=0)
     ds.set_epoch(0)
     with pytest.raises(UnusableDataError, match="could not make training pair 1 in 1000 attempts from lasot"):

@@ -6,6 +6,7 @@ Whole models from files: :mod:`lorat.checkpoint.formats`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,7 +26,7 @@ from lorat.model.v2 import LoRATv2
 from lorat.model.vit import LoRAT, sincos_pos_embed
 
 __all__ = ["build_lorat", "build_training_model", "load_checked", "load_backbone", "load_official_trainable",
-           "check_backbone_file"]
+           "check_backbone_file", "phase_one_config", "start_from_phase_one"]
 
 
 def load_checked(model: nn.Module, given: Mapping[str, torch.Tensor], keys: list[str] | None,
@@ -108,6 +109,34 @@ def load_official_trainable(model: LoRAT, sd: Mapping[str, torch.Tensor], path: 
     """Load an official trainable-only checkpoint into a LoRA model (see :func:`add_lora`)."""
     keys = [n for n, p in model.named_parameters() if p.requires_grad]
     load_checked(model, official_to_peft_keys(sd), keys, path, "official LoRAT checkpoint", sd)
+
+
+def phase_one_config(cfg: ModelConfig) -> ModelConfig:
+    """The LoRATv2 phase-1 model a phase-2 config ``cfg`` builds on: its search stream at the reference size."""
+    return dataclasses.replace(cfg, variant=f"{cfg.variant} phase 1", search_size=cfg.reference_size,
+                               reference_size=None)
+
+
+def start_from_phase_one(model: LoRATv2, first: LoRATv2, path: Path) -> None:
+    """Copy a merged LoRATv2 phase-1 model ``first`` into the phase-2 ``model`` (training build or
+    merged), as the official phase 2 starts: phase 1's template and search streams become the template
+    and reference streams (frozen in training), with their token-type rows, the first norm and head;
+    the new search stream keeps the backbone's weights (and its fresh LoRA, norm and head).
+
+    Raises:
+        WeightsError: ``first`` is not the phase-1 model of ``model``'s config (a weight of it that
+            ``model`` lacks, or of another shape).
+    """
+    state = model.state_dict()
+    given = first.state_dict()
+    wrong = [k for k, v in given.items() if k not in state or state[k].shape != v.shape]
+    if wrong:
+        raise WeightsError(f"{path}: is not the LoRATv2 phase-1 model of {model.cfg.variant} ({len(wrong)} of its "
+                           f"weights do not fit, e.g. {wrong[0]}); phase 1 must have the same backbone and template "
+                           f"size, and its search size must be phase 2's reference size")
+    with torch.no_grad():
+        for key, value in given.items():
+            state[key].copy_(value)
 
 
 def build_lorat(cfg: ModelConfig, backbone_weights: str | Path | None = None, lora: bool = True,

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lorat.errors import WeightsError, listed
@@ -56,6 +56,19 @@ def _is_safetensors(path: Path) -> bool:
         return False
     (n,) = struct.unpack("<Q", head[:8])
     return head[8:9] == b"{" and 0 < n <= path.stat().st_size - 8
+
+
+def embeds_config(path: str | Path) -> bool:
+    """Whether ``path`` is our single file (a safetensors file with the config in its metadata); reads
+    the header only. False for any other file, missing or unreadable ones included."""
+    path = Path(path)
+    try:
+        if not (path.is_file() and _is_safetensors(path)):
+            return False
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return CONFIG_KEY in (f.metadata() or {})
+    except (OSError, SafetensorError):
+        return False
 
 
 _UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")

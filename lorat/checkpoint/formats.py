@@ -30,7 +30,13 @@ from pathlib import Path
 
 import torch
 
-from lorat.checkpoint.build import build_lorat, load_checked, load_official_trainable
+from lorat.checkpoint.build import (
+    build_lorat,
+    load_checked,
+    load_official_trainable,
+    phase_one_config,
+    start_from_phase_one,
+)
 from lorat.checkpoint.check import check_fit, check_size, expected_shapes
 from lorat.checkpoint.files import detect_format, read_weights
 from lorat.checkpoint.keys import DINOV2_FILES, DINOV2_REG4_FILES, official_to_peft_keys
@@ -166,18 +172,12 @@ def _load_official_phase_two(cfg: ModelConfig, sd: StateDict, path: Path, backbo
     if fmt != "official-trainable":
         raise WeightsError(f"{phase1}: expected the official phase-1 checkpoint (trainable tensors), "
                            f"found a {fmt} file")
-    first_cfg = dataclasses.replace(cfg, variant=f"{cfg.variant} phase 1", search_size=cfg.reference_size,
-                                    reference_size=None)
+    first_cfg = phase_one_config(cfg)
     _check_official_trainable(first_cfg, first_sd, phase1)
     first = build_lorat(first_cfg, backbone)
     load_official_trainable(first, first_sd, phase1)
-    merged = merge_lora(first).state_dict()
     model = build_lorat(cfg, backbone)
-    state = model.state_dict()
-    with torch.no_grad():  # streams 0 and 1 own their weights in the phase-2 build: phase 1's, merged
-        for key, value in merged.items():
-            if key in state and state[key].shape == value.shape:
-                state[key].copy_(value)
+    start_from_phase_one(model, merge_lora(first), phase1)
     load_official_trainable(model, sd, path)
     return merge_lora(model)
 

@@ -10,9 +10,10 @@ the same pairs.
 
 One sample (``PairDataset[k]``) is a dict of tensors:
     ``z`` (3, Ht, Wt) and ``x`` (3, Hs, Ws) float32 ImageNet-normalised crops;
+    ``x_ref`` (3, Hr, Wr), LoRATv2 phase 2 only: the reference frame, cropped as a search region;
     ``z_feat_mask`` (Hz, Wz) int64 template foreground mask;
     ``target_box`` (4,) float32 normalised x1y1x2y2 of the target in the search crop;
-    ``positive`` (Hx, Wx) bool, the response cells overlapping the target;
+    ``positive`` (Hx, Wx) bool, the response cells overlapping the target (labels of ``x`` only);
     ``skipped`` int64, unreadable images met (and replaced) while making it.
 
 A sample that meets :data:`MAX_UNREADABLE` unreadable images, or finds no usable pair in
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lorat.config import ModelConfig, TrainConfig
+from lorat.config import ModelConfig, TrackingConfig, TrainConfig
 from lorat.data.augment import color_jitter, deit3, hflip
 from lorat.data.sequences import DatasetError, TrackingSequence
 from lorat.tracking.boxes import rasterize
@@ -90,17 +92,17 @@ def epoch_picker(sizes: list[int], weights: list[float], samples: int, rng: np.r
     return picked[rng.permutation(len(picked))]
 
 
-def jittered_search_params(box: np.ndarray, cfg: ModelConfig, factor: float, train: TrainConfig,
+def jittered_search_params(box: np.ndarray, size: tuple[int, int], factor: float, train: TrainConfig,
                            rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Nominal search-crop parameters with scale and translation jitter (up to 12 tries).
+    """Nominal parameters of a ``size`` (w, h) search crop with scale and translation jitter (up to 12 tries).
 
     scale / exp(N(0,1) * scale_jitter) per axis; centre moved by U(-1, 1) * 0.5 * translation_jitter
     * (w * sx + h * sy) per axis; accepted when the mapped box overlaps the crop and, clipped to
     it, is at least ``min_object_size`` px on both sides. None if every try fails.
     """
     b = torch.from_numpy(box[None].astype(np.float64))
-    scale, _ = nominal_crop_params(b, factor, cfg.search_size)
-    out = np.array(cfg.search_size, dtype=np.float64)
+    scale, _ = nominal_crop_params(b, factor, size)
+    out = np.array(size, dtype=np.float64)
     centre = (box[:2] + box[2:]) / 2
     wh = box[2:] - box[:2]
     for _ in range(_MAX_TRIES):
@@ -136,13 +138,14 @@ def _clean_box(box: np.ndarray, image: np.ndarray) -> np.ndarray | None:
 class PairDataset(Dataset):
     """Map-style dataset of training pairs for one epoch at a time (call :meth:`set_epoch`)."""
 
-    def __init__(self, sources: list[Source], model_cfg: ModelConfig, track_factors: tuple[float, float],
+    def __init__(self, sources: list[Source], model_cfg: ModelConfig, tracking: TrackingConfig,
                  train_cfg: TrainConfig, samples: int, seed: int, augment: bool = True):
         self.sources = [s for s in sources if s.weight > 0 and s.sequences]
         if not self.sources:
             raise ValueError("no dataset with a positive weight")
         self.model_cfg, self.train_cfg = model_cfg, train_cfg
-        self.template_factor, self.search_factor = track_factors
+        self.template_factor, self.search_factor = tracking.template_area_factor, tracking.search_area_factor
+        self.reference_factor = tracking.reference_area_factor
         self.samples, self.seed, self.augment = samples, seed, augment
         weights = np.array([s.weight for s in self.sources], dtype=np.float64)
         self.weights = weights / weights.sum()
@@ -180,68 +183,86 @@ class PairDataset(Dataset):
                                 f"frame gives a target box that fits a crop (boxes outside the images or too small?)")
 
     def _make(self, seq: TrackingSequence, rng: np.random.Generator) -> tuple[dict | None, str | None]:
-        """One try: (the sample, None), (None, path of an unreadable image) or (None, None)."""
+        """One try: (the sample, None), (None, path of an unreadable image) or (None, None).
+
+        LoRATv2 phase 2 (a reference stream) makes triplets as the official ``increased_difficulty``
+        sampler does: the pair's first frame becomes the reference, cropped as a search region, and the
+        template comes from any other frame of the whole track holding the target.
+        """
         track = seq.tracks[int(rng.integers(len(seq.tracks)))]
         z, x = _pick_frames(track.present, self.train_cfg.max_gap, rng)
-        images = _read_pair(seq, z, x)
-        if not isinstance(images, tuple):  # the path of an unreadable image
+        frames = (_aux_frame(track.present, z, rng), z, x) if self.model_cfg.reference_size else (z, x)
+        images = _read_frames(seq, frames)
+        if not isinstance(images, list):  # the path of an unreadable image
             return None, str(images)
-        z_box, x_box = _clean_box(track.boxes[z], images[0]), _clean_box(track.boxes[x], images[1])
-        if z_box is None or x_box is None:
+        boxes = [_clean_box(track.boxes[f], image) for f, image in zip(frames, images, strict=True)]
+        if any(b is None for b in boxes):
             return None, None
-        params = jittered_search_params(x_box, self.model_cfg, self.search_factor, self.train_cfg, rng)
-        if params is None:
-            return None, None
-        crops = self._crops(images, z_box, x_box, params)
+        params = []
+        for box, (size, factor) in zip(boxes[1:], self._search_regions(), strict=True):
+            jittered = jittered_search_params(box, size, factor, self.train_cfg, rng)
+            if jittered is None:
+                return None, None
+            params.append(jittered)
+        crops = self._crops(images, boxes, params)
         if self.augment:
-            crops = self._augmented(*crops, rng)
-        return self._sample(*crops), None
+            crops = self._augmented(crops, rng)
+        return self._sample(crops), None
 
-    def _crops(self, images: tuple[np.ndarray, np.ndarray], z_box: np.ndarray, x_box: np.ndarray,
-               params: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, np.ndarray, torch.Tensor, np.ndarray]:
-        """(template crop, its box, search crop, its box): the template cropped with the nominal parameters,
-        the search image with ``params``; crops as (3, H, W) images in [0, 1], boxes xyxy in crop pixels."""
-        cfg = self.model_cfg
-        z_t = torch.from_numpy(images[0]).permute(2, 0, 1)
-        x_t = torch.from_numpy(images[1]).permute(2, 0, 1)
-        zs, zt = nominal_crop_params(torch.from_numpy(z_box[None]), self.template_factor, cfg.template_size)
-        z_crop, zs, zt = crop_frames([z_t], zs, zt, cfg.template_size, z_t.float().mean((1, 2))[None])
-        x_crop, xs, xt = crop_frames([x_t], *params, cfg.search_size, x_t.float().mean((1, 2))[None])
-        zb = box_to_crop(torch.from_numpy(z_box[None]), zs, zt)[0].numpy()
-        xb = box_to_crop(torch.from_numpy(x_box[None]), xs, xt)[0].numpy()
-        return z_crop[0] / 255.0, zb, x_crop[0] / 255.0, xb
+    def _search_regions(self) -> list[tuple[tuple[int, int], float]]:
+        """(crop size, area factor) of each search region, in stream order (phase 2: reference, search)."""
+        cfg, last = self.model_cfg, (self.model_cfg.search_size, self.search_factor)
+        return [(cfg.reference_size, self.reference_factor), last] if cfg.reference_size else [last]
 
-    def _augmented(self, z_img: torch.Tensor, zb: np.ndarray, x_img: torch.Tensor, xb: np.ndarray,
-                   rng: np.random.Generator) -> tuple[torch.Tensor, np.ndarray, torch.Tensor, np.ndarray]:
-        """Flips and colour jitter (each image on its own), then DeiT-III (both alike): :mod:`lorat.data.augment`."""
+    def _crops(self, images: list[np.ndarray], boxes: list[np.ndarray],
+               params: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, np.ndarray]]:
+        """(crop, box) of the template, cropped with the nominal parameters, then of each search region,
+        cropped with its ``params``; crops as (3, H, W) images in [0, 1], boxes xyxy in crop pixels."""
+        def crop(image: np.ndarray, box: np.ndarray, scale: torch.Tensor, translation: torch.Tensor,
+                 size: tuple[int, int]) -> tuple[torch.Tensor, np.ndarray]:
+            t = torch.from_numpy(image).permute(2, 0, 1)
+            out, s, tr = crop_frames([t], scale, translation, size, t.float().mean((1, 2))[None])
+            return out[0] / 255.0, box_to_crop(torch.from_numpy(box[None]), s, tr)[0].numpy()
+
+        size = self.model_cfg.template_size
+        nominal = nominal_crop_params(torch.from_numpy(boxes[0][None]), self.template_factor, size)
+        out = [crop(images[0], boxes[0], *nominal, size)]
+        for image, box, p, (size, _) in zip(images[1:], boxes[1:], params, self._search_regions(), strict=True):
+            out.append(crop(image, box, *p, size))
+        return out
+
+    def _augmented(self, crops: list[tuple[torch.Tensor, np.ndarray]], rng: np.random.Generator
+                   ) -> list[tuple[torch.Tensor, np.ndarray]]:
+        """Flips, then colour jitter (each image on its own, template first), then DeiT-III (all alike):
+        :mod:`lorat.data.augment`, in the official pipeline's order."""
         train = self.train_cfg
-        if rng.random() < train.flip_prob:
-            z_img, zb = hflip(z_img, zb)
-        if rng.random() < train.flip_prob:
-            x_img, xb = hflip(x_img, xb)
+        out = [hflip(image, box) if rng.random() < train.flip_prob else (image, box) for image, box in crops]
         if train.color_jitter > 0:
-            z_img = color_jitter(z_img, rng, train.color_jitter)
-            x_img = color_jitter(x_img, rng, train.color_jitter)
+            out = [(color_jitter(image, rng, train.color_jitter), box) for image, box in out]
         if train.deit3:
-            z_img, x_img = deit3([z_img, x_img], rng)
-        return z_img, zb, x_img, xb
+            out = list(zip(deit3([image for image, _ in out], rng), [box for _, box in out], strict=True))
+        return out
 
-    def _sample(self, z_img: torch.Tensor, zb: np.ndarray, x_img: torch.Tensor, xb: np.ndarray) -> dict | None:
-        """The sample's tensors; None when a box, clipped to its crop, is empty."""
+    def _sample(self, crops: list[tuple[torch.Tensor, np.ndarray]]) -> dict | None:
+        """The sample's tensors (labels of the last search region); None when a box, clipped to its crop,
+        is empty."""
         cfg = self.model_cfg
-        zb = np.clip(zb, 0, list(cfg.template_size) * 2)
-        xb = np.clip(xb, 0, list(cfg.search_size) * 2)
-        if not (zb[0] < zb[2] and zb[1] < zb[3] and xb[0] < xb[2] and xb[1] < xb[3]):
+        sizes = [cfg.template_size] + [size for size, _ in self._search_regions()]
+        boxes = [np.clip(box, 0, list(size) * 2) for (_, box), size in zip(crops, sizes, strict=True)]
+        if not all(b[0] < b[2] and b[1] < b[3] for b in boxes):
             return None
-        mask = template_mask(torch.from_numpy(zb[None]), cfg.template_size, cfg.template_grid)[0]
-        inputs = normalize_crops(torch.stack([z_img]) * 255.0), normalize_crops(torch.stack([x_img]) * 255.0)
-        return {
-            "z": inputs[0][0],
-            "x": inputs[1][0],
-            "z_feat_mask": mask,
+        images = [normalize_crops(image[None] * 255.0)[0] for image, _ in crops]
+        xb = boxes[-1]
+        sample = {
+            "z": images[0],
+            "x": images[-1],
+            "z_feat_mask": template_mask(torch.from_numpy(boxes[0][None]), cfg.template_size, cfg.template_grid)[0],
             "target_box": torch.from_numpy((xb / np.array(list(cfg.search_size) * 2)).astype(np.float32)),
             "positive": torch.from_numpy(search_labels(xb, cfg.search_size, cfg.search_grid)),
         }
+        if cfg.reference_size:
+            sample["x_ref"] = images[1]
+        return sample
 
 
 def _pick_frames(present: np.ndarray, max_gap: int, rng: np.random.Generator) -> tuple[int, int]:
@@ -253,12 +274,22 @@ def _pick_frames(present: np.ndarray, max_gap: int, rng: np.random.Generator) ->
     return z, int(rng.choice(near)) if len(near) else z
 
 
-def _read_pair(seq: TrackingSequence, z: int, x: int) -> tuple[np.ndarray, np.ndarray] | Path:
-    """The RGB images of frames ``z`` and ``x``, or the path of one that cannot be read (with a warning)."""
-    z_image = read_rgb(seq.frames[z])
-    x_image = z_image if x == z else read_rgb(seq.frames[x])
-    if z_image is None or x_image is None:
-        bad = seq.frames[z] if z_image is None else seq.frames[x]
-        warnings.warn(f"unreadable image skipped: {bad}", stacklevel=3)
-        return bad
-    return z_image, x_image
+def _aux_frame(present: np.ndarray, z: int, rng: np.random.Generator) -> int:
+    """LoRATv2 phase 2's template frame: any frame of the track holding the target other than ``z``
+    (``z`` itself when there is none)."""
+    frames = np.flatnonzero(present)
+    others = frames[frames != z]
+    return int(rng.choice(others)) if len(others) else z
+
+
+def _read_frames(seq: TrackingSequence, frames: Sequence[int]) -> list[np.ndarray] | Path:
+    """The RGB images of ``frames`` (each read once), or the path of one that cannot be read (with a warning)."""
+    images: dict[int, np.ndarray] = {}
+    for f in frames:
+        if f not in images:
+            image = read_rgb(seq.frames[f])
+            if image is None:
+                warnings.warn(f"unreadable image skipped: {seq.frames[f]}", stacklevel=3)
+                return seq.frames[f]
+            images[f] = image
+    return [images[f] for f in frames]

@@ -71,6 +71,8 @@ class TrainingRun:
         val_data: the validation datasets; empty: GOT-10k's val split when GOT-10k is trained on, else none.
         backbone_weights: the DINOv2 (or MobileNetV2) file the backbone starts from; None: random.
         init_weights: a single-file model the whole network starts from (fine-tuning); None: none.
+        phase1_weights: LoRATv2 phase 2: the phase-1 model (our single file, or an official phase-1
+            checkpoint with the backbone file) whose streams phase 2 starts from; None: none.
         log_every: steps between ``metrics.csv`` rows.
         stop_after: stop, resumably, once this many steps are done in total; None: train to the end.
         state: the resumable state read from ``out/state.pt`` (:func:`read_state`) that the run
@@ -85,6 +87,7 @@ class TrainingRun:
     val_data: tuple[DataSource, ...] = ()
     backbone_weights: str | None = None
     init_weights: str | None = None
+    phase1_weights: str | None = None
     log_every: int = 10
     stop_after: int | None = None
     state: dict[str, Any] | None = field(default=None, repr=False)
@@ -94,7 +97,7 @@ class TrainingRun:
     def full_state(self) -> bool:
         """Whether ``state.pt`` holds every weight: it does unless the frozen ones can be rebuilt
         from the backbone file alone."""
-        return self.backbone_weights is None or bool(self.init_weights)
+        return self.backbone_weights is None or bool(self.init_weights) or bool(self.phase1_weights)
 
 
 def trim_log(path: Path, last: int) -> None:
@@ -146,7 +149,7 @@ def write_run_files(run: TrainingRun) -> None:
     arguments = {"data": [_data_argument(*item) for item in run.data],
                  "val_data": [_data_argument(*item) for item in run.val_data],
                  "backbone_weights": run.backbone_weights, "log_every": run.log_every,
-                 "init_weights": run.init_weights}
+                 "init_weights": run.init_weights, "phase1_weights": run.phase1_weights}
     _write_if_changed(run.out / "config.yaml", yaml.safe_dump(config_to_dict(run.config), sort_keys=False))
     _write_if_changed(run.out / "args.json", json.dumps(arguments, indent=2))
 
@@ -172,6 +175,7 @@ def read_args(path: Path) -> dict[str, Any]:
     valid = (isinstance(saved, dict) and strings(saved.get("data")) and strings(saved.get("val_data", []))
              and isinstance(saved.get("backbone_weights"), str | None)
              and isinstance(saved.get("init_weights"), str | None)
+             and isinstance(saved.get("phase1_weights"), str | None)
              and isinstance(saved.get("log_every", 10), int))
     if not valid:
         raise LoratError(f"{path} does not hold a run's arguments (data and val_data lists, backbone_weights)")
@@ -407,7 +411,8 @@ def restart_command(out: Path, arguments: dict[str, Any]) -> str:
     for option, key in (("--data", "data"), ("--val-data", "val_data")):
         for item in arguments.get(key) or []:
             parts += [option, item]
-    for option, key in (("--backbone-weights", "backbone_weights"), ("--init-weights", "init_weights")):
+    for option, key in (("--backbone-weights", "backbone_weights"), ("--init-weights", "init_weights"),
+                        ("--phase1-weights", "phase1_weights")):
         if arguments.get(key):
             parts += [option, str(arguments[key])]
     parts += ["--log-every", str(arguments.get("log_every", 10)), "--output", str(out)]

@@ -105,9 +105,8 @@ def time_data_pipeline(config: Config, data: Sequence[tuple[str, str, str | None
     from lorat.data.pairs import PairDataset
 
     cfg = dataclasses.replace(config.train, num_workers=workers)
-    factors = (config.tracking.template_area_factor, config.tracking.search_area_factor)
     count = batch * (batches + 1)
-    dataset = PairDataset(sources(data, cfg, "train"), config.model, factors, cfg, count, cfg.seed)
+    dataset = PairDataset(sources(data, cfg, "train"), config.model, config.tracking, cfg, count, cfg.seed)
     started = None
     pairs = 0
     with batch_stream(loader(dataset, list(range(count)), batch, workers, (cfg.seed, 0)), quiet=True) as stream:

@@ -48,7 +48,8 @@ def forward_loss(net: torch.nn.Module, batch: dict[str, torch.Tensor], autocast:
     total, to backpropagate) and its detached parts ``cls`` and ``reg`` (:func:`lorat_loss`).
     """
     with autocast():
-        outputs = net(batch["z"], batch["x"], batch["z_feat_mask"])
+        x = [batch["x_ref"], batch["x"]] if "x_ref" in batch else batch["x"]  # LoRATv2 phase 2: reference first
+        outputs = net(batch["z"], x, batch["z_feat_mask"])
         return lorat_loss(outputs, batch["target_box"], batch["positive"], num_positive)
 
 

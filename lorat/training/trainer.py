@@ -33,6 +33,7 @@ from lorat.data.loading import batches, loader, sources
 from lorat.data.pairs import PairDataset
 from lorat.data.sequences import DatasetError
 from lorat.errors import LoratError
+from lorat.model.v2 import LoRATv2
 from lorat.model.vit import LoRAT
 from lorat.runtime import Distributed, dtype_name
 from lorat.training.optim import make_optimizer, make_scheduler
@@ -90,6 +91,25 @@ def load_init_weights(model: LoRAT, config: Config, path: Path) -> None:
                          f"the config's {config.model.variant} (only the variant name may differ)")
     with torch.no_grad():
         model.load_state_dict(start.state_dict())
+
+
+def load_phase_one(model: LoRATv2, path: Path, backbone_weights: str | None) -> None:
+    """Start a LoRATv2 phase-2 training model from the phase-1 model in ``path`` (through the one
+    loader: our single file, or an official phase-1 checkpoint with its backbone file), as the official
+    phase 2 starts: phase 1's template and search streams become the frozen template and reference
+    streams; the new search stream starts from the backbone with fresh LoRA, norm and head.
+
+    Raises:
+        LoratError: the file is not the phase-1 model of the run's config.
+    """
+    from lorat.checkpoint.build import phase_one_config, start_from_phase_one
+    from lorat.checkpoint.files import embeds_config
+
+    given = None if embeds_config(path) else Config(model=phase_one_config(model.cfg))  # official: no config inside
+    first, first_config = load_model(path, given, backbone_weights=backbone_weights)
+    if first_config.model.family != "loratv2" or first_config.model.reference_size is not None:
+        raise LoratError(f"--phase1-weights {path}: holds {first_config.model.variant}, not a LoRATv2 phase-1 model")
+    start_from_phase_one(model, first, path)
 
 
 @dataclass
@@ -162,11 +182,10 @@ def _datasets(spec: TrainingRun) -> tuple[PairDataset, PairDataset | None, dict[
     train_sources = sources(spec.data, cfg, "train")
     fingerprint = {"train": data_fingerprint(spec.data, train_sources, "train"),
                    "val": data_fingerprint(val_data, val_sources, "val") if val_sources else []}
-    factors = (config.tracking.template_area_factor, config.tracking.search_area_factor)
-    train_set = PairDataset(train_sources, config.model, factors, cfg, cfg.samples_per_epoch, cfg.seed)
+    train_set = PairDataset(train_sources, config.model, config.tracking, cfg, cfg.samples_per_epoch, cfg.seed)
     if not val_sources:
         return train_set, None, fingerprint
-    return (train_set, PairDataset(val_sources, config.model, factors, cfg, cfg.val_samples, cfg.seed + 1),
+    return (train_set, PairDataset(val_sources, config.model, config.tracking, cfg, cfg.val_samples, cfg.seed + 1),
             fingerprint)
 
 
@@ -198,6 +217,8 @@ def _training_model(spec: TrainingRun, device: torch.device) -> LoRAT:
     model = build_training_model(spec.config, spec.backbone_weights)
     if spec.init_weights and spec.state is None:
         load_init_weights(model, spec.config, Path(spec.init_weights))
+    elif spec.phase1_weights and spec.state is None:
+        load_phase_one(model, Path(spec.phase1_weights), spec.backbone_weights)
     return model.to(device)
 
 
