@@ -344,3 +344,25 @@ def test_the_page_has_a_webcam_note_filled_in_the_browser(app, tmp_path):
     assert any("getUserMedia" in str(d.get("js")) for d in config["dependencies"])
     for name in ("NotFoundError", "NotAllowedError", "no camera was found", "denied"):
         assert name in app.WEBCAM_NOTE_JS
+
+
+def test_a_loratv2_model_tracks_in_the_app_as_the_official_loop(app, tmp_path):
+    """The menu's models load through the one loader whatever their family: the official LoRATv2
+    phase-2 trajectory (tests/fixtures/official-v2-tiny, KV cache and reference updates) through the
+    app's model menu and tracking loop."""
+    from lorat.checkpoint.loader import save_model
+    from lorat.options import ModelOptions
+
+    from .test_model_v2 import FIXTURES, _tracker
+
+    reference = _tracker("phase2")
+    weights = save_model(reference.model, reference.config, tmp_path / "v2.safetensors")
+    models = app.Models([str(weights)], ModelOptions(device="cpu"))
+    tracker = models.tracker(models.names[0])
+    frames = np.load(FIXTURES / "phase2" / "frames.npz")["frames"]
+    expected = np.loadtxt(FIXTURES / "phase2" / "trajectory.txt", delimiter=",")
+    source = type("Source", (), {"__iter__": lambda self: iter(enumerate(frames))})()
+    writer = type("Writer", (), {"write": lambda self, frame: None})()
+    rows, _ = app._track_frames(tracker, source, [list(expected[0, :4])], writer, 0.3, 0, len(frames),
+                                threading.Event(), lambda *a, **k: None)
+    np.testing.assert_allclose(np.array([r[2:6] for r in rows]), expected[:, :4], atol=0.05, rtol=0)

@@ -530,6 +530,13 @@ def test_phase_two_trains_on_the_phase_one_model(synthetic, tmp_path, capsys):
     assert not torch.equal(new, vit.state_dict()["blocks.1.mlp.fc2.weight"])  # the search stream's LoRA trained
     assert isinstance(Tracker.from_pretrained(tmp_path / "run2" / "checkpoint" / "epoch_001" / "lorat.safetensors",
                                               device="cpu").model, LoRATv2)
+    # resumable as LoRAT training is: stopped after one of its two steps, then resumed, bit for bit
+    split = tmp_path / "split"
+    assert run_cli(train, [p2, *data, "--phase1-weights", str(first_file), "--output", str(split),
+                           "--stop-after", "1"]) == 0
+    assert run_cli(train, ["--resume", str(split)]) == 0
+    done = "checkpoint/epoch_001/lorat.safetensors"
+    assert (split / done).read_bytes() == (tmp_path / "run2" / done).read_bytes()
 
 
 @pytest.mark.parametrize("name", ["phase1", "phase2"])
