@@ -559,3 +559,13 @@ def test_training_labels_and_loss_equal_the_official(name):
     loss = lorat_loss({"score_map": io["train_score_map"], "boxes": io["train_boxes"]}, target, positive)
     for ours, official in (("loss", "loss"), ("cls", "loss_cls"), ("reg", "loss_reg")):
         torch.testing.assert_close(loss[ours].reshape(1), io[official], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_bench_times_training_steps_of_either_phase(tmp_path, capsys, reference):
+    from lorat.bench import main as bench
+
+    config = _v2_yaml(tmp_path, "p2" if reference else "p1", reference=reference)
+    assert bench(["--config", config, "--train", "--steps", "1", "--batch", "2", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["samples_per_s"] > 0 and result["loss"] > 0

@@ -34,7 +34,8 @@ def _peak_mb(device: torch.device) -> float:
 
 def synthetic_batch(config: Config, batch: int, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
     """A training batch of ``batch`` random crops (``z``, ``x`` in [-2, 2], random template masks) with
-    real labels for random target boxes: ``target_box`` (B, 4) normalised xyxy, ``positive`` (B, Hx, Wx)."""
+    real labels for random target boxes: ``target_box`` (B, 4) normalised xyxy, ``positive`` (B, Hx, Wx);
+    LoRATv2 phase 2 adds a random reference crop ``x_ref``."""
     from lorat.data.pairs import search_labels
 
     m = config.model
@@ -44,7 +45,7 @@ def synthetic_batch(config: Config, batch: int, device: torch.device, seed: int 
     sizes = rng.uniform(0.15, 0.5, (batch, 2)) * (sw, sh)
     corners = rng.uniform(0, 1, (batch, 2)) * ((sw, sh) - sizes)
     boxes = np.concatenate([corners, corners + sizes], axis=1)
-    return {
+    out = {
         "z": (torch.rand(batch, 3, th, tw, generator=generator) * 4 - 2).to(device),
         "x": (torch.rand(batch, 3, sh, sw, generator=generator) * 4 - 2).to(device),
         "z_feat_mask": torch.randint(0, 2, (batch, *m.template_grid), generator=generator).to(device),
@@ -52,6 +53,10 @@ def synthetic_batch(config: Config, batch: int, device: torch.device, seed: int 
         "positive": torch.from_numpy(np.stack([search_labels(b, m.search_size, m.search_grid) for b in boxes]))
         .to(device),
     }
+    if m.reference_size:
+        rw, rh = m.reference_size
+        out["x_ref"] = (torch.rand(batch, 3, rh, rw, generator=generator) * 4 - 2).to(device)
+    return out
 
 
 def time_training_steps(config: Config, device: torch.device, batch: int, steps: int = 10, warmup: int = 3
