@@ -569,3 +569,26 @@ def test_bench_times_training_steps_of_either_phase(tmp_path, capsys, reference)
     assert bench(["--config", config, "--train", "--steps", "1", "--batch", "2", "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["samples_per_s"] > 0 and result["loss"] > 0
+
+
+def test_phase_two_training_starts_from_the_official_phase_one_file():
+    """--phase1-weights with the official phase-1 file (and its backbone): the training model's template and
+    reference streams are what the loader gives an official phase-2 file built on that phase 1."""
+    from lorat.checkpoint.build import build_training_model
+    from lorat.checkpoint.loader import load_model
+    from lorat.config import Config
+    from lorat.training.trainer import load_phase_one
+
+    case = json.loads((FIXTURES / "phase2" / "case.json").read_text())
+    folder = FIXTURES / "phase2-files"
+    config = Config(model=_config(case))
+    model = build_training_model(config, folder / "backbone.safetensors")
+    load_phase_one(model, folder / "phase1.safetensors", str(folder / "backbone.safetensors"))
+    loaded, _ = load_model(folder / "phase2.safetensors", config, folder / "backbone.safetensors",
+                           phase1_weights=folder / "phase1.safetensors")
+    ours, official = model.state_dict(), loaded.state_dict()
+    phase_one = re.compile(r"^(blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])\.[01]\.|norms\.0\.|heads\.0\.)")
+    shared = [k for k in official if phase_one.search(k)]
+    assert len(shared) == 16 * case["depth"] + 2 + 12 and all(k in ours for k in shared)
+    for key in shared:
+        torch.testing.assert_close(ours[key], official[key], rtol=0, atol=0, msg=key)
