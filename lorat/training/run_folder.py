@@ -149,7 +149,9 @@ def write_run_files(run: TrainingRun) -> None:
     arguments = {"data": [_data_argument(*item) for item in run.data],
                  "val_data": [_data_argument(*item) for item in run.val_data],
                  "backbone_weights": run.backbone_weights, "log_every": run.log_every,
-                 "init_weights": run.init_weights, "phase1_weights": run.phase1_weights}
+                 "init_weights": run.init_weights}
+    if run.phase1_weights:  # LoRATv2 phase 2 only: every other run's args.json stays as earlier versions wrote it
+        arguments["phase1_weights"] = run.phase1_weights
     _write_if_changed(run.out / "config.yaml", yaml.safe_dump(config_to_dict(run.config), sort_keys=False))
     _write_if_changed(run.out / "args.json", json.dumps(arguments, indent=2))
 
