@@ -52,7 +52,7 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
 DEMO_WEIGHTS = "lorat_demo.safetensors"
 DEMO_ONNX = "lorat_demo.onnx"
 """The same network exported for ONNX Runtime (end of ``weights/train_demo.sh``): the default backend on a CPU."""
-DEMO_ONNX_SHA256 = "69c91d78ac52c8dec19893b6b98cca690e8117506c8055f957d211f3e7decdcc"
+DEMO_ONNX_SHA256 = "e2222812161051d817e40b624b0c9ced550379c05225a6c410d5a535a5724afd"
 """The bundled ONNX file's SHA-256: only a file that matches is opened without the ``onnx`` package's graph check."""
 
 

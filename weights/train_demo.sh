@@ -62,29 +62,27 @@ python -m lorat.data.cutouts "$data/cut-train" --stamps "$stamps" --photos "$dat
 python -m lorat.train configs/demo.yaml --init-weights "$run-cutouts/checkpoint/epoch_016/lorat.safetensors" \
     --data lasot="$data/cut-train" --val-data lasot="$data/cut-val" --output "$run-stage3" \
     --set train.lr=1e-4 --set train.warmup_epochs=0.5 --set train.epochs=20 --set train.checkpoint_every=1
-cp "$run-stage3/checkpoint/epoch_020/lorat.safetensors" weights/lorat_demo.safetensors
+# Stage 4 (issue 26: the box shrank onto one distinctive part of a wide, flat target in a greyscale
+# clip, and lagged a tall object turned by a hand): 1,300 clips of the generator's Variety - wide
+# (aspect 2-8) and tall (1/8-1/2) targets, greyscale, low-light and low-detail footage, a small
+# salient part riding on the target, strong in-plane rotation and perspective tilt - with stage 3's
+# cutout-b and cutout-c clips and the stills replayed (Variety is 35 % of the clips); 16 epochs
+# from stage 3's last checkpoint at peak lr 7e-5, at the default precision (bfloat16 here). The
+# last epoch was chosen by a rule fixed before training, on the development and selection sets
+# (README "Results"). The held-out check of these properties, bench/heldout_variety.sh, uses
+# seeds 7001-7008; its selection twin 8001-8008.
+extra=(--stamps "$stamps" --photos "$data/photos" --frames 50 --grey 0.3 --dark 0.15 --salient 0.4 --lowres 0.15)
+python -m lorat.data.cutouts "$data/var-train" --sequences 400 --seed 41 --category wide --aspect 2,8 "${extra[@]}"
+python -m lorat.data.cutouts "$data/var-train" --sequences 400 --seed 42 --category tall --aspect 0.125,0.5 "${extra[@]}"
+python -m lorat.data.cutouts "$data/var-train" --sequences 500 --seed 43 --category mixed --spin 60 --tilt 50 \
+    --stamps "$stamps" --photos "$data/photos" --frames 50 --grey 0.3 --dark 0.25 --salient 0.5 --lowres 0.2
+for replay in cutout-b cutout-c still; do ln -sfn "../cut-train/$replay" "$data/var-train/$replay"; done
+python -m lorat.train configs/demo.yaml --init-weights "$run-stage3/checkpoint/epoch_020/lorat.safetensors" \
+    --data lasot="$data/var-train" --val-data lasot="$data/cut-val" --output "$run-stage4" \
+    --set train.lr=7e-5 --set train.warmup_epochs=0.5 --set train.epochs=16 --set train.checkpoint_every=1
+cp "$run-stage4/checkpoint/epoch_016/lorat.safetensors" weights/lorat_demo.safetensors
 python -m lorat.info --weights weights/lorat_demo.safetensors
 # The same network for ONNX Runtime, the default backend on a CPU; then record its digest in
 # lorat/files.py (DEMO_ONNX_SHA256), which tests/test_onnx.py checks.
 python -m lorat.export --weights weights/lorat_demo.safetensors --onnx weights/lorat_demo.onnx
 sha256sum weights/lorat_demo.onnx
-if [ "${CANDIDATE:-0}" = 1 ]; then
-    # Stage 4, a candidate NOT in the bundled file (CANDIDATE=1 bash weights/train_demo.sh; issue 26:
-    # the box shrank onto one distinctive part of a wide, flat target in a greyscale clip, and lagged
-    # a tall object turned by a hand; README "Results" has its scores and why it is not adopted):
-    # 1,300 clips of the generator's Variety - wide (aspect 2-8) and tall (1/8-1/2) targets,
-    # greyscale, low-light and low-detail footage, a small salient part riding on the target, strong
-    # in-plane rotation and perspective tilt - with stage 3's cutout-c clips and the stills
-    # replayed; 16 epochs from stage 3's last checkpoint, at the default precision (bfloat16 here).
-    # (The held-out check of these properties, bench/heldout_variety.sh, uses seeds 7001-7008.)
-    extra=(--stamps "$stamps" --photos "$data/photos" --frames 50 --grey 0.3 --dark 0.15 --salient 0.4 --lowres 0.15)
-    python -m lorat.data.cutouts "$data/var-train" --sequences 400 --seed 41 --category wide --aspect 2,8 "${extra[@]}"
-    python -m lorat.data.cutouts "$data/var-train" --sequences 400 --seed 42 --category tall --aspect 0.125,0.5 "${extra[@]}"
-    python -m lorat.data.cutouts "$data/var-train" --sequences 500 --seed 43 --category mixed --spin 60 --tilt 50 \
-        --stamps "$stamps" --photos "$data/photos" --frames 50 --grey 0.3 --dark 0.25 --salient 0.5 --lowres 0.2
-    ln -sfn ../cut-train/cutout-c "$data/var-train/cutout-c"
-    ln -sfn ../cut-train/still "$data/var-train/still"
-    python -m lorat.train configs/demo.yaml --init-weights "$run-stage3/checkpoint/epoch_020/lorat.safetensors" \
-        --data lasot="$data/var-train" --val-data lasot="$data/cut-val" --output "$run-stage4" \
-        --set train.lr=1e-4 --set train.warmup_epochs=0.5 --set train.epochs=16 --set train.checkpoint_every=1
-fi
