@@ -155,6 +155,8 @@ def _check_phase(config: Config, args: argparse.Namespace) -> None:
     if args.phase1_weights and args.init_weights:
         raise LoratError("give --phase1-weights (start phase 2 from phase 1) or --init-weights (continue a phase-2 "
                          "model), not both")
+    if args.phase1_weights and not Path(args.phase1_weights).is_file():  # before any model is built
+        raise LoratError(f"--phase1-weights {args.phase1_weights}: file not found")
     if phase_two and not (args.phase1_weights or args.init_weights):
         raise LoratError(f"{model.variant} is LoRATv2 phase 2: it starts from the phase-1 model; give "
                          f"--phase1-weights FILE (train one with a phase-1 config, e.g. configs/v2-p1-b224.yaml)")

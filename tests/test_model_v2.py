@@ -517,6 +517,9 @@ def test_phase_two_trains_on_the_phase_one_model(synthetic, tmp_path, capsys):
     demo = ROOT / "weights" / "lorat_demo.safetensors"
     assert run_cli(train, [p2, *data, "--phase1-weights", str(demo), "--output", str(tmp_path / "demo")]) == 2
     assert "not a LoRATv2 phase-1 model" in capsys.readouterr().err
+    missing = tmp_path / "missing.safetensors"
+    assert run_cli(train, [p2, *data, "--phase1-weights", str(missing), "--output", str(tmp_path / "m")]) == 2
+    assert f"--phase1-weights {missing}: file not found" in capsys.readouterr().err
 
     assert run_cli(train, [p2, *data, "--phase1-weights", str(first_file), "--output", str(tmp_path / "run2")]) == 0
     first, _ = load_model(first_file)
