@@ -145,15 +145,15 @@ def _new_run(args: argparse.Namespace, out: Path) -> TrainingRun:
 
 
 def _check_phase(config: Config, args: argparse.Namespace) -> None:
-    """LoRATv2 phase 2 starts from a phase-1 model (--phase1-weights), or continues one of its own
-    (--init-weights); --phase1-weights means nothing to any other config."""
+    """LoRATv2 phase 2 starts from a phase-1 model (--phase1-weights), or fine-tunes a phase-2 model of its
+    own (--init-weights, train.finetune full); --phase1-weights means nothing to any other config."""
     model = config.model
     phase_two = model.family == "loratv2" and model.reference_size is not None
     if args.phase1_weights and not phase_two:
         raise LoratError(f"--phase1-weights is for LoRATv2 phase 2 (a config with model.reference_size); "
                          f"{model.variant} is not")
     if args.phase1_weights and args.init_weights:
-        raise LoratError("give --phase1-weights (start phase 2 from phase 1) or --init-weights (continue a phase-2 "
+        raise LoratError("give --phase1-weights (start phase 2 from phase 1) or --init-weights (fine-tune a phase-2 "
                          "model), not both")
     if args.phase1_weights and not Path(args.phase1_weights).is_file():  # before any model is built
         raise LoratError(f"--phase1-weights {args.phase1_weights}: file not found")
