@@ -13,15 +13,13 @@ an existing file.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from lorat.checkpoint.loader import load_model, save_model
-from lorat.errors import LoratError
+from lorat.errors import LoratError, run_cli
 
 
 def interpolate(a: torch.nn.Module, b: torch.nn.Module, alpha: float) -> None:
@@ -40,24 +38,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--alpha", type=float, required=True, help="weight of B, in [0, 1]")
     p.add_argument("--out", type=Path, required=True, help="the file to write (must not exist)")
     args = p.parse_args(argv)
-    try:
-        if not 0.0 <= args.alpha <= 1.0:
-            raise LoratError(f"--alpha {args.alpha}: give a value in [0, 1]")
-        if args.out.exists():
-            raise LoratError(f"{args.out} exists; give a new file name")
-        a, config = load_model(args.a)
-        b, config_b = load_model(args.b)
-        if dataclasses.replace(config_b.model, variant=config.model.variant) != config.model:
-            raise LoratError(f"{args.a} and {args.b} hold different networks ({config.model.variant} and "
-                             f"{config_b.model.variant})")
-        interpolate(a, b, args.alpha)
-        save_model(a, config, args.out)
-    except LoratError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if not 0.0 <= args.alpha <= 1.0:
+        raise LoratError(f"--alpha {args.alpha}: give a value in [0, 1]")
+    if args.out.exists():
+        raise LoratError(f"{args.out} exists; give a new file name")
+    a, config = load_model(args.a)
+    b, config_b = load_model(args.b)
+    if not config.model.same_network(config_b.model):
+        raise LoratError(f"{args.a} and {args.b} hold different networks ({config.model.variant} and "
+                         f"{config_b.model.variant})")
+    interpolate(a, b, args.alpha)
+    save_model(a, config, args.out)
     print(f"wrote {args.out} ({1 - args.alpha:g} x {args.a} + {args.alpha:g} x {args.b})")
     return 0
 
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -101,6 +101,15 @@ class ModelConfig:
         """LoRATv2's search regions (W, H) in stream order: the reference frame (phase 2), then the search."""
         return ([self.reference_size] if self.reference_size is not None else []) + [self.search_size]
 
+    @property
+    def phase_two(self) -> bool:
+        """LoRATv2 phase 2: a reference stream between the template and the search region."""
+        return self.family == "loratv2" and self.reference_size is not None
+
+    def same_network(self, other: ModelConfig) -> bool:
+        """Whether ``other`` describes the same network (the variant name may differ)."""
+        return dataclasses.replace(other, variant=self.variant) == self
+
 
 @dataclass(frozen=True)
 class TrackingConfig:

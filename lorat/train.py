@@ -148,8 +148,7 @@ def _check_phase(config: Config, args: argparse.Namespace) -> None:
     """LoRATv2 phase 2 starts from a phase-1 model (--phase1-weights), or fine-tunes a phase-2 model of its
     own (--init-weights, train.finetune full); --phase1-weights means nothing to any other config."""
     model = config.model
-    phase_two = model.family == "loratv2" and model.reference_size is not None
-    if args.phase1_weights and not phase_two:
+    if args.phase1_weights and not model.phase_two:
         raise LoratError(f"--phase1-weights is for LoRATv2 phase 2 (a config with model.reference_size); "
                          f"{model.variant} is not")
     if args.phase1_weights and args.init_weights:
@@ -157,7 +156,7 @@ def _check_phase(config: Config, args: argparse.Namespace) -> None:
                          "model), not both")
     if args.phase1_weights and not Path(args.phase1_weights).is_file():  # before any model is built
         raise LoratError(f"--phase1-weights {args.phase1_weights}: file not found")
-    if phase_two and not (args.phase1_weights or args.init_weights):
+    if model.phase_two and not (args.phase1_weights or args.init_weights):
         raise LoratError(f"{model.variant} is LoRATv2 phase 2: it starts from the phase-1 model; give "
                          f"--phase1-weights FILE (train one with a phase-1 config, e.g. configs/v2-p1-b224.yaml)")
 

@@ -97,6 +97,7 @@ def test_average_weights_interpolates_and_never_overwrites(tmp_path, capsys):
     import torch
 
     from lorat.checkpoint.loader import load_model
+    from lorat.errors import run_cli
 
     spec = importlib.util.spec_from_file_location("average_weights", ROOT / "bench" / "average_weights.py")
     script = importlib.util.module_from_spec(spec)
@@ -106,17 +107,17 @@ def test_average_weights_interpolates_and_never_overwrites(tmp_path, capsys):
     a = save_model(LoRAT(cfg.model), cfg, tmp_path / "a.safetensors")
     b = save_model(LoRAT(cfg.model), cfg, tmp_path / "b.safetensors")
     out = tmp_path / "mid.safetensors"
-    assert script.main([str(a), str(b), "--alpha", "0.25", "--out", str(out)]) == 0
+    assert run_cli(script.main, [str(a), str(b), "--alpha", "0.25", "--out", str(out)]) == 0
     (ma, _), (mb, _), (mid, config) = load_model(a), load_model(b), load_model(out)
     assert config == cfg
     for key, value in mid.state_dict().items():
         torch.testing.assert_close(value, 0.75 * ma.state_dict()[key] + 0.25 * mb.state_dict()[key])
     written = out.read_bytes()
-    assert script.main([str(a), str(b), "--alpha", "0.5", "--out", str(out)]) == 2
+    assert run_cli(script.main, [str(a), str(b), "--alpha", "0.5", "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err and out.read_bytes() == written
     other = tiny_config(depth=1)
     c = save_model(LoRAT(other.model), other, tmp_path / "c.safetensors")
-    assert script.main([str(a), str(c), "--alpha", "0.5", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert run_cli(script.main, [str(a), str(c), "--alpha", "0.5", "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "different networks" in capsys.readouterr().err
-    assert script.main([str(a), str(b), "--alpha", "2", "--out", str(tmp_path / "y.safetensors")]) == 2
+    assert run_cli(script.main, [str(a), str(b), "--alpha", "2", "--out", str(tmp_path / "y.safetensors")]) == 2
     assert "[0, 1]" in capsys.readouterr().err

@@ -134,7 +134,7 @@ def _check_official_trainable(cfg: ModelConfig, sd: StateDict, path: Path) -> No
 
 def _load_official_trainable(cfg: ModelConfig, sd: StateDict, path: Path, backbone: Path | None) -> LoRAT:
     _require_backbone(cfg, path, backbone)
-    if _is_phase_two(cfg):
+    if cfg.phase_two:
         raise WeightsError(
             f"{path}: is an official LoRATv2 phase-2 checkpoint holding only the trainable tensors (the new search "
             f"stream); its template and reference streams are in the phase-1 checkpoint: give that too",
@@ -154,10 +154,6 @@ def _require_backbone(cfg: ModelConfig, path: Path, backbone: Path | None) -> No
         f"{path}: is an official {'LoRATv2' if v2 else 'LoRAT'} checkpoint holding only the trainable tensors; it "
         f"needs the DINOv2 {'with registers ' if v2 else ''}backbone file too (the backbone weights)"
         + (f" ({name})" if name else ""), missing="backbone_weights")
-
-
-def _is_phase_two(cfg: ModelConfig) -> bool:
-    return cfg.family == "loratv2" and cfg.reference_size is not None
 
 
 def _load_official_phase_two(cfg: ModelConfig, sd: StateDict, path: Path, backbone: Path | None,
@@ -208,7 +204,7 @@ def load_state_dict(fmt: str, cfg: ModelConfig, sd: dict[str, torch.Tensor], pat
         raise WeightsError(f"{path}: not a LoRAT or DINOv2 weight file (first keys: {listed(list(sd))})")
     if row.load is None:
         raise WeightsError(f"{path}: {row.refusal}")
-    if phase1 is not None and not (fmt == "official-trainable" and _is_phase_two(cfg)):
+    if phase1 is not None and not (fmt == "official-trainable" and cfg.phase_two):
         raise WeightsError(f"{phase1}: a phase-1 checkpoint goes with an official LoRATv2 phase-2 checkpoint of "
                            f"trainable tensors; {path} is a {fmt} file of model {cfg.variant}")
     if row.check is not None:

@@ -14,7 +14,6 @@ folder's files in :mod:`lorat.training.run_folder`, the data loaders in :mod:`lo
 from __future__ import annotations
 
 import csv
-import dataclasses
 import signal
 import time
 from contextlib import ExitStack, nullcontext
@@ -86,7 +85,7 @@ def load_init_weights(model: LoRAT, config: Config, path: Path) -> None:
     if config.train.finetune != "full":
         raise LoratError("--init-weights needs train.finetune full (the file holds merged weights, not adapters)")
     start, start_config = load_model(path)
-    if dataclasses.replace(start_config.model, variant=config.model.variant) != config.model:
+    if not config.model.same_network(start_config.model):
         raise LoratError(f"--init-weights {path}: made for model {start_config.model.variant}, which differs from "
                          f"the config's {config.model.variant} (only the variant name may differ)")
     with torch.no_grad():
@@ -107,7 +106,7 @@ def load_phase_one(model: LoRATv2, path: Path, backbone_weights: str | None) -> 
 
     given = None if embeds_config(path) else Config(model=phase_one_config(model.cfg))  # official: no config inside
     first, first_config = load_model(path, given, backbone_weights=backbone_weights)
-    if first_config.model.family != "loratv2" or first_config.model.reference_size is not None:
+    if first_config.model.family != "loratv2" or first_config.model.phase_two:
         raise LoratError(f"--phase1-weights {path}: holds {first_config.model.variant}, not a LoRATv2 phase-1 model")
     start_from_phase_one(model, first, path)
 
